@@ -1,0 +1,134 @@
+"""One validated settings object for every decoding method."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping
+
+Method = Literal["nabla", "bon", "sc", "weighted_bon", "greedy"]
+METHODS: tuple[str, ...] = ("nabla", "bon", "sc", "weighted_bon", "greedy")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class NablaConfig:
+    """Hyperparameters of ∇-Reasoner and the baselines, with the paper's defaults.
+
+    The loss optimized by DTO is ``L = -reward_weight * r(y|x) - sum_t log pi(y_t | x, y_<t)``.
+    The authors' code weights the two terms with ``reward_coeff=1.0`` and ``nll_coeff=1e-3``;
+    since AdamW is invariant to the scale of the loss, that is ``reward_weight = 1.0 / 1e-3 = 1000``.
+    ``grad_threshold`` is compared with the gradient of the authors' scale, ``L / reward_weight``.
+    """
+
+    method: Method = "nabla"
+    """Decoding method: ``nabla``, ``bon`` (Best-of-N), ``sc`` (self-consistency), ``weighted_bon`` or ``greedy``."""
+    n: int = 8
+    """Budget of rollouts: N for ``bon``/``sc``/``weighted_bon``, N_max for ``nabla`` (the first rollout counts)."""
+    max_new_tokens: int = 256
+    """Most response tokens per request."""
+    temperature: float = 0.5
+    """Rollout sampling temperature (0 means greedy rollouts)."""
+    top_p: float = 0.95
+    """Nucleus mass for rollouts and for resampling a proposal."""
+    top_k: int = 0
+    """Keep only the k most likely tokens when sampling (0 disables)."""
+    seed: int | None = 0
+    """Seed for every random draw of a request; ``None`` draws from the global generator."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: decoding ends at the first one, which is never part of the text."""
+
+    reward_weight: float = 1000.0
+    """λ, the weight of the reward against the log-likelihood (authors: reward_coeff / nll_coeff = 1 / 1e-3)."""
+    dto_steps: int = 20
+    """T, gradient steps per DTO run (0 turns DTO off: plain rejection sampling)."""
+    lr: float = 0.01
+    """AdamW learning rate at the first DTO step."""
+    min_lr: float = 0.001
+    """Learning rate reached by the cosine schedule at the last DTO step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on the logits."""
+    tau: float = 0.5
+    """τ of the straight-through softmax(z/τ) and of resampling from the optimized logits."""
+    entropy_threshold: float = 0.25
+    """ε_ent: a position gets DTO only when the entropy (nats) of its next-token distribution exceeds this."""
+    grad_threshold: float = 8.0
+    """ε_grad: a position gets DTO only when the probe's gradient norm at it exceeds this."""
+    dto_positions: Literal["all", "first"] = "all"
+    """Which rollout positions DTO updates: ``all`` (Alg. 2) or only the ``first``."""
+    gradient_cache: bool = True
+    """Reuse dL/dy while the argmax tokens are unchanged (exact)."""
+    prefix_cache: bool = True
+    """Encode the prefix once per DTO run and reuse its KV cache in every step."""
+    no_gradient_reward: Literal["likelihood", "error"] = "likelihood"
+    """With a reward that has no gradient: run DTO on the likelihood term alone (with a warning) or raise."""
+    trace: bool = True
+    """Record a per-position trace of each request."""
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
+        _check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        _check(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            "max_new_tokens",
+            f"must be an integer >= 1, got {self.max_new_tokens!r}",
+        )
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature!r}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer or None, got {self.seed!r}")
+        _check(
+            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            f"must be a tuple of non-empty strings, got {self.stop!r}",
+        )
+        _check(_finite(self.reward_weight) and self.reward_weight >= 0, "reward_weight", f"must be >= 0, got {self.reward_weight!r}")
+        _check(_is_int(self.dto_steps) and self.dto_steps >= 0, "dto_steps", f"must be an integer >= 0, got {self.dto_steps!r}")
+        _check(_finite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _check(_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr], got {self.min_lr!r}")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        _check(_finite(self.tau) and self.tau > 0, "tau", f"must be > 0, got {self.tau!r}")
+        _check(_finite(self.entropy_threshold), "entropy_threshold", f"must be a finite number, got {self.entropy_threshold!r}")
+        _check(_finite(self.grad_threshold), "grad_threshold", f"must be a finite number, got {self.grad_threshold!r}")
+        _check(self.dto_positions in ("all", "first"), "dto_positions", f"must be 'all' or 'first', got {self.dto_positions!r}")
+        _check(
+            self.no_gradient_reward in ("likelihood", "error"),
+            "no_gradient_reward",
+            f"must be 'likelihood' or 'error', got {self.no_gradient_reward!r}",
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "NablaConfig":
+        """Build from a mapping; an unknown key raises :class:`ConfigError` naming it."""
+        return cls().replace(**values)
+
+    def replace(self, **changes: Any) -> "NablaConfig":
+        """A copy with some fields changed; unknown names raise :class:`ConfigError`."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown NablaConfig field(s) {unknown}; known fields: {sorted(known)}")
+        if "stop" in changes and changes["stop"] is not None and not isinstance(changes["stop"], tuple):
+            changes["stop"] = tuple(changes["stop"])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON-ready)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"NablaConfig.{name} {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,1 @@
+"""Rollout, DTO, decoder and accounting: the primitives every decoding method shares."""

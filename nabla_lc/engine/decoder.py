@@ -1,0 +1,176 @@
+"""∇-Reasoner decoding (Alg. 3): per position, probe → DTO → propose → accept, with rollout reuse."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import NablaConfig
+from .accounting import Stats
+from .dto import DTORun, NonFiniteGradient
+from .policy import Policy
+from .rollout import Rollout, Sampling, rollout, sample
+from .stream import TextStream
+from .trace import PositionRecord
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[str, Sequence[Sequence[int]], Stats], list[float]]
+"""Scores full responses to one prompt, counting the reward passes in the given stats."""
+
+
+@dataclass
+class Decoded:
+    """What the decoder produced for one request."""
+
+    tokens: list[int]
+    finish_reason: str
+    reward: float | None
+    trace: list[PositionRecord]
+
+
+def entropy(logits: torch.Tensor) -> float:
+    """Entropy (nats) of softmax(logits). logits: [V]."""
+    logp = logits.float().log_softmax(-1)
+    return float(-(logp.exp() * logp).sum())
+
+
+def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely tokens of softmax(logits/τ) with their probabilities."""
+    probs = (logits.float() / tau).softmax(-1)
+    values, ids = probs.topk(k)
+    return [(policy.token_text(int(i)), float(v)) for v, i in zip(values, ids)]
+
+
+class Decoder:
+    """Decodes one request with ∇-Reasoner."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        reward,  # RewardAdapter | None (a DTO run ignores one that cannot take gradients)
+        score: ScoreFn,
+        config: NablaConfig,
+        stats: Stats,
+        generator: torch.Generator | None,
+        stream: TextStream,
+    ) -> None:
+        self.policy, self.reward, self.score, self.config = policy, reward, score, config
+        self.stats, self.generator, self.stream = stats, generator, stream
+        self.sampling = Sampling(config.temperature, config.top_p, config.top_k)
+        self.committed: list[int] = []
+        self.trace: list[PositionRecord] = []
+        self.reward_value: float | None = None
+
+    def decode(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Decoded:
+        """Decode until the rollout ends; search only while the rollout budget lasts."""
+        self.prompt_ids, self.reward_prompt, self.max_new_tokens = list(prompt_ids), reward_prompt, max_new_tokens
+        current = self.rollout([])
+        while current.tokens:
+            if self.stats.rollouts >= self.config.n:  # budget spent: the current rollout is the plain decode
+                current = self.commit(current, len(current.tokens))
+                break
+            current = self.position(current)
+        return Decoded(self.committed, current.finish_reason, self.reward_value, self.trace)
+
+    def rollout(self, head: list[int]) -> Rollout:
+        """Sample a continuation of prefix + ``head`` (counted against the budget)."""
+        self.stats.rollouts += 1
+        done = self.committed + head
+        return rollout(
+            self.policy,
+            [self.prompt_ids + done],
+            self.sampling,
+            [self.generator],
+            [self.stats],
+            [self.max_new_tokens - len(done)],
+            [self.stream.stop],
+            committed=[done],
+            keep_logits=True,
+        )[0]
+
+    def commit(self, current: Rollout, k: int) -> Rollout:
+        """Commit the rollout's first k tokens; its suffix is reused from the next position."""
+        head, rest = current.tokens[:k], current.tokens[k:]
+        self.committed.extend(head)
+        self.stream.push(head)
+        assert current.logits is not None
+        return Rollout(rest, current.logits[k:], current.finish_reason)
+
+    def position(self, current: Rollout) -> Rollout:
+        """One position: select, optimize, propose, accept; commits exactly one token."""
+        assert current.logits is not None
+        self.stats.positions += 1
+        index = len(self.committed)
+        z1 = current.logits[0]
+        h = entropy(z1)
+        if h <= self.config.entropy_threshold:
+            self.stats.skipped_entropy += 1
+            return self.commit(current, 1)
+        original = current.tokens[0]
+        record = PositionRecord(index, original, self.policy.token_text(original), h, float("nan"))
+        if self.config.trace:
+            self.trace.append(record)
+        if self.config.dto_steps > 0:
+            optimized = self.optimize(current, record)
+            if optimized is None:
+                return self.commit(current, 1)
+            z1 = optimized
+        proposal = int(sample(z1[None], Sampling(self.config.tau, self.config.top_p), [self.generator])[0])
+        if proposal == original:
+            return self.commit(current, 1)
+        return self.commit(self.compare(current, proposal, record), 1)
+
+    def optimize(self, current: Rollout, record: PositionRecord) -> torch.Tensor | None:
+        """Probe, then DTO; the optimized first-position logits, or None when the position is skipped."""
+        assert current.logits is not None
+        run = DTORun(
+            self.policy,
+            self.reward,
+            self.config,
+            self.reward_prompt,
+            self.prompt_ids + self.committed,
+            self.committed,
+            current.tokens,
+            current.logits,
+            self.stats,
+        )
+        try:
+            record.grad_norm = run.probe()
+            if record.grad_norm <= self.config.grad_threshold:
+                self.stats.skipped_gradient += 1
+                return None
+            z = run.optimize()
+        except NonFiniteGradient as err:  # documented fallback: commit the rollout's token unchanged
+            log.warning("position %d: %s; keeping the rollout's token", record.index, err)
+            self.stats.nonfinite_gradients += 1
+            return None
+        record.optimized, record.steps, record.cache_hits = True, self.config.dto_steps, run.cache_hits
+        record.loss_start, record.loss_end = run.loss_start, run.loss_end
+        record.top_after = top_tokens(self.policy, z[0], self.config.tau)
+        return z[0]
+
+    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Rollout:
+        """Roll out from the proposal and keep it only if its full response scores strictly higher."""
+        assert current.logits is not None
+        self.stats.proposals += 1
+        record.proposed_token, record.proposed_text = proposal, self.policy.token_text(proposal)
+        if proposal in self.policy.eos_ids:  # the proposal ends the response: nothing to roll out
+            candidate = Rollout([], current.logits[:0], "eos")
+        else:
+            new = self.rollout([proposal])
+            assert new.logits is not None
+            candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason)
+        # why: both full responses go through one batched pass, so they are scored identically
+        r_current, r_proposal = self.score(self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
+        record.reward_current, record.reward_proposal = r_current, r_proposal
+        record.accepted = r_proposal > r_current
+        if record.accepted:
+            self.reward_value = r_proposal
+            return candidate
+        self.stats.rejections += 1
+        self.reward_value = r_current
+        return current

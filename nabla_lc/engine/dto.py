@@ -1,0 +1,235 @@
+"""Differentiable Textual Optimization: gradient descent on a rollout's logits.
+
+z is an fp32 parameter (even for a bf16 policy) so that steps of 0.01 are not rounded away.
+The forward pass sees hard one-hots of argmax(z); the backward pass goes through softmax(z/τ)
+(straight-through). Because the forward value depends only on the hard tokens, dL/dy is exactly
+reusable while the argmax is unchanged: the step then costs no model pass (gradient caching).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from ..config import NablaConfig
+from ..rewards.base import RewardAdapter, RewardPrefix
+from .accounting import Stats
+from .policy import Policy
+
+log = logging.getLogger(__name__)
+
+PIN_MARGIN = 1e-3
+"""How far a sampled (non-argmax) rollout token is lifted above the argmax in the hard choice only."""
+
+
+class NonFiniteGradient(RuntimeError):
+    """A DTO pass produced NaN or infinite gradients."""
+
+
+class _OneHotEmbed(torch.autograd.Function):
+    """E[hard] forward, dL/dy = dL/de @ E^T backward: y @ E without the [L, V] x [V, H] product.
+
+    Exact because y is a one-hot of ``hard`` in the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, hard: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(embedding)
+        return embedding[hard]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (embedding,) = ctx.saved_tensors
+        return grad.to(embedding.dtype) @ embedding.T, None, None
+
+
+def embed(y: torch.Tensor, embedding: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
+    """Token vectors to input embeddings. y: [L, V] -> [L, H]; pass ``hard`` when y is its one-hot."""
+    if hard is not None:
+        return _OneHotEmbed.apply(y, hard, embedding)
+    return y.to(embedding.dtype) @ embedding
+
+
+@dataclass
+class PolicyPrefix:
+    """The prompt and committed tokens, encoded once per DTO run."""
+
+    ids: list[int]
+    cache: DynamicCache | None
+    """KV cache of ``ids`` (None when prefix reuse is off)."""
+    next_logp: torch.Tensor
+    """[V] fp32 log π(· | prefix), which scores the rollout's first token."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]]
+    """The prefix's key/value tensors per layer, put back after every step."""
+
+
+def snapshot_cache(cache: DynamicCache | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cache's per-layer key and value tensors."""
+    return [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
+
+
+def restore_cache(cache: DynamicCache, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put back a snapshot: drops what a pass appended, and the autograd graph attached to it."""
+    for layer, (keys, values) in zip(cache.layers, saved):
+        layer.keys, layer.values = keys, values
+
+
+@torch.no_grad()
+def encode_prefix(policy: Policy, ids: Sequence[int], stats: Stats, keep_cache: bool = True) -> PolicyPrefix:
+    """One forward pass over the prefix; its cache serves every DTO step of the run."""
+    cache = DynamicCache() if keep_cache else None
+    x = torch.tensor([list(ids)], device=policy.device)
+    out = policy.model(input_ids=x, past_key_values=cache, use_cache=keep_cache)
+    stats.count_policy(1, len(ids))
+    return PolicyPrefix(list(ids), cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(cache))
+
+
+def policy_logprob(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t y_t · log π(· | prefix, y_<t), differentiable in y. y: [L, V] -> scalar.
+
+    With a prefix cache the pass covers the L rollout tokens only; the cache is cropped back after.
+    """
+    L = y.shape[0]
+    emb = embed(y, policy.embedding, hard)[None]  # [1, L, H]
+    P = len(prefix.ids)
+    if prefix.cache is not None:
+        positions = torch.arange(P, P + L, device=policy.device)[None]
+        try:
+            out = policy.model(inputs_embeds=emb, position_ids=positions, past_key_values=prefix.cache, use_cache=True)
+        finally:
+            restore_cache(prefix.cache, prefix.saved)  # why: the next step reuses the prefix entries only, graph-free
+        logits = out.logits[0]
+    else:
+        prefix_emb = policy.embedding[torch.tensor(prefix.ids, device=policy.device)][None]
+        out = policy.model(inputs_embeds=torch.cat([prefix_emb, emb], dim=1), use_cache=False)
+        logits = out.logits[0, P:]
+    logp = torch.cat([prefix.next_logp[None], upcast(logits[:-1]).log_softmax(-1)], dim=0)  # [L, V]
+    return (y * logp).sum()
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 logits are upcast; float64 stays)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def cosine_lr(step: int, steps: int, lr: float, min_lr: float) -> float:
+    """lr at the first step, min_lr at the last."""
+    if steps <= 1:
+        return lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / (steps - 1)))
+
+
+def straight_through_grad(z: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
+    """∂(g · softmax(z/τ))/∂z, row by row: (s ⊙ g − s (s · g)) / τ. z, g: [L, V]."""
+    s = (z / tau).softmax(-1)
+    return s * (g - (s * g).sum(-1, keepdim=True)) / tau
+
+
+class DTORun:
+    """One optimization of a rollout's logits (Alg. 2), from the position to the rollout's end."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        reward: RewardAdapter | None,
+        config: NablaConfig,
+        reward_prompt: str,
+        prefix_ids: Sequence[int],
+        committed: Sequence[int],
+        tokens: Sequence[int],
+        logits: torch.Tensor,
+        stats: Stats,
+    ) -> None:
+        # tokens: [L] rollout tokens; logits: [L, V] raw policy logits that produced them
+        self.policy, self.config, self.stats = policy, config, stats
+        self.reward = reward if (reward is not None and reward.differentiable and config.reward_weight > 0) else None
+        self.tokens = torch.tensor(list(tokens), device=policy.device)
+        rows = 1 if config.dto_positions == "first" else len(tokens)
+        self.z = torch.nn.Parameter(logits[:rows].detach().to(policy.device, torch.float32).clone())
+        # why: the forward must see the sampled rollout, not its argmax; pin ties each sampled token to the max
+        gap = self.z.detach().max(-1).values - self.z.detach().gather(-1, self.tokens[:rows, None])[:, 0]
+        self.pin = torch.zeros_like(self.z).scatter_(-1, self.tokens[:rows, None], (gap + PIN_MARGIN)[:, None])
+        self.pin[gap <= 0] = 0.0
+        self.scale = 1.0 / config.reward_weight if config.reward_weight > 0 else 1.0
+        stats.dto_runs += 1
+        self.prefix = encode_prefix(policy, prefix_ids, stats, keep_cache=config.prefix_cache)
+        self.reward_prefix: RewardPrefix | None = None
+        if self.reward is not None:
+            self.reward_prefix = self.reward.prepare(reward_prompt, list(committed))
+            stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
+        self._cached: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self.loss_start: float | None = None
+        self.loss_end: float | None = None
+        self.cache_hits = 0
+
+    def hard(self) -> torch.Tensor:
+        """Current hard tokens: argmax of the pinned logits, the rest of the rollout kept. [L]"""
+        chosen = (self.z.detach() + self.pin).argmax(-1)
+        return torch.cat([chosen, self.tokens[chosen.shape[0] :]])
+
+    def loss_and_grad(self, hard: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """One forward and backward pass of each model at hard one-hots: L and dL/dy ([L, V])."""
+        L = hard.shape[0]
+        with torch.enable_grad():
+            y = F.one_hot(hard, self.policy.vocab_size).float().requires_grad_(True)
+            loss = -policy_logprob(self.policy, self.prefix, y, hard)
+            extra = 0 if self.prefix.cache is not None else len(self.prefix.ids)
+            if self.reward is not None:
+                assert self.reward_prefix is not None
+                soft = self.reward.score_soft(self.reward_prefix, y)
+                loss = loss - self.config.reward_weight * soft.value
+            loss.backward()
+        self.stats.count_policy(1, L + extra)
+        self.stats.count_policy(1, L + extra, backward=True)
+        if self.reward is not None:
+            self.stats.count_reward(soft.passes, soft.tokens)
+            self.stats.count_reward(soft.passes, soft.tokens, backward=True)
+        g = y.grad
+        assert g is not None
+        loss_value = float(loss.detach())
+        if not torch.isfinite(g).all() or not math.isfinite(loss_value):
+            raise NonFiniteGradient("DTO produced a non-finite loss or gradient")
+        return loss_value, g
+
+    def _grad(self, hard: torch.Tensor) -> torch.Tensor:
+        if self._cached is not None and torch.equal(hard, self._cached[0]):
+            self.cache_hits += 1
+            self.stats.cache_hits += 1
+            return self._cached[1]
+        loss, g = self.loss_and_grad(hard)
+        if self.loss_start is None:
+            self.loss_start = loss
+        self.loss_end = loss
+        if self.config.gradient_cache:
+            self._cached = (hard, g, loss)
+        return g
+
+    def probe(self) -> float:
+        """Gradient norm ‖∂L/∂z‖ at the position, on the authors' scale (L / λ); its pass seeds step 1."""
+        self.stats.probes += 1
+        hard = self.hard()
+        loss, g = self.loss_and_grad(hard)
+        self.loss_start = self.loss_end = loss
+        self._cached = (hard, g, loss)  # why: the first DTO step sees the same hard tokens
+        return float(straight_through_grad(self.z.detach()[:1], g[:1], self.config.tau).norm()) * self.scale
+
+    def optimize(self) -> torch.Tensor:
+        """Run T AdamW steps with the cosine schedule; returns the optimized logits z̃ ([rows, V], fp32)."""
+        steps = self.config.dto_steps
+        opt = torch.optim.AdamW([self.z], lr=self.config.lr, weight_decay=self.config.weight_decay)
+        for t in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(t, steps, self.config.lr, self.config.min_lr)
+            g = self._grad(self.hard())
+            self.z.grad = straight_through_grad(self.z.detach(), g[: self.z.shape[0]], self.config.tau)
+            opt.step()
+            self.stats.dto_steps += 1
+            if self._cached is not None and not self.config.gradient_cache:
+                self._cached = None  # the probe's pass served step 1 only
+        return self.z.detach()

@@ -1,0 +1,69 @@
+"""The policy model: prompt templating, token text, embeddings, and frozen inference mode."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with every parameter frozen (DTO differentiates inputs only)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Policy:
+    """A causal LM and its tokenizer, as the engine uses them."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int | None = None) -> None:
+        self.model = freeze(model)
+        self.tokenizer = tokenizer
+        self.embedding: torch.Tensor = model.get_input_embeddings().weight  # [V, H]
+        self.vocab_size = int(self.embedding.shape[0])
+        self.device = self.embedding.device
+        self.dtype = self.embedding.dtype
+        config_max = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = int(max_length or config_max or 4096)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+
+    def template(self, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
+        """Token ids of a prompt: the chat template with a generation prompt, or the plain text."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return self.template_messages(messages)
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def template_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation under the tokenizer's chat template, ready for the assistant's turn."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([int(token)])
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        log.warning("the policy defines no end-of-sequence token; decoding stops on length and stop strings only")
+    return ids

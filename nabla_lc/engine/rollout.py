@@ -1,0 +1,153 @@
+"""Batched autoregressive sampling from existing prefixes, with a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .accounting import Stats
+from .policy import Policy
+from .stream import cut_at_stop
+
+
+@dataclass
+class Sampling:
+    """How to draw a token from logits."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    """One sampled continuation of a prefix."""
+
+    tokens: list[int]
+    """Sampled tokens, without the end-of-sequence token."""
+    logits: torch.Tensor | None
+    """[L, V] fp32 raw policy logits that produced each token (None unless asked for)."""
+    finish_reason: str
+    """``eos``, ``stop`` (a stop string appeared) or ``length``."""
+
+
+def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k and the top-p nucleus. logits: [B, V]."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row. logits: [B, V] -> [B]. Each row draws from its own generator."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)
+    out = [torch.multinomial(probs[b].cpu(), 1, generator=generators[b]) for b in range(probs.shape[0])]
+    return torch.cat(out).to(logits.device)
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[b, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def rollout(
+    policy: Policy,
+    prefixes: Sequence[Sequence[int]],
+    sampling: Sampling,
+    generators: Sequence[torch.Generator | None],
+    stats: Sequence[Stats],
+    max_new_tokens: Sequence[int],
+    stop: Sequence[Sequence[str]],
+    committed: Sequence[Sequence[int]] | None = None,
+    keep_logits: bool = False,
+) -> list[Rollout]:
+    """Sample one continuation per prefix, all in one batch.
+
+    prefixes: B token lists (prompt + committed response tokens); ``committed`` gives each row's
+    committed response tokens, so stop strings that straddle them are found. Finished rows leave
+    the batch (their KV rows are dropped), so every counted pass is real work.
+    """
+    B = len(prefixes)
+    committed = committed if committed is not None else [[] for _ in range(B)]
+    results: list[Rollout | None] = [None] * B
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    kept: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    for b in range(B):
+        if max_new_tokens[b] <= 0:
+            results[b] = Rollout([], torch.empty(0, policy.vocab_size) if keep_logits else None, "length")
+    active = [b for b in range(B) if results[b] is None]
+    if not active:
+        return [r for r in results if r is not None]
+
+    ids, mask = _left_pad([prefixes[b] for b in active], policy.pad_id, policy.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    for b in active:
+        stats[b].count_policy(1, len(prefixes[b]))
+    logits = out.logits[:, -1].float()  # [B_active, V]
+    while True:
+        step = sample(logits, sampling, [generators[b] for b in active])
+        keep_rows: list[int] = []
+        for row, b in enumerate(active):
+            token = int(step[row])
+            reason = _finish(policy, token, tokens[b], committed[b], stop[b], max_new_tokens[b])
+            if reason != "eos":
+                tokens[b].append(token)
+                stats[b].rollout_tokens += 1
+                if keep_logits:
+                    kept[b].append(logits[row])
+            if reason is None:
+                keep_rows.append(row)
+            else:
+                stacked = torch.stack(kept[b]) if kept[b] else torch.empty(0, policy.vocab_size)
+                results[b] = Rollout(tokens[b], stacked if keep_logits else None, reason)
+        if not keep_rows:
+            break
+        if len(keep_rows) < len(active):  # drop finished rows from the batch and the cache
+            index = torch.tensor(keep_rows, device=policy.device)
+            cache.batch_select_indices(index)
+            mask, positions, step = mask[index], positions[index], step[index]
+            active = [active[r] for r in keep_rows]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = policy.model(
+            input_ids=step[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        for b in active:
+            stats[b].count_policy(1, 1)
+        logits = out.logits[:, -1].float()
+    return [r for r in results if r is not None]
+
+
+def _finish(
+    policy: Policy, token: int, tokens: list[int], committed: Sequence[int], stop: Sequence[str], budget: int
+) -> str | None:
+    """Why a row ends after sampling ``token`` (None: it goes on)."""
+    if token in policy.eos_ids:
+        return "eos"
+    if stop:
+        _, hit = cut_at_stop(policy.decode([*committed, *tokens, token]), stop)
+        if hit:
+            return "stop"
+    if len(tokens) + 1 >= budget:
+        return "length"
+    return None

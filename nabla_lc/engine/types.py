@@ -1,0 +1,64 @@
+"""What goes into the engine and what comes out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol
+
+from .accounting import Stats
+from .trace import PositionRecord
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to decode."""
+
+    prompt_ids: tuple[int, ...]
+    """The prompt after templating, in the policy's vocabulary."""
+    reward_prompt: str
+    """The user's text as the reward model should see it (its own template is applied by the adapter)."""
+    seed: int | None = None
+    """Overrides the config's seed for this request."""
+    max_new_tokens: int | None = None
+    """Overrides the config's max_new_tokens for this request."""
+    stop: tuple[str, ...] | None = None
+    """Overrides the config's stop strings for this request."""
+
+
+@dataclass
+class Result:
+    """The decoded response of one request."""
+
+    text: str
+    """The response text, cut before the first stop string."""
+    token_ids: list[int]
+    """The response tokens (after any stop-string cut, a token that straddles it is kept)."""
+    finish_reason: FinishReason
+    """``stop`` (end of sequence or stop string) or ``length`` (max_new_tokens)."""
+    stats: Stats
+    reward: float | None = None
+    """The reward of the final response, when the method scored it."""
+    answer: str | None = None
+    """The answer extracted from the text (used by self-consistency and the benchmarks)."""
+    trace: list[PositionRecord] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """For bon / sc / weighted_bon: every sample's text, answer and reward."""
+
+
+TokenCallback = Callable[[int, str], None]
+"""``on_token(request_index, text_delta)``: committed text, already safe from stop strings."""
+
+AnswerExtractor = Callable[[str], "str | None"]
+
+
+class EngineLike(Protocol):
+    """What front-ends need from an engine (lets tests script a fake one)."""
+
+    def generate(
+        self,
+        requests: "list[Request]",
+        config: Any = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[Result]: ...

@@ -1,0 +1,81 @@
+"""The reward interface the engine calls."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+RewardKind = Literal["outcome", "process"]
+
+
+class NoGradientError(RuntimeError):
+    """The reward cannot take gradients with respect to token vectors."""
+
+
+@dataclass
+class Scores:
+    """Rewards of a batch, with the reward-model work that produced them."""
+
+    values: torch.Tensor
+    """[B] float32 rewards."""
+    passes: int
+    """Reward-model forward passes (per sequence)."""
+    tokens: int
+    """Tokens the reward model processed."""
+
+
+@dataclass
+class SoftScore:
+    """A differentiable reward, with the reward-model work of its forward pass."""
+
+    value: torch.Tensor
+    """Scalar reward; differentiable with respect to the soft token vectors."""
+    passes: int
+    tokens: int
+
+
+@dataclass
+class RewardPrefix:
+    """The fixed part of a reward input (template, prompt, committed tokens), encoded once per DTO run."""
+
+    state: Any
+    """Adapter-specific data (for example a KV cache)."""
+    passes: int
+    """Forward passes spent encoding it (0 when nothing was encoded)."""
+    tokens: int
+
+
+class RewardAdapter(ABC):
+    """A reward r(y|x) on policy token ids, differentiable on soft one-hots when it can be.
+
+    Responses always arrive in the *policy's* vocabulary; adapters map them to their own.
+    """
+
+    kind: RewardKind = "outcome"
+    """``outcome`` (one score per response) or ``process`` (a score per step, aggregated)."""
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether :meth:`score_soft` is available."""
+        return True
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
+        """Rewards of responses (policy token ids) to prompts (the user's text), batched."""
+
+    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+        """Encode the fixed part of the input once; :meth:`score_soft` continues from it."""
+        raise NoGradientError(f"{type(self).__name__} cannot take gradients")
+
+    def score_soft(self, prefix: RewardPrefix, y: torch.Tensor) -> SoftScore:
+        """Differentiable reward of ``committed + y``.
+
+        y: [L, V_policy] token vectors over the policy vocabulary (straight-through one-hots in DTO).
+        """
+        raise NoGradientError(f"{type(self).__name__} cannot take gradients")
+
+    def check_vocab(self, policy_tokenizer: Any) -> None:
+        """Raise a clear error when the policy's tokens cannot be fed to this reward."""

@@ -1,0 +1,150 @@
+"""DTO: straight-through gradients, caching, prefix KV reuse, fp32 logits."""
+
+import pytest
+import torch
+
+from nabla_lc import NablaConfig, Stats
+from nabla_lc.engine.dto import DTORun, policy_logprob, straight_through_grad
+from nabla_lc.engine.policy import Policy
+from nabla_lc.engine.rollout import Sampling, rollout
+
+from .tiny import LinearReward, make_policy
+
+
+def _setup(tokenizer, arch="llama", dtype=torch.float32, **cfg):
+    model = make_policy(tokenizer, arch, dtype=dtype)
+    policy = Policy(model, tokenizer)
+    reward = LinearReward(policy.vocab_size)
+    config = NablaConfig(**{"max_new_tokens": 12, "reward_weight": 2.0, **cfg})
+    prompt = policy.template("What is 3 + 4?")
+    committed = [tokenizer.convert_tokens_to_ids("7")]
+    stats = Stats()
+    r = rollout(policy, [prompt + committed], Sampling(1.0), [torch.Generator().manual_seed(0)], [stats], [10], [()], keep_logits=True)[0]
+    return policy, reward, config, prompt, committed, r
+
+
+def _run(policy, reward, config, prompt, committed, r, stats=None):
+    return DTORun(policy, reward, config, "q", prompt + committed, committed, r.tokens, r.logits, stats or Stats())
+
+
+def _loss(run, y, hard=None):
+    lp = policy_logprob(run.policy, run.prefix, y, hard)
+    return -lp - run.config.reward_weight * run.reward.score_soft(run.reward_prefix, y).value
+
+
+def _rms_norm_in_input_dtype(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.fixture
+def float64_norms(monkeypatch):
+    """RMSNorm upcasts to fp32 even in a float64 model; keep float64 so finite differences are exact."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    for cls in (LlamaRMSNorm, Qwen2RMSNorm):
+        monkeypatch.setattr(cls, "forward", _rms_norm_in_input_dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gradient_matches_central_finite_differences(tokenizer, arch, float64_norms):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, arch, dtype=torch.float64)
+    run = _run(policy, reward, config, prompt, committed, r)
+    hard = run.hard()
+    # a relaxed point: one-hots blended with a random distribution
+    torch.manual_seed(0)
+    y0 = 0.7 * torch.nn.functional.one_hot(hard, policy.vocab_size).double() + 0.3 * torch.rand(len(hard), policy.vocab_size, dtype=torch.float64).softmax(-1)
+    y = y0.clone().requires_grad_(True)
+    _loss(run, y).backward()
+    eps = 1e-5
+    for t, v in [(0, int(hard[0])), (0, 5), (len(hard) // 2, 17), (len(hard) - 1, int(hard[-1]))]:
+        plus, minus = y0.clone(), y0.clone()
+        plus[t, v] += eps
+        minus[t, v] -= eps
+        with torch.no_grad():
+            fd = (_loss(run, plus) - _loss(run, minus)) / (2 * eps)
+        assert float(y.grad[t, v]) == pytest.approx(float(fd), rel=1e-6, abs=1e-8)
+
+
+def test_fast_one_hot_path_equals_dense_product(tokenizer):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, dtype=torch.float64)
+    run = _run(policy, reward, config, prompt, committed, r)
+    hard = run.hard()
+    dense = torch.nn.functional.one_hot(hard, policy.vocab_size).double().requires_grad_(True)
+    _loss(run, dense).backward()
+    _, g = run.loss_and_grad(hard)
+    torch.testing.assert_close(g.double(), dense.grad, rtol=1e-5, atol=1e-6)  # g is fp32
+
+
+def test_prefix_kv_reuse_gives_the_same_gradients(tokenizer):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer)
+    cached = _run(policy, reward, config, prompt, committed, r)
+    full = _run(policy, reward, config.replace(prefix_cache=False), prompt, committed, r)
+    for _ in range(2):  # the second pass checks the cache was restored after the first
+        l1, g1 = cached.loss_and_grad(cached.hard())
+        l2, g2 = full.loss_and_grad(full.hard())
+        assert l1 == pytest.approx(l2, abs=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+
+
+def test_cached_gradients_equal_recomputed(tokenizer):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, dto_steps=10)
+    s_cached, s_fresh = Stats(), Stats()
+    cached = _run(policy, reward, config, prompt, committed, r, s_cached)
+    fresh = _run(policy, reward, config.replace(gradient_cache=False), prompt, committed, r, s_fresh)
+    for run in (cached, fresh):
+        run.probe()
+        run.optimize()
+    torch.testing.assert_close(cached.z.detach(), fresh.z.detach(), rtol=0, atol=1e-6)
+    assert s_cached.cache_hits > s_fresh.cache_hits == 1  # only the probe's pass is reused without caching
+    assert s_cached.policy_backward < s_fresh.policy_backward
+    # and the cached dL/dy is exactly what a new pass at the same hard tokens computes
+    hard, g, _ = cached._cached
+    _, g_new = cached.loss_and_grad(hard)
+    torch.testing.assert_close(g, g_new, rtol=0, atol=0)
+
+
+def test_dto_lowers_the_loss_on_a_fixed_input(tokenizer):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, dto_steps=20, lr=0.05, min_lr=0.005)
+    run = _run(policy, reward, config, prompt, committed, r)
+    run.probe()
+    hard0, g0, loss0 = run._cached
+    s0 = (run.z.detach() / config.tau).softmax(-1)
+    run.optimize()
+    s1 = (run.z.detach() / config.tau).softmax(-1)
+    # the first-order model of L around the rollout decreases...
+    assert float((g0 * s1).sum()) < float((g0 * s0).sum())
+    # ...and so does L itself at the new hard tokens, once they change
+    loss1, _ = run.loss_and_grad(run.hard())
+    assert loss1 <= loss0
+
+
+def test_bf16_policy_keeps_fp32_logits_that_move_by_small_steps(tokenizer):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, dtype=torch.bfloat16, dto_steps=1, lr=0.01, min_lr=0.01, weight_decay=0.0)
+    run = _run(policy, reward, config, prompt, committed, r)
+    z0 = run.z.detach().clone()
+    run.probe()
+    run.optimize()
+    assert run.z.dtype == torch.float32
+    moved = (run.z.detach() - z0).abs()
+    assert moved.max() > 0.009  # Adam's first step moves by ~lr
+    # the same step on bf16 logits of this size would round away
+    big = z0.abs() > 4
+    assert ((z0[big].bfloat16() + 0.01).float() == z0[big].bfloat16().float()).any()
+
+
+def test_straight_through_grad_is_the_softmax_jacobian(tokenizer):
+    torch.manual_seed(0)
+    z = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, dtype=torch.float64)
+    (g * (z / 0.5).softmax(-1)).sum().backward()
+    torch.testing.assert_close(straight_through_grad(z.detach(), g, 0.5), z.grad)
+
+
+def test_first_only_updates_one_position(tokenizer):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, dto_positions="first")
+    run = _run(policy, reward, config, prompt, committed, r)
+    assert run.z.shape[0] == 1
+    run.probe()
+    run.optimize()
+    assert torch.equal(run.hard()[1:], torch.tensor(r.tokens[1:]))
