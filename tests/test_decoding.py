@@ -1,0 +1,203 @@
+"""Decoder and baselines: acceptance rule, budget, termination, accounting, seeds, stop strings."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from nabla_lc import ConfigError, Engine, NablaConfig
+from nabla_lc.rewards.base import NoGradientError, RewardAdapter, Scores
+
+from .tiny import LinearReward, make_policy
+
+PROMPTS = ["What is 2 + 3?", "What is 4 * 5?", "Add 7 and 8."]
+SEARCH = dict(entropy_threshold=0.0, grad_threshold=0.0, dto_steps=5)  # optimize every position
+
+
+def _engine(tokenizer, reward=None, arch="llama", **cfg):
+    model = make_policy(tokenizer, arch)
+    reward = reward if reward is not None else LinearReward(model.config.vocab_size)
+    return Engine(model, tokenizer, reward, NablaConfig(**{"max_new_tokens": 16, **cfg}))
+
+
+def _check_accounting(result, config):
+    s, trace = result.stats, result.trace
+    assert s.proposals == sum(r.proposed_token is not None for r in trace)
+    assert s.rejections == sum(r.accepted is False for r in trace)
+    assert s.dto_runs == s.probes == len(trace) - s.nonfinite_gradients * 0
+    assert s.skipped_gradient == sum(not r.optimized for r in trace)
+    assert s.dto_steps == config.dto_steps * sum(r.optimized for r in trace)
+    assert s.cache_hits == sum(r.cache_hits for r in trace)
+    assert s.positions == s.skipped_entropy + len(trace)
+    assert s.rollouts == 1 + sum(r.proposed_token is not None and r.proposed_token not in (2, 4) for r in trace)
+    assert s.model_calls >= s.model_calls_paper
+    assert s.model_calls_paper == s.rollout_tokens + 4 * (s.dto_steps - s.cache_hits + s.probes) + 2 * s.proposals
+    assert s.reward_forward >= 2 * s.proposals
+    assert s.response_tokens == len(result.token_ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_budget_termination_and_accounting(tokenizer, arch, n):
+    engine = _engine(tokenizer, arch=arch, n=n, **SEARCH)
+    for seed in range(2):
+        results = engine.generate([engine.request(p, seed=seed) for p in PROMPTS])
+        for r in results:
+            assert r.stats.rollouts <= n
+            assert len(r.token_ids) <= 16
+            assert r.finish_reason in ("stop", "length")
+            _check_accounting(r, engine.config)
+    assert any(r.stats.proposals > 0 for r in results) or n == 1
+
+
+def test_proposal_accepted_only_when_strictly_higher(tokenizer):
+    engine = _engine(tokenizer, n=8, **SEARCH)
+    seen = 0
+    for seed in range(4):
+        for r in engine.generate([engine.request(p, seed=seed) for p in PROMPTS]):
+            for rec in r.trace:
+                if rec.proposed_token is not None:
+                    seen += 1
+                    assert rec.accepted == (rec.reward_proposal > rec.reward_current)
+    assert seen > 0
+
+
+class ConstantReward(LinearReward):
+    """Every response scores the same: ties must never be accepted."""
+
+    def score(self, prompts, responses):
+        return Scores(torch.zeros(len(responses)), len(responses), 0)
+
+
+def test_ties_are_rejected(tokenizer):
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, ConstantReward(model.config.vocab_size), NablaConfig(max_new_tokens=16, n=8, **SEARCH))
+    r = engine.generate([engine.request("What is 2 + 3?", seed=1)])[0]
+    assert r.stats.proposals > 0 and r.stats.rejections == r.stats.proposals and r.stats.rollouts <= 8
+
+
+def test_plain_rejection_sampling_without_dto(tokenizer):
+    engine = _engine(tokenizer, n=8, entropy_threshold=0.0, dto_steps=0)
+    results = [r for seed in range(3) for r in engine.generate([engine.request(p, seed=seed) for p in PROMPTS])]
+    assert all(r.stats.dto_runs == r.stats.policy_backward == 0 for r in results)
+    assert sum(r.stats.proposals for r in results) > 0
+
+
+def test_same_seed_same_output_any_batch(tokenizer):
+    engine = _engine(tokenizer, n=4, **SEARCH)
+    a = engine.generate([engine.request(p, seed=5) for p in PROMPTS])
+    b = engine.generate([engine.request(PROMPTS[1], seed=5)])
+    assert a[1].text == b[0].text
+    assert [r.text for r in a] == [r.text for r in engine.generate([engine.request(p, seed=5) for p in PROMPTS])]
+    other = engine.generate([engine.request(p, seed=6) for p in PROMPTS])
+    assert [r.text for r in other] != [r.text for r in a]
+
+
+def test_greedy_is_deterministic_and_matches_transformers(tokenizer):
+    engine = _engine(tokenizer, method="greedy")
+    requests = [engine.request(p) for p in PROMPTS]
+    batched = engine.generate(requests)
+    for req, res in zip(requests, batched):
+        single = engine.generate([req])[0]
+        assert single.token_ids == res.token_ids
+        ids = torch.tensor([req.prompt_ids])
+        ref = engine.policy.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16, pad_token_id=0)
+        ref_tokens = [t for t in ref[0, ids.shape[1]:].tolist() if t not in engine.policy.eos_ids]
+        assert res.token_ids == ref_tokens[: len(res.token_ids)]
+        assert res.stats.rollouts == 1 and res.stats.reward_forward == 0
+
+
+def test_best_of_n_returns_the_highest_reward_sample(tokenizer):
+    engine = _engine(tokenizer, method="bon", n=6)
+    for r in engine.generate([engine.request(p, seed=2) for p in PROMPTS]):
+        rewards = [s["reward"] for s in r.samples]
+        assert r.reward == max(rewards)
+        assert r.text == r.samples[rewards.index(max(rewards))]["text"]
+        assert r.stats.rollouts == 6 and r.stats.reward_forward == 6
+
+
+def test_self_consistency_returns_the_majority_answer(tokenizer):
+    engine = _engine(tokenizer, method="sc", n=7)
+    extract = lambda text: text[:1] or None  # a pluggable extractor: the first character votes
+    for r in engine.generate([engine.request(p, seed=3) for p in PROMPTS], extract_answer=extract):
+        votes = Counter(s["answer"] for s in r.samples if s["answer"] is not None)
+        assert votes[r.answer] == max(votes.values())
+        assert r.stats.reward_forward == 0
+
+
+def test_weighted_bon_sums_rewards_per_answer(tokenizer):
+    engine = _engine(tokenizer, method="weighted_bon", n=7)
+    extract = lambda text: text[:1] or None
+    for r in engine.generate([engine.request(p, seed=3) for p in PROMPTS], extract_answer=extract):
+        totals = Counter()
+        for s in r.samples:
+            totals[s["answer"]] += s["reward"]
+        assert totals[r.answer] == pytest.approx(max(totals.values()))
+
+
+def test_stop_strings_cut_and_never_stream(tokenizer):
+    engine = _engine(tokenizer, method="greedy")
+    full = engine.generate([engine.request("What is 2 + 3?")])[0].text
+    stop = full[5:7]
+    assert len(full) > 7
+    chunks = []
+    r = engine.generate([engine.request("What is 2 + 3?", stop=[stop])], on_token=lambda i, t: chunks.append(t))[0]
+    assert r.text == full[: full.find(stop)] and r.finish_reason == "stop"
+    assert "".join(chunks) == r.text
+
+
+@pytest.mark.parametrize("method", ["nabla", "bon", "greedy"])
+def test_streamed_deltas_join_to_the_text(tokenizer, method):
+    engine = _engine(tokenizer, method=method, n=3, **SEARCH)
+    chunks: dict[int, list[str]] = {0: [], 1: []}
+    results = engine.generate([engine.request(p, seed=0) for p in PROMPTS[:2]], on_token=lambda i, t: chunks[i].append(t))
+    for i, r in enumerate(results):
+        assert "".join(chunks[i]) == r.text
+    if method == "nabla":
+        assert len(chunks[0]) > 1  # committed tokens stream as positions are decided
+
+
+class NanReward(LinearReward):
+    def score_soft(self, prefix, y):
+        out = super().score_soft(prefix, y)
+        out.value = out.value * float("nan")
+        return out
+
+
+def test_nan_gradients_fall_back_to_the_rollout_token(tokenizer, caplog):
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, NanReward(model.config.vocab_size), NablaConfig(max_new_tokens=8, **SEARCH))
+    r = engine.generate([engine.request("What is 2 + 3?", seed=0)])[0]
+    assert r.stats.nonfinite_gradients > 0 and r.stats.proposals == 0
+    assert "non-finite" in caplog.text
+
+
+class Verifier(RewardAdapter):
+    def score(self, prompts, responses):
+        return Scores(torch.tensor([float(len(r)) for r in responses]), len(responses), 0)
+
+    @property
+    def differentiable(self) -> bool:
+        return False
+
+
+def test_reward_without_gradients_falls_back_or_refuses(tokenizer, caplog):
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, Verifier(), NablaConfig(max_new_tokens=8, **SEARCH))
+    r = engine.generate([engine.request("What is 2 + 3?", seed=0)])[0]
+    assert r.stats.reward_backward == 0 and r.stats.policy_backward > 0
+    assert "likelihood term alone" in caplog.text
+    with pytest.raises(NoGradientError, match="no_gradient_reward"):
+        engine.generate([engine.request("What is 2 + 3?")], engine.config.replace(no_gradient_reward="error"))
+
+
+def test_bad_input_is_a_clear_error(tokenizer):
+    engine = _engine(tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        engine.request("   ")
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([engine.request("x" * 600)])
+    no_reward = Engine(make_policy(tokenizer), tokenizer)
+    with pytest.raises(ConfigError, match="needs a reward"):
+        no_reward.generate([no_reward.request("hi")], NablaConfig(method="bon"))
+    assert no_reward.generate([no_reward.request("hi")], NablaConfig(method="sc", n=2, max_new_tokens=4))
