@@ -1,0 +1,1 @@
+"""Adapters to other frameworks, installed as ``nabla_lc.integrations`` (DSPy: :mod:`nabla_lc.integrations.dspy`)."""

@@ -1,0 +1,186 @@
+"""DSPy front-end: a ``dspy.LM`` whose engine is a nabla-lc engine (DSPy 3.4's engine contract).
+
+DSPy owns caching, retries, history and the fan-out of ``n`` candidates (one ``complete`` call per
+candidate). This module only translates one ``dspy.lm15.Request`` into one engine request and the
+engine's result into one ``dspy.lm15.Response``::
+
+    lm = NablaReasonerLLM(engine=engine, method="nabla").as_dspy_lm()
+    dspy.configure(lm=lm)
+
+Seeds: a request that sets ``seed`` decodes deterministically with it. A request without one gets the
+next seed of a generator seeded with the config's ``seed``, so ``n > 1`` and DSPy's ``rollout_id``
+give different samples (as they do with a sampling provider); the seed used is in
+``provider_data["seed"]``, so any answer can be reproduced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import random
+import threading
+from typing import Any, AsyncIterator, Iterator
+
+import dspy
+from dspy.lm15 import (
+    Config,
+    Message,
+    Request,
+    Response,
+    StreamDeltaEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+    TextDelta,
+    TextPart,
+    UnsupportedFeatureError,
+    Usage,
+)
+
+from nabla_lc.config import NablaConfig
+from nabla_lc.engine.types import Request as EngineRequest
+from nabla_lc.engine.types import Result
+from nabla_lc.langchain import NablaReasonerLLM, stream_engine
+
+__all__ = ["AsyncNablaDSPyEngine", "NablaDSPyEngine", "dspy_lm"]
+
+SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
+"""``dspy.lm15.Config`` fields this engine carries; any other field that is set is refused."""
+
+_ROLES = {"user": "user", "assistant": "assistant", "developer": "system"}
+
+
+class NablaDSPyEngine:
+    """DSPy's synchronous engine contract (``complete``, ``stream``, ``close``) over a :class:`NablaReasonerLLM`.
+
+    Thread-safe: the nabla engine's lock serializes decoding, and the seed generator has its own lock.
+    """
+
+    supported_params: frozenset[str] = SUPPORTED_CONFIG
+    """Read by DSPy's adapters as the engine's capability hints."""
+
+    def __init__(self, llm: NablaReasonerLLM) -> None:
+        self.llm = llm
+        self._seeds = random.Random(llm.config.seed)
+        self._seed_lock = threading.Lock()
+
+    def complete(self, request: Request) -> Response:
+        """Decode one candidate."""
+        engine_request, config, seed = self.translate(request)
+        [result] = self.llm.engine.generate([engine_request], config)
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message.assistant(result.text),
+            finish_reason=result.finish_reason,
+            usage=usage(result),
+            provider_data=self.provider_data(result, config, seed),
+        )
+
+    def stream(self, request: Request) -> Iterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
+        """Stream one candidate: text as the decoder commits it, then the end event with usage and statistics."""
+        engine_request, config, seed = self.translate(request)
+        yield StreamStartEvent(model=request.model)
+        for item in stream_engine(self.llm.engine, engine_request, config):
+            if isinstance(item, str):
+                yield StreamDeltaEvent(delta=TextDelta(text=item))
+            else:
+                yield StreamEndEvent(
+                    finish_reason=item.finish_reason,
+                    usage=usage(item),
+                    provider_data=self.provider_data(item, config, seed),
+                )
+
+    def close(self) -> None:
+        """Nothing to release: the engine is borrowed."""
+
+    # --- translation -----------------------------------------------------------------------
+    def translate(self, request: Request) -> tuple[EngineRequest, NablaConfig, int | None]:
+        """The engine request, the config and the seed for a DSPy request; unsupported features raise."""
+        if request.tools:
+            raise UnsupportedFeatureError("nabla-lc does not call tools", feature="tools")
+        options = request.config
+        for name in (f.name for f in dataclasses.fields(Config)):
+            if name not in SUPPORTED_CONFIG and getattr(options, name) not in (None, ()):
+                raise UnsupportedFeatureError(f"nabla-lc does not support Config.{name}", feature=f"config.{name}")
+        turns = ([{"role": "system", "content": _text(request.system, "system")}] if request.system is not None else []) + [
+            {"role": _role(m, i), "content": _text(m.parts, f"messages[{i}]")} for i, m in enumerate(request.messages)
+        ]
+        seed = options.seed if options.seed is not None else self._next_seed()
+        changes = {k: v for k, v in (("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k)) if v is not None}
+        config = self.llm.config.replace(**changes) if changes else self.llm.config
+        engine_request = self.llm.engine.request_from_messages(
+            turns, seed=seed, max_new_tokens=options.max_tokens, stop=self.llm.stop_strings(options.stop)
+        )
+        return engine_request, config, seed
+
+    def provider_data(self, result: Result, config: NablaConfig, seed: int | None) -> dict[str, Any]:
+        """The ∇ statistics under ``"nabla"``, with the method, seed, reward and (when asked) the trace."""
+        data: dict[str, Any] = {"nabla": result.stats.to_dict(), "method": config.method, "seed": seed, "reward": result.reward}
+        if self.llm.return_trace:
+            data["trace"] = [record.to_dict() for record in result.trace]
+        return json.loads(json.dumps(data))  # tuples become lists: provider_data must be plain JSON
+
+    def _next_seed(self) -> int | None:
+        if self.llm.config.seed is None:
+            return None
+        with self._seed_lock:
+            return self._seeds.randrange(2**31)
+
+
+class AsyncNablaDSPyEngine:
+    """DSPy's async engine contract: the synchronous engine run in worker threads, off the event loop."""
+
+    supported_params: frozenset[str] = SUPPORTED_CONFIG
+
+    def __init__(self, sync: NablaDSPyEngine) -> None:
+        self.sync = sync
+
+    async def complete(self, request: Request) -> Response:
+        return await asyncio.to_thread(self.sync.complete, request)
+
+    async def stream(self, request: Request) -> AsyncIterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
+        events = self.sync.stream(request)
+        done = object()
+        while (event := await asyncio.to_thread(next, events, done)) is not done:
+            yield event  # type: ignore[misc]
+
+    async def aclose(self) -> None:
+        """Nothing to release: the engine is borrowed."""
+
+
+def dspy_lm(llm: NablaReasonerLLM, *, model: str | None = None, **kwargs: Any) -> dspy.LM:
+    """A ``dspy.LM`` that decodes with ``llm``'s engine and settings.
+
+    ``model`` defaults to ``"nabla-lc/<model_id>@<settings hash>"``: DSPy's response cache keys on the
+    model string and the request, so the hash keeps answers of different settings apart. ``kwargs``
+    go to ``dspy.LM`` (``cache``, ``temperature``, ``max_tokens``, ``num_retries``, ...).
+    """
+    sync = NablaDSPyEngine(llm)
+    return dspy.LM(model or default_model_name(llm), engine=sync, async_engine=AsyncNablaDSPyEngine(sync), **kwargs)
+
+
+def default_model_name(llm: NablaReasonerLLM) -> str:
+    """``nabla-lc/<model_id>@<hash of every parameter that changes the output>``."""
+    digest = hashlib.sha256(json.dumps(llm.parameters, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"nabla-lc/{llm.model_id}@{digest}"
+
+
+def usage(result: Result) -> Usage:
+    return Usage(input_tokens=result.stats.prompt_tokens, output_tokens=result.stats.response_tokens)
+
+
+def _role(message: Message, index: int) -> str:
+    if message.role not in _ROLES:
+        raise UnsupportedFeatureError(f"nabla-lc takes user, assistant and developer messages, not {message.role!r}", feature=f"messages[{index}]")
+    return _ROLES[message.role]
+
+
+def _text(content: Any, where: str) -> str:
+    """The text of a system prompt or message parts; non-text parts are refused."""
+    if isinstance(content, str):
+        return content
+    if not all(isinstance(part, TextPart) for part in content):
+        raise UnsupportedFeatureError(f"nabla-lc takes text only ({where} has other parts)", feature=where)
+    return "".join(part.text for part in content)

@@ -1,0 +1,469 @@
+"""LangChain front-ends: :class:`NablaReasonerLLM` (a ``BaseLLM``) and :class:`ChatNablaReasoner` (a chat model).
+
+Front-ends translate only. They turn prompts or messages into engine requests, send a whole batch to
+``engine.generate`` in one call, and turn results into LangChain generations. They never touch a model:
+the engine's lock serializes concurrent callers. The same object runs the baselines
+(``method="bon" | "sc" | "weighted_bon" | "greedy"``) on the same engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping, Protocol, Sequence
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, BaseLLM
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
+from pydantic import ConfigDict, InstanceOf, SkipValidation, model_validator
+
+from .config import NablaConfig
+from .engine.types import Request, Result, TokenCallback
+
+if TYPE_CHECKING:
+    import dspy
+    import torch
+
+    from .rewards.base import RewardAdapter
+
+log = logging.getLogger(__name__)
+
+CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in fields(NablaConfig))
+"""Names accepted as constructor keywords and folded into ``config``."""
+
+
+class _Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+class _Policy(Protocol):
+    tokenizer: _Tokenizer
+    model: Any
+    """The policy model; its ``name_or_path`` (when it has one) names the LLM."""
+
+
+class FrontEndEngine(Protocol):
+    """What the front-ends use of :class:`nabla_lc.engine.core.Engine`."""
+
+    config: NablaConfig
+    policy: _Policy
+
+    def request(
+        self,
+        prompt: str,
+        *,
+        chat: bool = True,
+        system: str | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Request: ...
+
+    def request_from_messages(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Request: ...
+
+    def generate(
+        self, requests: list[Request], config: NablaConfig | None = None, on_token: TokenCallback | None = None
+    ) -> list[Result]: ...
+
+
+class NablaReasonerLLM(BaseLLM):
+    """∇-Reasoner (or a baseline) as a LangChain LLM over an already-built engine.
+
+    Every :class:`~nabla_lc.NablaConfig` field is also a constructor keyword, applied on top of
+    ``config`` (default: the engine's config)::
+
+        llm = NablaReasonerLLM(engine=engine, method="bon", n=4, max_new_tokens=128)
+        llm.invoke("What is 17 * 23?")
+
+    Per-call options other than ``stop`` are refused, because LangChain's cache key for an LLM holds
+    the instance's parameters and ``stop`` only; build another instance over the same engine instead.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    engine: SkipValidation[FrontEndEngine]
+    """The loaded engine (policy, reward, lock); shared freely between front-end objects."""
+    config: InstanceOf[NablaConfig]
+    """Decoding method and hyperparameters; config keywords given to the constructor are applied on top."""
+    model_id: str = ""
+    """Name of the policy, for tracing and LangChain's cache key; defaults to the policy's ``name_or_path``."""
+    chat: bool = True
+    """Apply the tokenizer's chat template to string prompts (a plain continuation when False)."""
+    system: str | None = None
+    """System message for string prompts under the chat template (and for chat messages that have none)."""
+    return_trace: bool = False
+    """Put the per-position trace (a list of dicts) in ``generation_info["trace"]``; needs ``trace=True`` in the config."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_config_keywords(cls, data: Any) -> Any:
+        """Move NablaConfig keywords into ``config``; every other unknown name is left to fail."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        changes = {name: data.pop(name) for name in list(data) if name in CONFIG_FIELDS}
+        base = data.get("config")
+        if base is None:
+            engine = data.get("engine")
+            base = engine.config if engine is not None else NablaConfig()
+        data["config"] = base.replace(**changes) if changes else base
+        if not data.get("model_id") and data.get("engine") is not None:
+            # transformers models carry name_or_path; other modules are named by their class
+            model = data["engine"].policy.model
+            data["model_id"] = getattr(model, "name_or_path", "") or type(model).__name__
+        return data
+
+    @model_validator(mode="after")
+    def _check_trace(self) -> "NablaReasonerLLM":
+        if self.return_trace and not self.config.trace:
+            raise ValueError("return_trace=True needs trace=True in the config")
+        return self
+
+    # --- constructors ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        policy: str,
+        *,
+        reward: "RewardAdapter | str | None" = None,
+        config: NablaConfig | None = None,
+        device: str | None = None,
+        dtype: "torch.dtype | None" = None,
+        **kwargs: Any,
+    ) -> "NablaReasonerLLM":
+        """Load a policy (and a reward: an adapter, or a sequence-classifier path) and wrap a new engine.
+
+        ``kwargs`` are this class's fields and NablaConfig keywords.
+        """
+        from .engine.core import Engine
+        from .models import default_device, load_policy
+
+        device = device or default_device()
+        model, tokenizer = load_policy(policy, device, dtype)
+        if isinstance(reward, str):
+            from .rewards import SequenceClassifierReward
+
+            reward = SequenceClassifierReward.from_pretrained(reward, device=device, dtype=dtype, policy_tokenizer=tokenizer)
+        kwargs.setdefault("model_id", policy)
+        return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
+
+    @classmethod
+    def embedded(
+        cls,
+        *,
+        reward: "RewardAdapter | None" = None,
+        config: NablaConfig | None = None,
+        device: str | None = None,
+        dtype: "torch.dtype | None" = None,
+        **kwargs: Any,
+    ) -> "NablaReasonerLLM":
+        """The embedded SmolLM2-135M-Instruct policy (installed with the package, no network)."""
+        from .engine.core import Engine
+        from .models import load_embedded
+
+        model, tokenizer = load_embedded(device, dtype)
+        kwargs.setdefault("model_id", "embedded:SmolLM2-135M-Instruct")
+        return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
+
+    def as_dspy_lm(self, **kwargs: Any) -> "dspy.LM":
+        """A ``dspy.LM`` decoding with this object's engine and settings (see :func:`nabla_lc.integrations.dspy.dspy_lm`)."""
+        from nabla_lc.integrations.dspy import dspy_lm
+
+        return dspy_lm(self, **kwargs)
+
+    # --- LangChain hooks -------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "nabla-reasoner"
+
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
+        return self.parameters
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """Everything that changes the output (LangChain's cache key and tracing are built from it)."""
+        return {
+            "model_id": self.model_id,
+            "reward": reward_name(self.engine),
+            "chat": self.chat,
+            "system": self.system,
+            "return_trace": self.return_trace,
+            **self.config.to_dict(),
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_model_name"] = self.model_id
+        params["ls_temperature"] = self.config.temperature
+        params["ls_max_tokens"] = self.config.max_new_tokens
+        return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the policy's own vocabulary."""
+        return list(self.engine.policy.tokenizer.encode(text, add_special_tokens=False))
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """Decode every prompt in one engine call."""
+        refuse_call_options(kwargs)
+        requests = [self._request(p, stop) for p in prompts]
+        results = self.engine.generate(requests, self.config)
+        return LLMResult(
+            generations=[[Generation(text=r.text, generation_info=self.generation_info(r))] for r in results],
+            llm_output={"token_usage": token_usage(results), "model_id": self.model_id},
+        )
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        """Yield committed text as the decoder commits it; the last chunk carries ``generation_info``."""
+        refuse_call_options(kwargs)
+        for item in stream_engine(self.engine, self._request(prompt, stop), self.config):
+            if isinstance(item, str):
+                chunk = GenerationChunk(text=item)
+            else:
+                chunk = GenerationChunk(text="", generation_info=self.generation_info(item))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Like :meth:`_stream`; decoding runs in a worker thread, so the event loop stays free."""
+        refuse_call_options(kwargs)
+        async for item in astream_engine(self.engine, self._request(prompt, stop), self.config):
+            if isinstance(item, str):
+                chunk = GenerationChunk(text=item)
+            else:
+                chunk = GenerationChunk(text="", generation_info=self.generation_info(item))
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    # ``_agenerate`` is BaseLLM's: it runs ``_generate`` in an executor, off the event loop.
+
+    # --- translation -----------------------------------------------------------------------
+    def generation_info(self, result: Result) -> dict[str, Any]:
+        """``finish_reason``, the ∇ statistics under ``"nabla"``, the reward, and the trace when asked."""
+        info: dict[str, Any] = {"finish_reason": result.finish_reason, "nabla": result.stats.to_dict()}
+        if result.reward is not None:
+            info["reward"] = result.reward
+        if self.return_trace:
+            info["trace"] = [record.to_dict() for record in result.trace]
+        return info
+
+    def stop_strings(self, stop: Sequence[str] | None) -> tuple[str, ...] | None:
+        """The config's stop strings plus the call's (None when the call adds none)."""
+        if not stop:
+            return None
+        return tuple(dict.fromkeys((*self.config.stop, *stop)))
+
+    def _request(self, prompt: str, stop: Sequence[str] | None) -> Request:
+        return self.engine.request(prompt, chat=self.chat, system=self.system, stop=self.stop_strings(stop))
+
+
+class ChatNablaReasoner(BaseChatModel):
+    """A chat model over a :class:`NablaReasonerLLM`: messages go through the tokenizer's chat template.
+
+    System, human and AI messages map to the ``system``, ``user`` and ``assistant`` roles; other
+    message types are refused. The LLM's ``system`` is prepended when the messages have no system message.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm: NablaReasonerLLM
+    """The LLM whose engine, config, ``system`` and ``return_trace`` this chat model uses."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "nabla-reasoner-chat"
+
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
+        return self.llm.parameters
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the policy's own vocabulary."""
+        return self.llm.get_token_ids(text)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        refuse_call_options(kwargs)
+        [result] = self.llm.engine.generate([self._request(messages, stop)], self.llm.config)
+        message = AIMessage(
+            content=result.text,
+            usage_metadata=usage_metadata(result),
+            response_metadata={"model_name": self.llm.model_id},
+        )
+        return ChatResult(
+            generations=[ChatGeneration(message=message, generation_info=self.llm.generation_info(result))],
+            llm_output={"token_usage": token_usage([result]), "model_id": self.llm.model_id},
+        )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        """Yield committed text as it is committed; the last chunk carries usage and statistics.
+
+        BaseChatModel fires ``on_llm_new_token`` for each chunk.
+        """
+        refuse_call_options(kwargs)
+        for item in stream_engine(self.llm.engine, self._request(messages, stop), self.llm.config):
+            yield self._chunk(item)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        refuse_call_options(kwargs)
+        async for item in astream_engine(self.llm.engine, self._request(messages, stop), self.llm.config):
+            yield self._chunk(item)
+
+    def _chunk(self, item: str | Result) -> ChatGenerationChunk:
+        if isinstance(item, str):
+            return ChatGenerationChunk(message=AIMessageChunk(content=item))
+        message = AIMessageChunk(
+            content="",
+            usage_metadata=usage_metadata(item),
+            response_metadata={"model_name": self.llm.model_id},
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=message, generation_info=self.llm.generation_info(item))
+
+    def _request(self, messages: list[BaseMessage], stop: Sequence[str] | None) -> Request:
+        roles = [_role(m) for m in messages]
+        turns = [{"role": role, "content": m.text} for role, m in zip(roles, messages)]
+        if self.llm.system and "system" not in roles:
+            turns.insert(0, {"role": "system", "content": self.llm.system})
+        return self.llm.engine.request_from_messages(turns, stop=self.llm.stop_strings(stop))
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    raise ValueError(f"ChatNablaReasoner takes system, human and AI messages, not {type(message).__name__}")
+
+
+# --- shared translation helpers -------------------------------------------------------------
+def refuse_call_options(kwargs: Mapping[str, Any]) -> None:
+    """Refuse per-call options: they would not reach LangChain's cache key (only ``stop`` does)."""
+    if kwargs:
+        raise TypeError(
+            f"per-call options {sorted(kwargs)} are not supported (only stop); "
+            "build another NablaReasonerLLM over the same engine with the settings you want"
+        )
+
+
+def reward_name(engine: FrontEndEngine) -> str | None:
+    """The reward's class name (part of the identity of an engine's outputs)."""
+    reward = getattr(engine, "reward", None)
+    return type(reward).__qualname__ if reward is not None else None
+
+
+def token_usage(results: Sequence[Result]) -> dict[str, int]:
+    """OpenAI-style token counts summed over results."""
+    prompt = sum(r.stats.prompt_tokens for r in results)
+    completion = sum(r.stats.response_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def usage_metadata(result: Result) -> UsageMetadata:
+    """LangChain's usage record of one result."""
+    prompt, completion = result.stats.prompt_tokens, result.stats.response_tokens
+    return UsageMetadata(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+def _decode_into(engine: FrontEndEngine, request: Request, config: NablaConfig, put: Callable[[object], None]) -> None:
+    """Decode one request, passing each text delta, then the Result (or a _Failure), to ``put``."""
+
+    def on_token(_index: int, delta: str) -> None:
+        if delta:
+            put(delta)
+
+    try:
+        [result] = engine.generate([request], config, on_token=on_token)
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        put(_Failure(error))
+    else:
+        put(result)
+
+
+def stream_engine(engine: FrontEndEngine, request: Request, config: NablaConfig) -> Iterator[str | Result]:
+    """Text deltas of one request as they are committed, then its :class:`Result`.
+
+    Decoding runs in a worker thread; if the consumer stops early, the request still runs to its end
+    (the engine cannot be interrupted) and its output is dropped.
+    """
+    items: queue.SimpleQueue[object] = queue.SimpleQueue()
+    threading.Thread(target=_decode_into, args=(engine, request, config, items.put), name="nabla-stream", daemon=True).start()
+    while True:
+        item = items.get()
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item  # type: ignore[misc]
+        if isinstance(item, Result):
+            return
+
+
+async def astream_engine(engine: FrontEndEngine, request: Request, config: NablaConfig) -> AsyncIterator[str | Result]:
+    """The async form of :func:`stream_engine`: decoding runs in the default executor."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[object] = asyncio.Queue()
+    done = loop.run_in_executor(None, _decode_into, engine, request, config, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+    while True:
+        item = await items.get()
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item  # type: ignore[misc]
+        if isinstance(item, Result):
+            await done
+            return

@@ -1,0 +1,111 @@
+"""The DSPy LM (DSPy 3.4 engine contract) over the scripted fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+
+import dspy
+import pytest
+from dspy.lm15 import Config, Message, Request, UnsupportedFeatureError
+
+from nabla_lc.integrations.dspy import NablaDSPyEngine
+from nabla_lc.langchain import NablaReasonerLLM
+
+from .fake_engine import FakeEngine
+
+
+def chat_adapter_responder(prompt_text: str, user_text: str, seed: int | None, sample: int) -> str:
+    """Answers in DSPy's ChatAdapter format, with a reasoning field when the signature asks for one."""
+    question = user_text.split("[[ ## question ## ]]\n", 1)[-1].split("\n", 1)[0]
+    answer = f"[[ ## answer ## ]]\n{question.upper()}\n\n[[ ## completed ## ]]"
+    if "[[ ## reasoning ## ]]" in prompt_text:
+        return f"[[ ## reasoning ## ]]\nThink about {question}.\n\n{answer}"
+    return answer
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(responder=chat_adapter_responder)
+
+
+@pytest.fixture
+def lm(engine: FakeEngine) -> dspy.LM:
+    return NablaReasonerLLM(engine=engine).as_dspy_lm(cache=False)
+
+
+def test_plain_call_has_usage_and_statistics_in_history(lm: dspy.LM, engine: FakeEngine) -> None:
+    [text] = lm("hello")
+    assert text.startswith("[[ ## answer ## ]]")
+    entry = lm.history[-1]
+    assert entry["usage"]["prompt_tokens"] == len(engine.calls[0].requests[0].prompt_ids)
+    assert entry["usage"]["completion_tokens"] == len(text)
+    data = entry["response"].provider_data
+    assert {"model_calls", "model_calls_paper", "rollouts"} <= set(data["nabla"])
+    assert data["method"] == "nabla"
+
+
+def test_predict_and_chain_of_thought(lm: dspy.LM, engine: FakeEngine) -> None:
+    with dspy.context(lm=lm):
+        assert dspy.Predict("question -> answer")(question="abc").answer == "ABC"
+        prediction = dspy.ChainOfThought("question -> answer")(question="xyz")
+    assert prediction.answer == "XYZ"
+    assert prediction.reasoning == "Think about xyz."
+    prompt = engine.policy.tokenizer.decode(engine.calls[-1].requests[0].prompt_ids)
+    assert prompt.startswith("<system>") and "<user>" in prompt  # the chat template got DSPy's messages
+
+
+def test_evaluate_with_eight_threads(lm: dspy.LM, engine: FakeEngine) -> None:
+    devset = [dspy.Example(question=f"q{i}", answer=f"Q{i}").with_inputs("question") for i in range(16)]
+    evaluate = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer, num_threads=8)
+    with dspy.context(lm=lm):
+        result = evaluate(dspy.Predict("question -> answer"))
+    assert result.score == 100.0
+    assert len(engine.calls) == 16 and engine.max_active == 1
+
+
+def test_n_makes_one_engine_call_per_candidate_with_distinct_seeds(lm: dspy.LM, engine: FakeEngine) -> None:
+    outputs = lm("hello", n=3)
+    assert len(outputs) == 3 and len(engine.calls) == 3
+    assert len({c.requests[0].seed for c in engine.calls}) == 3
+    assert lm.history[-1]["usage"]["completion_tokens"] == sum(len(o) for o in outputs)
+
+
+def test_request_settings_reach_the_engine(lm: dspy.LM, engine: FakeEngine) -> None:
+    [text] = lm("hello", seed=7, temperature=0.9, top_p=0.5, max_tokens=10, stop=["##"])
+    request, config = engine.calls[0].requests[0], engine.calls[0].config
+    assert (request.seed, request.max_new_tokens, request.stop) == (7, 10, ("##",))
+    assert (config.temperature, config.top_p) == (0.9, 0.5)
+    assert text == "[[ "
+
+
+def test_unsupported_request_features_are_refused(engine: FakeEngine) -> None:
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine))
+    request = Request(model="m", messages=(Message.user("hi"),), config=Config(logprobs=2))
+    with pytest.raises(UnsupportedFeatureError, match="logprobs"):
+        sync.complete(request)
+
+
+def test_stream_events_match_complete(engine: FakeEngine) -> None:
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine))
+    request = Request(model="m", messages=(Message.user("[[ ## question ## ]]\nabc"),), system="S", config=Config(seed=3))
+    events = list(sync.stream(request))
+    assert [events[0].type, events[-1].type] == ["start", "end"]
+    streamed = "".join(e.delta.text for e in events if e.type == "delta")
+    response = sync.complete(request)
+    assert streamed == response.text
+    streamed_data, data = events[-1].provider_data, response.provider_data
+    assert streamed_data["nabla"].pop("wall_s") >= 0 and data["nabla"].pop("wall_s") >= 0
+    assert streamed_data == data
+
+
+def test_async_call(lm: dspy.LM, engine: FakeEngine) -> None:
+    [text] = asyncio.run(lm.acall("hello", seed=1))
+    assert text.startswith("[[ ## answer ## ]]") and engine.calls[0].requests[0].seed == 1
+
+
+def test_no_deprecation_warnings(lm: dspy.LM) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="abc")
