@@ -1,0 +1,139 @@
+"""A reward that shares the policy's backbone: a LoRA adapter plus a scalar head, on only for reward passes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .transformer import SENTINEL, TransformerReward, chat_frame, exact_vocab, freeze
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "nabla_reward"
+"""Name of the injected adapter inside the policy model."""
+FORMAT = "nabla-lc-lora-reward"
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class LoRAReward(TransformerReward):
+    """A scalar head on the last hidden state of the policy's backbone with a LoRA adapter switched on.
+
+    The adapter is injected in place into ``policy_model`` (it stays the same object and class), so the
+    backbone weights are held once. The adapter is off except inside :meth:`adapter`, which every reward
+    pass enters: policy passes see exactly the original model.
+    """
+
+    kind = "outcome"
+
+    def __init__(
+        self,
+        policy_model: nn.Module,
+        tokenizer: Any,
+        *,
+        rank: int = 8,
+        alpha: float | None = None,
+        target_modules: Sequence[str] = DEFAULT_TARGETS,
+        system: str | None = None,
+    ) -> None:
+        if any(ADAPTER in getattr(m, "lora_A", {}) for m in policy_model.modules()):
+            raise ValueError("the policy model already carries a LoRA reward adapter")
+        self.rank, self.alpha, self.target_modules = rank, float(alpha or 2 * rank), tuple(target_modules)
+        self.system = system
+        freeze(policy_model)
+        config = LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=list(self.target_modules), lora_dropout=0.0)
+        inject_adapter_in_model(config, policy_model, adapter_name=ADAPTER)
+        cast_adapter_dtype(policy_model, ADAPTER)  # why: train and run the adapter in float32 under a bf16 backbone
+        self.model = policy_model
+        self._layers = [m for m in policy_model.modules() if isinstance(m, BaseTunerLayer)]
+        weight = policy_model.get_input_embeddings().weight
+        hidden = policy_model.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1).to(weight.device)  # float32: the head is tiny, keep it exact
+        self._depth = 0
+        self._trainable = False
+        self._switch(False)
+        super().__init__(policy_model.base_model, tokenizer, None, vocab_bridge=False)
+
+    # --- the adapter switch ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def adapter(self) -> Iterator[None]:
+        """Switch the adapter on for the enclosed passes (re-entrant); it is off again on exit."""
+        if self._depth == 0:
+            self._switch(True)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._switch(False)
+
+    def reward_pass(self) -> contextlib.AbstractContextManager[None]:
+        return self.adapter()
+
+    def _switch(self, on: bool) -> None:
+        for layer in self._layers:
+            layer.enable_adapters(on)  # peft also flips requires_grad here; restored below
+        for p in self.adapter_parameters():
+            p.requires_grad_(self._trainable)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The LoRA weights (not the head)."""
+        return [p for name, p in self.model.named_parameters() if f".{ADAPTER}." in name]
+
+    def trainable(self, on: bool) -> None:
+        """Let the adapter and head take gradients (training) or freeze them (inference)."""
+        self._trainable = on
+        for p in [*self.adapter_parameters(), *self.head.parameters()]:
+            p.requires_grad_(on)
+
+    # --- TransformerReward ----------------------------------------------------------------
+    def check_vocab(self, policy_tokenizer: Any) -> None:
+        exact_vocab(policy_tokenizer, self.tokenizer, type(self).__name__)
+
+    def frame(self, prompt: str) -> tuple[list[int], list[int]]:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": SENTINEL}]
+        return chat_frame(self.tokenizer, messages, add_special_tokens=False)
+
+    def read(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.float())[:, 0]
+
+    # --- files ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the adapter and head to one safetensors file."""
+        path = Path(path)
+        tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if f".{ADAPTER}." in n}
+        tensors.update({f"head.{n}": p.detach().cpu().contiguous() for n, p in self.head.named_parameters()})
+        settings = {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "system": self.system}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"format": FORMAT, "settings": json.dumps(settings)})
+        log.info("saved the LoRA reward (%d tensors) to %s", len(tensors), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, policy_model: nn.Module, tokenizer: Any) -> "LoRAReward":
+        """A reward from a file written by :meth:`save`, injected into ``policy_model``."""
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a nabla-lc LoRA reward file")
+        reward = cls(policy_model, tokenizer, **json.loads(metadata["settings"]))
+        tensors = load_file(str(path))
+        params = {f"lora.{n}": p for n, p in policy_model.named_parameters() if f".{ADAPTER}." in n}
+        params.update({f"head.{n}": p for n, p in reward.head.named_parameters()})
+        if set(params) != set(tensors):
+            missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+            raise ValueError(f"{path} does not fit this policy model (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+        return reward

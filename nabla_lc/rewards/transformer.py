@@ -1,0 +1,261 @@
+"""Shared machinery of rewards computed by a transformer: input layout, batched scoring, cached soft scoring."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
+from .vocab import VocabMap, VocabMismatchError, check_vocab
+
+SENTINEL = "NABLALCRESPONSESENTINEL"
+"""Placeholder assistant message; the chat template is split around it into head and tail."""
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, every parameter frozen: rewards take gradients with respect to inputs only."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def chat_frame(
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    add_special_tokens: bool,
+    add_generation_prompt: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Token ids before and after the response: the chat template rendered around :data:`SENTINEL`.
+
+    ``messages`` holds one message whose content is :data:`SENTINEL`. With ``add_special_tokens`` the
+    template's leading BOS is removed and the tokenizer's own prefix tokens are added instead (the
+    Skywork-Reward recipe against a duplicated BOS); without it the template text is taken verbatim.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template to a Jinja template")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    if text.count(SENTINEL) != 1:
+        raise ValueError("the chat template does not render the assistant message verbatim")
+    head, tail = text.split(SENTINEL)
+    prefix: list[int] = []
+    if add_special_tokens:
+        bos = tokenizer.bos_token
+        if bos and head.startswith(bos):
+            head = head[len(bos) :]
+        prefix = _special_prefix(tokenizer)
+    head_ids = prefix + list(tokenizer(head, add_special_tokens=False)["input_ids"])
+    tail_ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    return head_ids, tail_ids
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer puts before any text (its BOS, when it adds one)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One reward input: a reward id or a response position per slot, and the slots a score is read at."""
+
+    ids: list[int]
+    """Reward token id per slot; -1 where the slot holds a response token."""
+    source: list[int]
+    """Response position per slot; -1 for fixed slots."""
+    reads: list[int]
+    """Slots whose hidden state gives a score."""
+
+
+@dataclass
+class _Prefix:
+    """State of a DTO run: the encoded fixed part and the scores already read in it."""
+
+    prompt: str
+    committed: list[int]
+    length: int
+    cache: DynamicCache | None
+    values: torch.Tensor  # [R_prefix] scores read inside the prefix
+
+
+class TransformerReward(RewardAdapter):
+    """A reward read from a transformer's hidden states; subclasses choose the template, the reads and the head.
+
+    Inputs are built as ``inputs_embeds``: response tokens (policy ids or soft vectors over the policy
+    vocabulary) go through the :class:`~nabla_lc.rewards.vocab.VocabMap`, fixed tokens are reward ids.
+    ``score`` and ``score_soft`` share this construction, so they agree at hard one-hots.
+    """
+
+    read_last: bool = True
+    """Read a score at the last slot (outcome rewards); process rewards read at step tags instead."""
+
+    def __init__(self, body: nn.Module, tokenizer: Any, policy_tokenizer: Any | None, vocab_bridge: bool) -> None:
+        self.body = body
+        """The transformer without its output layer; returns ``last_hidden_state``."""
+        self.tokenizer = tokenizer
+        self.vocab_bridge = vocab_bridge
+        module = body.get_input_embeddings()
+        self.embedding: torch.Tensor = module.weight  # [V_reward, H]
+        self.embed_scale = float(getattr(module, "embed_scale", 1.0))  # models that scale inside the embedding module
+        self.policy_tokenizer = policy_tokenizer if policy_tokenizer is not None else tokenizer
+        self.vocab: VocabMap = check_vocab(self.policy_tokenizer, tokenizer, bridge=vocab_bridge)
+
+    def check_vocab(self, policy_tokenizer: Any) -> None:
+        """Build the vocabulary map for ``policy_tokenizer`` (once per tokenizer); raise when it is inexact."""
+        if policy_tokenizer is not self.policy_tokenizer:
+            self.vocab = check_vocab(policy_tokenizer, self.tokenizer, bridge=self.vocab_bridge)
+            self.policy_tokenizer = policy_tokenizer
+
+    # --- what subclasses define -----------------------------------------------------------
+    @abstractmethod
+    def frame(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Reward ids before and after the response for a user prompt."""
+
+    def response_slots(self, response: Sequence[int], final: bool) -> tuple[list[int], list[int], list[int]]:
+        """Slots of a response (policy ids): (reward ids, response positions, reads), relative to its start.
+
+        ``final`` is False for the committed part of a DTO run; the slots of a prefix must not change
+        when tokens are appended.
+        """
+        n = len(response)
+        return [-1] * n, list(range(n)), []
+
+    @abstractmethod
+    def read(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores at read slots. hidden: [R, H] -> [R] float32."""
+
+    def combine(self, values: torch.Tensor) -> torch.Tensor:
+        """The reward of one input from the scores at its reads ([R] -> scalar)."""
+        return values[-1]
+
+    @contextlib.contextmanager
+    def reward_pass(self) -> Iterator[None]:
+        """Context of every forward pass of :attr:`body` (the LoRA reward switches its adapter on here)."""
+        yield
+
+    # --- layout and embeddings ------------------------------------------------------------
+    def layout(self, prompt: str, response: Sequence[int], final: bool = True) -> Layout:
+        """Slots for ``head + response (+ tail when final)``."""
+        head, tail = self.frame(prompt)
+        ids, src, reads = list(head), [-1] * len(head), []
+        r_ids, r_src, r_reads = self.response_slots(response, final)
+        reads += [len(ids) + k for k in r_reads]
+        ids += r_ids
+        src += r_src
+        if final:
+            ids += tail
+            src += [-1] * len(tail)
+            if self.read_last:
+                reads.append(len(ids) - 1)
+        return Layout(ids, src, reads)
+
+    def embeds(self, ids: Sequence[int], source: Sequence[int], response: torch.Tensor) -> torch.Tensor:
+        """Input vectors of slots. response: [n, H] vectors of the response positions; returns [T, H]."""
+        dev = self.embedding.device
+        ids_t = torch.tensor(list(ids), dtype=torch.long, device=dev)
+        src_t = torch.tensor(list(source), dtype=torch.long, device=dev)
+        out = self.embedding[ids_t.clamp(min=0)]
+        if response.shape[0]:
+            out = torch.where((src_t >= 0)[:, None], response[src_t.clamp(min=0)], out)
+        return out * self.embed_scale if self.embed_scale != 1.0 else out
+
+    def forward_hidden(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: DynamicCache | None = None, start: int = 0
+    ) -> torch.Tensor:
+        """Last hidden states. embeds: [B, T, H] -> [B, T, H]; with ``cache``, continues at position ``start``."""
+        T = embeds.shape[1]
+        positions = torch.arange(start, start + T, device=embeds.device)[None].expand(embeds.shape[0], T)
+        with self.reward_pass():
+            out = self.body(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return out.last_hidden_state
+
+    # --- the RewardAdapter interface ------------------------------------------------------
+    def values(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
+        """Rewards [B] (with whatever gradients are enabled) and the tokens processed."""
+        layouts = [self.layout(p, r) for p, r in zip(prompts, responses)]
+        dev = self.embedding.device
+        T = max(len(lay.ids) for lay in layouts)
+        rows, mask = [], torch.zeros(len(layouts), T, dtype=torch.long, device=dev)
+        for b, (lay, resp) in enumerate(zip(layouts, responses)):
+            vecs = self.vocab.embed_ids(torch.tensor(list(resp), dtype=torch.long), self.embedding)
+            e = self.embeds(lay.ids, lay.source, vecs)
+            rows.append(torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]))  # right padding: reads never see it
+            mask[b, : e.shape[0]] = 1
+        hidden = self.forward_hidden(torch.stack(rows), mask)
+        values = [self.combine(self.read(hidden[b, lay.reads])) for b, lay in enumerate(layouts)]
+        return torch.stack(values).float(), sum(len(lay.ids) for lay in layouts)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        if not responses:
+            return Scores(torch.zeros(0), 0, 0)
+        with torch.no_grad():
+            values, tokens = self.values(prompts, responses)
+        return Scores(values.cpu(), len(responses), tokens)
+
+    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+        lay = self.layout(prompt, list(committed), final=False)
+        P = len(lay.ids)
+        values = torch.zeros(0, device=self.embedding.device)
+        if P == 0:
+            return RewardPrefix(_Prefix(prompt, list(committed), 0, None, values), 0, 0)
+        cache = DynamicCache(config=self.body.config)
+        with torch.no_grad():
+            vecs = self.vocab.embed_ids(torch.tensor(list(committed), dtype=torch.long), self.embedding)
+            hidden = self.forward_hidden(self.embeds(lay.ids, lay.source, vecs)[None], cache=cache)
+            if lay.reads:
+                values = self.read(hidden[0, lay.reads])
+        return RewardPrefix(_Prefix(prompt, list(committed), P, cache, values), 1, P)
+
+    def score_soft(self, prefix: RewardPrefix, y: torch.Tensor) -> SoftScore:
+        # y: [L, V_policy] soft token vectors; the response is committed + y
+        state: _Prefix = prefix.state
+        c = len(state.committed)
+        hard = y.detach().argmax(-1).tolist()
+        lay = self.layout(state.prompt, state.committed + hard)
+        P = state.length
+        if any(0 <= s < c for s in lay.source[P:]):
+            raise RuntimeError(f"{type(self).__name__}.response_slots changed the slots of committed tokens")
+        ids, src = lay.ids[P:], [s - c if s >= 0 else -1 for s in lay.source[P:]]
+        vecs = self.vocab.embed(y, self.embedding)  # [L, H]
+        embeds = self.embeds(ids, src, vecs)[None]
+        try:
+            hidden = self.forward_hidden(embeds, cache=state.cache, start=P)
+        finally:
+            if state.cache is not None:
+                _rewind(state.cache, P)
+        reads = [r - P for r in lay.reads if r >= P]
+        values = torch.cat([state.values, self.read(hidden[0, reads])])
+        return SoftScore(self.combine(values).float(), 1, len(ids))
+
+
+def _rewind(cache: DynamicCache, length: int) -> None:
+    """Crop ``cache`` back to ``length`` tokens, cut from this step's graph, so the next DTO step reuses it."""
+    cache.crop(length - cache.get_seq_length())
+    for layer in cache.layers:
+        # why: after crop the prefix is a view of this step's concatenation, which carries its autograd history
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+
+
+def exact_vocab(policy_tokenizer: Any, tokenizer: Any, owner: str) -> None:
+    """Raise unless the policy's vocabulary is identical to ``tokenizer``'s (rewards that reuse the policy's model)."""
+    vocab = check_vocab(policy_tokenizer, tokenizer)
+    if vocab.kind != "identity":
+        raise VocabMismatchError(f"{owner} reuses the policy's model, so it needs the policy's exact vocabulary")
