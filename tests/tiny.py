@@ -77,3 +77,19 @@ class LinearReward(RewardAdapter):
         w = self.w.to(y.dtype)
         total = (y @ w).sum() + (w[committed].sum() if committed else 0.0)
         return SoftScore(total / (len(committed) + y.shape[0]), 1, len(committed) + y.shape[0])
+
+
+def make_classifier_reward(tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 1, dtype: torch.dtype = torch.float32):
+    """A 2-layer one-label sequence classifier over the same vocabulary, as a SequenceClassifierReward."""
+    from transformers import LlamaForSequenceClassification, Qwen2ForSequenceClassification
+
+    from nabla_lc.rewards import SequenceClassifierReward
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    cls, config = (LlamaForSequenceClassification, LlamaConfig) if arch == "llama" else (Qwen2ForSequenceClassification, Qwen2Config)
+    model = cls(config(**common)).to(dtype).eval()
+    return SequenceClassifierReward(model, tokenizer, tokenizer)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..config import NablaConfig
+from ..numerics import upcast
 from ..rewards.base import RewardAdapter, RewardPrefix
 from .accounting import Stats
 from .policy import Policy
@@ -111,11 +112,6 @@ def policy_logprob(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: 
         logits = out.logits[0, P:]
     logp = torch.cat([prefix.next_logp[None], upcast(logits[:-1]).log_softmax(-1)], dim=0)  # [L, V]
     return (y * logp).sum()
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (bf16/fp16 logits are upcast; float64 stays)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def cosine_lr(step: int, steps: int, lr: float, min_lr: float) -> float:

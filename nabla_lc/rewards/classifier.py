@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from ..numerics import upcast
 from .transformer import SENTINEL, TransformerReward, chat_frame, freeze
 
 
@@ -61,4 +62,4 @@ class SequenceClassifierReward(TransformerReward):
         return chat_frame(self.tokenizer, messages, add_special_tokens=True)
 
     def read(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)[:, 0].float()
+        return upcast(self.head(hidden)[:, 0])

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..numerics import upcast
 from .transformer import SENTINEL, TransformerReward, chat_frame, exact_vocab, freeze
 
 JUDGE_QUESTION = "Is this answer correct? Answer Yes or No."
@@ -61,7 +62,7 @@ class SelfJudgeReward(TransformerReward):
         # hidden: [R, H]; only the two answer rows of the output layer are needed
         rows = torch.tensor([self.yes_id, self.no_id], device=hidden.device)
         bias = self.output.bias[rows] if getattr(self.output, "bias", None) is not None else None
-        logits = nn.functional.linear(hidden, self.output.weight[rows], bias).float()  # [R, 2]
+        logits = upcast(nn.functional.linear(hidden, self.output.weight[rows], bias))  # [R, 2]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, 0] - logits[:, 1]

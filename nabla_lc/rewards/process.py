@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
 
+from ..numerics import upcast
 from .transformer import SENTINEL, TransformerReward, chat_frame, freeze
 
 Aggregation = Literal["sum", "min", "last", "mean"]
@@ -146,7 +147,7 @@ class ProcessReward(TransformerReward):
 
     def read(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [S, H] at the tags -> P(positive) per step
-        return self.head(hidden).float().softmax(-1)[:, 1]
+        return upcast(self.head(hidden)).softmax(-1)[:, 1]
 
     def combine(self, values: torch.Tensor) -> torch.Tensor:
         return aggregate(values, self.aggregation)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..numerics import upcast
 from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .vocab import VocabMap, VocabMismatchError, check_vocab
 
@@ -199,7 +200,7 @@ class TransformerReward(RewardAdapter):
             mask[b, : e.shape[0]] = 1
         hidden = self.forward_hidden(torch.stack(rows), mask)
         values = [self.combine(self.read(hidden[b, lay.reads])) for b, lay in enumerate(layouts)]
-        return torch.stack(values).float(), sum(len(lay.ids) for lay in layouts)
+        return upcast(torch.stack(values)), sum(len(lay.ids) for lay in layouts)
 
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         if len(prompts) != len(responses):
@@ -243,7 +244,7 @@ class TransformerReward(RewardAdapter):
                 _rewind(state.cache, P)
         reads = [r - P for r in lay.reads if r >= P]
         values = torch.cat([state.values, self.read(hidden[0, reads])])
-        return SoftScore(self.combine(values).float(), 1, len(ids))
+        return SoftScore(upcast(self.combine(values)), 1, len(ids))
 
 
 def _rewind(cache: DynamicCache, length: int) -> None:
