@@ -1,0 +1,46 @@
+"""Turning a reward name or path (CLI flags, ``from_pretrained``) into a :class:`RewardAdapter`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .base import RewardAdapter
+
+log = logging.getLogger(__name__)
+
+REWARD_CHOICES = "'default' (the project's reward for the embedded policy), 'judge' (self-judging), 'none', a LoRA reward .safetensors file, or a checkpoint directory"
+
+
+def load_reward(spec: str | None, policy_model: nn.Module, policy_tokenizer: Any, trust_remote_code: bool = False) -> RewardAdapter | None:
+    """A reward from its name or local path: see :data:`REWARD_CHOICES`."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "default":
+        from .default import load_default_reward
+
+        return load_default_reward(policy_model, policy_tokenizer)
+    if spec == "judge":
+        from .judge import SelfJudgeReward
+
+        return SelfJudgeReward(policy_model, policy_tokenizer)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        from .lora import LoRAReward
+
+        return LoRAReward.load(path, policy_model, policy_tokenizer)
+    if path.is_dir():
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or [""]
+        device = next(policy_model.parameters()).device
+        if architectures[0].endswith("ForSequenceClassification"):
+            from .classifier import SequenceClassifierReward
+
+            return SequenceClassifierReward.from_pretrained(str(path), device=device, policy_tokenizer=policy_tokenizer)
+        from .process import ProcessReward
+
+        return ProcessReward.from_pretrained(str(path), device=device, policy_tokenizer=policy_tokenizer, trust_remote_code=trust_remote_code)
+    raise FileNotFoundError(f"no reward {spec!r}: expected {REWARD_CHOICES}")
