@@ -117,7 +117,9 @@ def _sampled(
     start = time.perf_counter()
     n = config.n
     stats = [Stats(prompt_tokens=len(r.prompt_ids)) for r in requests]
+    streams = [engine.text_stream(r, config, i, on_token) for i, r in enumerate(requests)]
     rows = [(i, j) for i in range(len(requests)) for j in range(n)]
+    live = n == 1 and choose is None  # why: a single sample is the answer, so it can stream as it is sampled
     samples: list[Rollout] = rollout(
         engine.policy,
         [list(requests[i].prompt_ids) for i, _ in rows],
@@ -126,6 +128,7 @@ def _sampled(
         [stats[i] for i, _ in rows],
         [engine.budget(requests[i], config) for i, _ in rows],
         [engine.stop(requests[i], config) for i, _ in rows],
+        on_token=(lambda row, token: streams[rows[row][0]].push([token])) if live else None,
     )
     results = []
     for i, request in enumerate(requests):
@@ -135,9 +138,9 @@ def _sampled(
         answers = [extract(t) for t in texts]
         rewards = engine.score(request.reward_prompt, [s.tokens for s in group], stats[i]) if reward is not None else None
         chosen = choose(answers, rewards) if choose is not None else 0
-        stream = engine.text_stream(request, config, i, on_token)
-        stream.push(group[chosen].tokens)
-        result = engine.result(stream, group[chosen].tokens, group[chosen].finish_reason, stats[i], rewards[chosen] if rewards else None, extract, [])
+        if not live:
+            streams[i].push(group[chosen].tokens)
+        result = engine.result(streams[i], group[chosen].tokens, group[chosen].finish_reason, stats[i], rewards[chosen] if rewards else None, extract, [])
         result.samples = [
             {"text": t, "answer": a, "reward": (rewards[j] if rewards else None)} for j, (t, a) in enumerate(zip(texts, answers))
         ] if n > 1 else []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -78,12 +78,14 @@ def rollout(
     stop: Sequence[Sequence[str]],
     committed: Sequence[Sequence[int]] | None = None,
     keep_logits: bool = False,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[Rollout]:
     """Sample one continuation per prefix, all in one batch.
 
     prefixes: B token lists (prompt + committed response tokens); ``committed`` gives each row's
     committed response tokens, so stop strings that straddle them are found. Finished rows leave
-    the batch (their KV rows are dropped), so every counted pass is real work.
+    the batch (their KV rows are dropped), so every counted pass is real work. ``on_token(row, token)``
+    sees each kept token as it is sampled.
     """
     B = len(prefixes)
     committed = committed if committed is not None else [[] for _ in range(B)]
@@ -113,6 +115,8 @@ def rollout(
             if reason != "eos":
                 tokens[b].append(token)
                 stats[b].rollout_tokens += 1
+                if on_token is not None:
+                    on_token(b, token)
                 if keep_logits:
                     kept[b].append(logits[row])
             if reason is None:
