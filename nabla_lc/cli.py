@@ -6,10 +6,44 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 # Modules exposing ``add_parser(subparsers)``; each registers one subcommand with ``func=run``.
-COMMANDS: tuple[str, ...] = ("nabla_lc.costs", "nabla_lc.bench.cli")
+COMMANDS: tuple[str, ...] = ("nabla_lc.solve", "nabla_lc.costs", "nabla_lc.bench.cli", "nabla_lc.rewards.train")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--policy, --reward, --device, --dtype, --vocab-bridge, --trust-remote-code."""
+    parser.add_argument("--policy", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a checkpoint directory, a GGUF file or a cached model id")
+    parser.add_argument(
+        "--reward",
+        default="default",
+        help="'default' (the project's reward for the embedded policy), 'judge' (the policy as its own judge), 'none', "
+        "a LoRA reward .safetensors file, or a reward checkpoint directory",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--vocab-bridge", action="store_true", help="map the policy's vocabulary onto a reward model's that only partly matches")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a reward checkpoint's own model code (Qwen2.5-Math-PRM)")
+
+
+def load_engine(args: argparse.Namespace, config: Any) -> Any:
+    """The Engine for the model flags (imports torch and transformers only when called)."""
+    import torch
+
+    from .engine.core import Engine
+    from .models import load_policy
+    from .rewards.load import load_reward
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tokenizer = load_policy(args.policy, device=args.device, dtype=dtype)
+    reward = load_reward(
+        args.reward, model, tokenizer, dtype=dtype, vocab_bridge=args.vocab_bridge, trust_remote_code=args.trust_remote_code
+    )
+    return Engine(model, tokenizer, reward, config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import time
 import typing
 from typing import Any, get_args, get_origin
 
+from .cli import add_model_flags, load_engine
 from .config import ConfigError, NablaConfig
 
 log = logging.getLogger(__name__)
@@ -41,24 +42,6 @@ def config_from_args(args: argparse.Namespace) -> NablaConfig:
     """The config with every flag the user set applied."""
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(NablaConfig) if getattr(args, f.name, None) is not None}
     return NablaConfig().replace(**changes)
-
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default="embedded", help="'embedded' (SmolLM2-135M-Instruct) or a local checkpoint directory / GGUF file")
-    parser.add_argument("--reward", default="default", help="'default', 'judge', 'none', a LoRA reward file or a checkpoint directory")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow a reward checkpoint's own model code (Qwen2.5-Math-PRM)")
-
-
-def load_engine(args: argparse.Namespace, config: NablaConfig):
-    """Load policy and reward named by the flags into an Engine."""
-    from .engine.core import Engine
-    from .models import load_policy
-    from .rewards.load import load_reward
-
-    model, tokenizer = load_policy(args.policy, device=args.device)
-    reward = load_reward(args.reward, model, tokenizer, trust_remote_code=args.trust_remote_code)
-    return Engine(model, tokenizer, reward, config)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

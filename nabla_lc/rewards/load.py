@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .base import RewardAdapter
@@ -16,8 +17,15 @@ log = logging.getLogger(__name__)
 REWARD_CHOICES = "'default' (the project's reward for the embedded policy), 'judge' (self-judging), 'none', a LoRA reward .safetensors file, or a checkpoint directory"
 
 
-def load_reward(spec: str | None, policy_model: nn.Module, policy_tokenizer: Any, trust_remote_code: bool = False) -> RewardAdapter | None:
-    """A reward from its name or local path: see :data:`REWARD_CHOICES`."""
+def load_reward(
+    spec: str | None,
+    policy_model: nn.Module,
+    policy_tokenizer: Any,
+    dtype: torch.dtype | None = None,
+    vocab_bridge: bool = False,
+    trust_remote_code: bool = False,
+) -> RewardAdapter | None:
+    """A reward from its name or local path: see :data:`REWARD_CHOICES`. Reward checkpoints load next to the policy."""
     if spec is None or spec == "none":
         return None
     if spec == "default":
@@ -35,12 +43,12 @@ def load_reward(spec: str | None, policy_model: nn.Module, policy_tokenizer: Any
         return LoRAReward.load(path, policy_model, policy_tokenizer)
     if path.is_dir():
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or [""]
-        device = next(policy_model.parameters()).device
+        where = dict(device=next(policy_model.parameters()).device, dtype=dtype, policy_tokenizer=policy_tokenizer, vocab_bridge=vocab_bridge)
         if architectures[0].endswith("ForSequenceClassification"):
             from .classifier import SequenceClassifierReward
 
-            return SequenceClassifierReward.from_pretrained(str(path), device=device, policy_tokenizer=policy_tokenizer)
+            return SequenceClassifierReward.from_pretrained(str(path), **where)
         from .process import ProcessReward
 
-        return ProcessReward.from_pretrained(str(path), device=device, policy_tokenizer=policy_tokenizer, trust_remote_code=trust_remote_code)
+        return ProcessReward.from_pretrained(str(path), trust_remote_code=trust_remote_code, **where)
     raise FileNotFoundError(f"no reward {spec!r}: expected {REWARD_CHOICES}")

@@ -1,0 +1,1 @@
+"""Benchmark tasks, grading and the runner."""

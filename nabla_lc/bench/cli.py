@@ -1,0 +1,84 @@
+"""``nabla-lc bench``: run methods × N over a benchmark, or merge shard results (``--merge DIR``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..cli import add_model_flags, load_engine
+from ..config import ConfigError, NablaConfig
+from .grading import DEFAULT_TIMEOUT_S, Grader
+from .report import write_report
+from .runner import jobs, load_task, merge_results, parse_shard, run_bench
+
+log = logging.getLogger(__name__)
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``bench`` subcommand."""
+    p = subparsers.add_parser("bench", help="benchmark greedy, BoN, SC, weighted BoN and ∇ on a math dataset", description=__doc__)
+    p.add_argument("--data", help="a JSONL file with problem/final_answer, or arith, arith:dev, arith:test")
+    p.add_argument("--methods", default=",".join(("greedy", "bon", "sc", "weighted_bon", "nabla")), help="comma-separated methods")
+    p.add_argument("--n", default="1,2,4,8", help="comma-separated N (N_max for nabla; greedy runs once)")
+    p.add_argument("--limit", type=int, help="only the first LIMIT problems")
+    p.add_argument("--seed", type=int, help="base seed; problem i uses seed + i (default: NablaConfig.seed)")
+    add_model_flags(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a NablaConfig field (VALUE as JSON, else a string); repeatable")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--shard", help="run only problems with index mod n == i, as i/n")
+    p.add_argument("--batch-size", type=int, default=1, help="problems per engine.generate call")
+    p.add_argument("--grade-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per grading call")
+    p.add_argument("--merge", type=Path, metavar="DIR", help="join DIR's shard results and write its summary and plots; runs no model")
+    p.set_defaults(func=run)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` → a dict; each value parsed as JSON, else kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def parse_list(text: str, kind: type = str) -> list[Any]:
+    """``"a,b,c"`` → ``[kind(a), kind(b), kind(c)]``."""
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark (or merge) as the flags say."""
+    try:
+        if args.merge is not None:
+            write_report(args.merge, merge_results(args.merge))
+            return 0
+        if args.data is None or args.out is None:
+            raise ValueError("--data and --out are required (or --merge DIR)")
+        config = NablaConfig().replace(**parse_sets(args.set))
+        if args.seed is not None:
+            config = config.replace(seed=args.seed)
+        methods, ns = parse_list(args.methods), parse_list(args.n, int)
+        jobs(methods, ns)  # why: reject bad methods or N before loading any model
+        shard = parse_shard(args.shard) if args.shard else None
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"nabla-lc bench: {exc}") from exc
+    with Grader(args.grade_timeout) as grader:
+        try:
+            task = load_task(args.data, limit=args.limit, grader=grader)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"nabla-lc bench: {exc}") from exc
+        engine = load_engine(args, config)
+        run_info = {"policy": args.policy, "reward": args.reward}
+        rows = run_bench(engine, task, methods, ns, config, args.out, batch_size=args.batch_size, shard=shard, run_info=run_info)
+    if shard is None:
+        write_report(args.out, rows, title=f"{task.name}: {args.policy} with reward {args.reward}")
+    else:
+        log.info("shard %d/%d done; when every shard is, run: nabla-lc bench --merge %s", shard[0], shard[1], args.out)
+    return 0

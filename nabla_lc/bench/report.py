@@ -1,0 +1,133 @@
+"""Summaries and plots of benchmark results: ``summary.json``, ``summary.md``, ``scaling.png``, ``cost.png``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (method, N), in the order rows first show them.
+
+    Means are over problems; ``wall_s`` is each request's own ``Stats.wall_s`` (for a batch the engine
+    gives every request an equal share of the batch's wall time).
+    ``rejection_rate`` is rejections over proposals, and the skip rates are ``skipped_entropy`` and
+    ``skipped_gradient`` over positions, each summed over the group's problems (0 when the denominator is).
+    """
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["n"]), []).append(row)
+    return [_summarize_group(method, n, group) for (method, n), group in groups.items()]
+
+
+def _summarize_group(method: str, n: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    count = len(rows)
+
+    def total(key: str) -> float:
+        return sum(r["stats"][key] for r in rows)
+
+    return {
+        "method": method,
+        "n": n,
+        "count": count,
+        "accuracy": sum(bool(r["correct"]) for r in rows) / count,
+        "model_calls": total("model_calls") / count,
+        "model_calls_paper": total("model_calls_paper") / count,
+        "wall_s": total("wall_s") / count,
+        "rejection_rate": _ratio(total("rejections"), total("proposals")),
+        "skip_entropy_rate": _ratio(total("skipped_entropy"), total("positions")),
+        "skip_gradient_rate": _ratio(total("skipped_gradient"), total("positions")),
+        "disagreements": sum(bool(r.get("disagree")) for r in rows),
+        "grade_timeouts": sum(bool(r.get("grade_timed_out")) for r in rows),
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+_COLUMNS = (
+    ("method", "method", "{}"),
+    ("n", "N", "{}"),
+    ("count", "problems", "{}"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("model_calls", "model calls", "{:.1f}"),
+    ("model_calls_paper", "model calls (paper rule)", "{:.1f}"),
+    ("wall_s", "wall s / problem", "{:.2f}"),
+    ("rejection_rate", "rejection rate", "{:.1%}"),
+    ("skip_entropy_rate", "skipped (entropy)", "{:.1%}"),
+    ("skip_gradient_rate", "skipped (gradient)", "{:.1%}"),
+    ("disagreements", "grader disagreements", "{}"),
+    ("grade_timeouts", "grading timeouts", "{}"),
+)
+
+
+def to_markdown(groups: Sequence[dict[str, Any]], title: str = "Benchmark summary") -> str:
+    """The summary as a Markdown table."""
+    lines = [f"# {title}", "", "| " + " | ".join(h for _, h, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for g in groups:
+        lines.append("| " + " | ".join(fmt.format(g[key]) for key, _, fmt in _COLUMNS) + " |")
+    lines += [
+        "",
+        "Model calls are means per problem: *complete* counts every forward and backward pass of the policy and the",
+        "reward model; the *paper rule* is +1 per rollout token, +4 per uncached DTO step, +2 per rejection comparison.",
+        "Rejection rate: rejections / proposals; skip rates: skipped positions / positions (sums over problems).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_scaling(groups: Sequence[dict[str, Any]], path: Path) -> None:
+    """Accuracy against mean model calls (complete and paper rule), one curve per method (the paper's Fig. 4)."""
+    from matplotlib.figure import Figure  # why not pyplot: no global backend state in a library
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    for ax, key, label in zip(fig.subplots(1, 2), ("model_calls", "model_calls_paper"), ("complete", "paper rule")):
+        _curves(ax, groups, key)
+        ax.set_xlabel(f"mean model calls per problem ({label})")
+    fig.savefig(path, dpi=120)
+
+
+def plot_cost(groups: Sequence[dict[str, Any]], path: Path) -> None:
+    """Accuracy against mean wall time per problem, one curve per method."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    _curves(ax, groups, "wall_s")
+    ax.set_xlabel("mean wall time per problem (s)")
+    fig.savefig(path, dpi=120)
+
+
+def _curves(ax: Any, groups: Sequence[dict[str, Any]], x_key: str) -> None:
+    for method in dict.fromkeys(g["method"] for g in groups):
+        points = sorted((g for g in groups if g["method"] == method), key=lambda g: g["n"])
+        xs, ys = [g[x_key] for g in points], [100 * g["accuracy"] for g in points]
+        ax.plot(xs, ys, marker="*" if method == "greedy" else "o", markersize=10 if method == "greedy" else 5,
+                linestyle="none" if len(points) == 1 else "-", label=method)
+        for g, x, y in zip(points, xs, ys):
+            if method != "greedy":
+                ax.annotate(f"N={g['n']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if all(g[x_key] > 0 for g in groups):
+        ax.set_xscale("log")
+    ax.set_ylim(0, min(100, max(10, 115 * max(g["accuracy"] for g in groups))))
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def write_report(out_dir: Path | str, rows: Sequence[dict[str, Any]], title: str = "Benchmark summary") -> list[dict[str, Any]]:
+    """Write ``summary.json``, ``summary.md``, ``scaling.png`` and ``cost.png`` into ``out_dir``; return the summary."""
+    out_dir = Path(out_dir)
+    groups = summarize(rows)
+    (out_dir / "summary.json").write_text(json.dumps({"groups": groups}, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "summary.md").write_text(to_markdown(groups, title), encoding="utf-8")
+    if groups:
+        plot_scaling(groups, out_dir / "scaling.png")
+        plot_cost(groups, out_dir / "cost.png")
+    log.info("wrote the summary and plots of %d rows to %s", len(rows), out_dir)
+    return groups

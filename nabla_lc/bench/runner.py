@@ -1,0 +1,282 @@
+"""The benchmark runner: problems × methods × N through ``engine.generate``, graded, one JSON line each.
+
+Results go to ``results.jsonl`` (or ``results.shard-i-of-n.jsonl`` for a shard), appended after every
+batch, so an interrupted run resumes where it stopped: a (problem, method, N) already in the file is
+never decoded again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from tqdm import tqdm
+
+from ..config import METHODS, NablaConfig
+from .grading import MATH_INSTRUCTION, Grader, Verdict, extract_answer
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+"""File name of an unsharded run's results."""
+RUN_INFO = "run.json"
+"""File name of the run's settings, checked on resume."""
+ARITH_DEFAULT_COUNT = 100
+"""Questions in a named ``arith`` task when no limit is given."""
+_SHARD_FILE = re.compile(r"results\.shard-(\d+)-of-(\d+)\.jsonl$")
+
+
+@dataclass(frozen=True)
+class BenchProblem:
+    """One benchmark question."""
+
+    id: str
+    """Unique within the task (the record's ``id`` or ``unique_id``, else its line number)."""
+    problem: str
+    final_answer: str
+
+
+@dataclass
+class Task:
+    """Problems plus how to prompt for, extract and grade their answers."""
+
+    name: str
+    problems: list[BenchProblem]
+    extract_answer: Callable[[str], "str | None"]
+    """Final answer of a response; also what self-consistency and weighted BoN vote on."""
+    grade: Callable[["str | None", str], Verdict]
+    """``grade(answer, final_answer)``."""
+    system: str | None = MATH_INSTRUCTION
+    """System message of every prompt (the problem is the user message)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """What identifies the task in ``run.json`` (source path or generator arguments; not the limit,
+    since a longer run only adds problems)."""
+
+
+class BenchEngine(Protocol):
+    """What the runner needs from :class:`nabla_lc.engine.core.Engine` (tests script a fake one)."""
+
+    def request(self, prompt: str, *, chat: bool = True, system: str | None = None, seed: int | None = None) -> Any: ...
+
+    def generate(
+        self, requests: list[Any], config: NablaConfig | None = None, *, extract_answer: Callable[[str], "str | None"] | None = None
+    ) -> list[Any]: ...
+
+
+def load_task(spec: str, *, limit: int | None = None, grader: Grader | None = None) -> Task:
+    """A task from a JSONL path (fields ``problem``, ``final_answer``) or a name: ``arith``, ``arith:dev``, ``arith:test``.
+
+    ``limit`` keeps the first problems. JSONL tasks are graded by ``grader`` (a new :class:`Grader` by
+    default); ``arith`` is graded by its own exact integer check.
+    """
+    if spec == "arith" or spec.startswith("arith:"):
+        return _arith_task(spec, limit)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {spec!r} is neither a file nor a named task (arith, arith:dev, arith:test)")
+    problems = _read_jsonl_problems(path)[:limit]
+    grader = grader or Grader()
+    return Task(path.stem, problems, extract_answer, grader.grade, info={"data": str(path.resolve())})
+
+
+def _read_jsonl_problems(path: Path) -> list[BenchProblem]:
+    problems = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f):
+            record = json.loads(line)
+            if "problem" not in record or "final_answer" not in record:
+                raise ValueError(f"{path}:{number + 1}: a record needs 'problem' and 'final_answer'")
+            key = record.get("id", record.get("unique_id", number))
+            problems.append(BenchProblem(str(key), record["problem"], str(record["final_answer"])))
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: problem ids are not unique")
+    return problems
+
+
+def _arith_task(spec: str, limit: int | None) -> Task:
+    from . import arith
+
+    split = spec.partition(":")[2] or "test"
+    if split not in ("dev", "test"):
+        raise ValueError(f"unknown arith split {split!r}; use arith:dev or arith:test")
+    count = limit or ARITH_DEFAULT_COUNT
+    problems = [BenchProblem(p.id, p.problem, p.final_answer) for p in arith.make_problems(split, count)]  # type: ignore[arg-type]
+
+    def grade(answer: str | None, final_answer: str) -> Verdict:
+        return Verdict(arith.check(answer, final_answer))
+
+    info = {"data": f"arith:{split}", "level": arith.DEFAULT_LEVEL}
+    return Task(f"arith-{split}", problems, arith.extract_answer, grade, info=info)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
+    match = re.fullmatch(r"(\d+)/(\d+)", spec.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"--shard must look like i/n with 0 <= i < n, got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def results_path(out_dir: Path, shard: tuple[int, int] | None = None) -> Path:
+    """Where a run (or one shard of it) writes its results."""
+    return Path(out_dir) / (RESULTS if shard is None else f"results.shard-{shard[0]}-of-{shard[1]}.jsonl")
+
+
+def jobs(methods: Sequence[str], ns: Sequence[int]) -> list[tuple[str, int]]:
+    """The (method, N) pairs to run; greedy once, with N = 1."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    if not ns or any(n < 1 for n in ns):
+        raise ValueError(f"N values must be integers >= 1, got {list(ns)}")
+    return [(m, n) for m in methods for n in ([1] if m == "greedy" else ns)]
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file; a line cut by a crash is dropped (and removed from the file)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: dropping an unreadable line (an interrupted write): %.60s", path, line)
+    if len(rows) != len(lines):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def run_bench(
+    engine: BenchEngine,
+    task: Task,
+    methods: Sequence[str],
+    ns: Sequence[int],
+    base_config: NablaConfig,
+    out_dir: Path | str,
+    *,
+    batch_size: int = 1,
+    shard: tuple[int, int] | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Decode and grade every (problem, method, N) not yet in the results file; return all its rows.
+
+    Problem ``i`` of the task belongs to shard ``(i mod n)``; its request seed is ``base_config.seed + i``
+    (so a shard, a batch size or a resume never changes a problem's seed). ``batch_size`` problems go to
+    each ``engine.generate`` call. ``run_info`` (model names and the like) is stored in ``run.json`` with the
+    task and config; a rerun into the same directory with different settings is refused.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_info(out_dir, {"task": task.info, "config": _base_dict(base_config), **(run_info or {})})
+    path = results_path(out_dir, shard)
+    rows = read_results(path)
+    done = {(r["id"], r["method"], r["n"]) for r in rows}
+    indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
+    todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in jobs(methods, ns)]
+    total = sum(len(items) for _, _, items in todo)
+    log.info("%s: %d of %d (problem, method, N) items to run", path, total, len(indexed) * len(todo))
+    with path.open("a", encoding="utf-8") as out, tqdm(total=total, desc=task.name, unit="problem") as bar:
+        for method, n, items in todo:
+            config = base_config.replace(method=method, n=n)
+            bar.set_postfix(method=method, n=n)
+            for start in range(0, len(items), batch_size):
+                new = _run_batch(engine, task, config, items[start : start + batch_size])
+                out.write("".join(json.dumps(r) + "\n" for r in new))
+                out.flush()  # why: a crash loses at most the batch in flight
+                rows.extend(new)
+                bar.update(len(new))
+    return rows
+
+
+def _run_batch(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> list[dict[str, Any]]:
+    seeds = [None if config.seed is None else config.seed + i for i, _ in items]
+    requests = [engine.request(p.problem, chat=True, system=task.system, seed=s) for (_, p), s in zip(items, seeds)]
+    results = engine.generate(requests, config, extract_answer=task.extract_answer)
+    rows = []
+    for (index, problem), seed, result in zip(items, seeds, results):
+        answer = result.answer if result.answer is not None else task.extract_answer(result.text)
+        verdict = task.grade(answer, problem.final_answer)
+        rows.append(
+            {
+                "id": problem.id,
+                "index": index,
+                "method": config.method,
+                "n": config.n,
+                "seed": seed,
+                "answer": answer,
+                "final_answer": problem.final_answer,
+                "correct": verdict.correct,
+                "math_verify": verdict.math_verify,
+                "normalized": verdict.normalized,
+                "disagree": verdict.disagree,
+                "grade_timed_out": verdict.timed_out,
+                "reward": result.reward,
+                "finish_reason": result.finish_reason,
+                "batch": len(items),
+                "stats": result.stats.to_dict(),
+                "text": result.text,
+            }
+        )
+    return rows
+
+
+def merge_results(out_dir: Path | str) -> list[dict[str, Any]]:
+    """Join ``results.jsonl`` and every ``results.shard-i-of-n.jsonl`` in ``out_dir`` into ``results.jsonl``.
+
+    Rows are deduplicated by (problem, method, N) and ordered by method (first seen), N and problem index.
+    """
+    out_dir = Path(out_dir)
+    paths = sorted(p for p in out_dir.iterdir() if _SHARD_FILE.match(p.name))
+    if not paths and not (out_dir / RESULTS).exists():
+        raise FileNotFoundError(f"no results.jsonl or results.shard-i-of-n.jsonl in {out_dir}")
+    rows = sort_rows(_unique(r for p in [out_dir / RESULTS, *paths] for r in read_results(p)))
+    tmp = out_dir / (RESULTS + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out_dir / RESULTS)  # why: a crash never leaves a half-written results.jsonl
+    log.info("merged %d shard file(s) into %s: %d rows", len(paths), out_dir / RESULTS, len(rows))
+    return rows
+
+
+def sort_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows ordered by method (first seen), N and problem index: the order of an unsharded run."""
+    rows = list(rows)
+    order = {m: k for k, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    return sorted(rows, key=lambda r: (order[r["method"]], r["n"], r["index"]))
+
+
+def _unique(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in rows:
+        seen.setdefault((r["id"], r["method"], r["n"]), r)
+    return list(seen.values())
+
+
+def _base_dict(config: NablaConfig) -> dict[str, Any]:
+    """The config without the fields each (method, N) sets."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("method", "n")}
+
+
+def _check_run_info(out_dir: Path, info: dict[str, Any]) -> None:
+    path = out_dir / RUN_INFO
+    info = json.loads(json.dumps(info))  # why: compare in JSON form (tuples become lists)
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != info:
+            changed = [k for k in sorted(set(stored) | set(info)) if k != "config" and stored.get(k) != info.get(k)]
+            old, new = stored.get("config", {}), info.get("config", {})
+            changed += [f"config.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(changed)} differ); use a new --out")
+        return
+    tmp = out_dir / f"{RUN_INFO}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # why: concurrent shards may write it at once
