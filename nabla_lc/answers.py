@@ -1,34 +1,47 @@
-"""The default answer extractor (self-consistency and weighted BoN vote on its output)."""
+"""Finding the final answer in a response: the engine's default extractor (self-consistency and
+weighted BoN vote on it) and the first step of the benchmark graders."""
 
 from __future__ import annotations
 
 import re
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), with balanced braces."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (balanced braces), or ``\\boxed 5``."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
+    rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox")
+    if rest.startswith(" "):  # ``\boxed 5``: the argument runs to the next ``$`` or line end
+        return rest.strip().split("$")[0].split("\n")[0].strip() or None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
         if depth == 0:
-            return text[i:j].strip()
-    return None
+            return rest[1:i].strip()
+    return None  # unbalanced: the response was cut inside the box
 
 
-def extract_answer(text: str) -> str | None:
-    """The last \\boxed{}, else "the answer is X", else "#### X", else the last number."""
+_ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]+)", re.IGNORECASE)
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
+
+
+def find_answer(text: str) -> str | None:
+    """The raw final answer: last ``\\boxed{}``, else "the answer is X", else "#### X", else the last number."""
     boxed = last_boxed(text)
     if boxed:
         return boxed
-    for pattern in (r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", r"####\s*([^\n]+)"):
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
+    for pattern in (_ANSWER_IS, _HASHES):
+        found = pattern.findall(text)
         if found:
-            return found[-1].strip().rstrip(".")
+            answer = found[-1].strip()
+            answer = re.sub(r"\.\s.*$", "", answer)  # keep the first sentence
+            answer = answer.rstrip(".").strip().strip("$").strip()
+            if answer:
+                return answer
     numbers = _NUMBER.findall(text)
     return numbers[-1].replace(",", "") if numbers else None
+

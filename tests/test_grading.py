@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nabla_lc.bench.grading import Grader, Verdict, combine, extract_answer, find_answer, normalize_answer
+from nabla_lc.answers import find_answer
+from nabla_lc.bench.grading import Grader, Verdict, combine, extract_answer, normalize_answer
 
 DATA = Path("/work/shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="the shared benchmark data is not on this machine")

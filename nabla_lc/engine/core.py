@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..answers import extract_answer
+from ..answers import find_answer
 from ..config import ConfigError, NablaConfig
 from ..rewards.base import RewardAdapter
 from .accounting import Stats
@@ -85,7 +85,7 @@ class Engine:
         if not requests:
             return []
         with self.lock, torch.no_grad():
-            return STRATEGIES[config.method](self, requests, config, on_token, extract_answer or _default_extract)
+            return STRATEGIES[config.method](self, requests, config, on_token, extract_answer or find_answer)
 
     def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats) -> list[float]:
         """Rewards of full responses to one prompt, in one batched pass (counted in ``stats``)."""
@@ -145,10 +145,6 @@ class Engine:
             )
         if (request.max_new_tokens or config.max_new_tokens) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
-
-
-def _default_extract(text: str) -> str | None:
-    return extract_answer(text)
 
 
 __all__ = ["Engine", "freeze"]
