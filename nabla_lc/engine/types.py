@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal
 
 from .accounting import Stats
 from .trace import PositionRecord
@@ -52,13 +52,3 @@ TokenCallback = Callable[[int, str], None]
 
 AnswerExtractor = Callable[[str], "str | None"]
 
-
-class EngineLike(Protocol):
-    """What front-ends need from an engine (lets tests script a fake one)."""
-
-    def generate(
-        self,
-        requests: "list[Request]",
-        config: Any = None,
-        on_token: TokenCallback | None = None,
-    ) -> list[Result]: ...
