@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 20_000
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per NablaConfig field, typed from the dataclass (unset flags keep the default)."""
+def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
+    """One ``--field-name`` flag per NablaConfig field (but ``exclude``), typed from the dataclass; unset flags keep the default."""
     group = parser.add_argument_group("decoding (NablaConfig fields)")
     hints = typing.get_type_hints(NablaConfig)
     for f in dataclasses.fields(NablaConfig):
+        if f.name in exclude:
+            continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f"default: {f.default!r}"}
         if hint is bool:
@@ -49,8 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("question", help="the question (the chat template is applied)")
     p.add_argument("--json", action="store_true", help='print {"text", "answer", "stats", ...} as JSON')
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--trace", metavar="HTML", default=None, help="write the decoding trace as a self-contained HTML page")
     add_model_flags(p)
-    add_config_flags(p)
+    add_config_flags(p, exclude=frozenset({"trace"}))  # why: --trace names the HTML page; the config keeps its trace
     p.set_defaults(func=run)
 
 
@@ -80,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"nabla-lc solve: {err}", file=sys.stderr)
         return 2
     stats = result.stats.to_dict()
+    if args.trace:
+        from .trace_view import write_trace
+
+        write_trace(result, engine.policy.decode, args.trace, prompt=question, title=f"∇-Reasoner trace ({config.method})")
     if args.json:
         out = {"text": result.text, "answer": result.answer, "stats": stats, "method": config.method, "reward": result.reward,
                "finish_reason": result.finish_reason, "load_s": load_s}
