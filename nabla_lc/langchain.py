@@ -144,19 +144,20 @@ class NablaReasonerLLM(BaseLLM):
         dtype: "torch.dtype | None" = None,
         **kwargs: Any,
     ) -> "NablaReasonerLLM":
-        """Load a policy (and a reward: an adapter, or a sequence-classifier path) and wrap a new engine.
+        """Load a policy and a reward and wrap a new engine.
 
-        ``kwargs`` are this class's fields and NablaConfig keywords.
+        ``reward`` is an adapter, or a name or path for :func:`nabla_lc.rewards.load.load_reward` ('judge',
+        'none', a LoRA reward file, a reward checkpoint directory). ``kwargs`` are this class's fields and
+        NablaConfig keywords.
         """
         from .engine.core import Engine
         from .models import default_device, load_policy
+        from .rewards.load import load_reward
 
         device = device or default_device()
         model, tokenizer = load_policy(policy, device, dtype)
         if isinstance(reward, str):
-            from .rewards import SequenceClassifierReward
-
-            reward = SequenceClassifierReward.from_pretrained(reward, device=device, dtype=dtype, policy_tokenizer=tokenizer)
+            reward = load_reward(reward, model, tokenizer, dtype=dtype)
         kwargs.setdefault("model_id", policy)
         return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
 
@@ -164,17 +165,21 @@ class NablaReasonerLLM(BaseLLM):
     def embedded(
         cls,
         *,
-        reward: "RewardAdapter | None" = None,
+        reward: "RewardAdapter | str | None" = "default",
         config: NablaConfig | None = None,
         device: str | None = None,
         dtype: "torch.dtype | None" = None,
         **kwargs: Any,
     ) -> "NablaReasonerLLM":
-        """The embedded SmolLM2-135M-Instruct policy (installed with the package, no network)."""
+        """The embedded SmolLM2-135M-Instruct policy (installed with the package, no network), by default with
+        the project's reward for it (``reward="default"``; any name :func:`~nabla_lc.rewards.load.load_reward` takes)."""
         from .engine.core import Engine
         from .models import load_embedded
+        from .rewards.load import load_reward
 
         model, tokenizer = load_embedded(device, dtype)
+        if isinstance(reward, str):
+            reward = load_reward(reward, model, tokenizer)
         kwargs.setdefault("model_id", "embedded:SmolLM2-135M-Instruct")
         return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
 
