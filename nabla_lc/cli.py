@@ -30,6 +30,17 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a reward checkpoint's own model code (Qwen2.5-Math-PRM)")
 
 
+def base_config(args: argparse.Namespace) -> Any:
+    """The defaults the flags start from: the paper's, with ε_grad rescaled for the project's default reward."""
+    from .config import NablaConfig
+
+    if args.reward == "default":
+        from .rewards.default import DEFAULT_REWARD_GRAD_THRESHOLD
+
+        return NablaConfig(grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD)
+    return NablaConfig()
+
+
 def load_engine(args: argparse.Namespace, config: Any) -> Any:
     """The Engine for the model flags (imports torch and transformers only when called)."""
     import torch

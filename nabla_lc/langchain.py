@@ -178,6 +178,10 @@ class NablaReasonerLLM(BaseLLM):
         from .rewards.load import load_reward
 
         model, tokenizer = load_embedded(device, dtype)
+        if reward == "default" and config is None:
+            from .rewards.default import DEFAULT_REWARD_GRAD_THRESHOLD
+
+            config = NablaConfig(grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD)
         if isinstance(reward, str):
             reward = load_reward(reward, model, tokenizer)
         kwargs.setdefault("model_id", "embedded:SmolLM2-135M-Instruct")

@@ -11,7 +11,7 @@ import time
 import typing
 from typing import Any, get_args, get_origin
 
-from .cli import add_model_flags, load_engine
+from .cli import add_model_flags, base_config, load_engine
 from .config import ConfigError, NablaConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = 
 def config_from_args(args: argparse.Namespace) -> NablaConfig:
     """The config with every flag the user set applied."""
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(NablaConfig) if getattr(args, f.name, None) is not None}
-    return NablaConfig().replace(**changes)
+    return base_config(args).replace(**changes)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_model_flags, load_engine
+from ..cli import add_model_flags, base_config, load_engine
 from ..config import ConfigError, NablaConfig
 from .grading import DEFAULT_TIMEOUT_S, Grader
 from .report import write_report
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.data is None or args.out is None:
             raise ValueError("--data and --out are required (or --merge DIR)")
-        config = NablaConfig().replace(**parse_sets(args.set))
+        config = base_config(args).replace(**parse_sets(args.set))
         if args.seed is not None:
             config = config.replace(seed=args.seed)
         methods, ns = parse_list(args.methods), parse_list(args.n, int)
