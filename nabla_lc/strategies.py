@@ -11,7 +11,7 @@ from .config import NablaConfig
 from .engine.accounting import Stats
 from .engine.decoder import Decoder
 from .engine.rollout import Rollout, Sampling, rollout
-from .engine.stream import TextStream, cut_at_stop
+from .engine.stream import cut_at_stop
 from .engine.types import AnswerExtractor, Request, Result, TokenCallback
 from .rewards.base import NoGradientError
 

@@ -1,6 +1,6 @@
 from html.parser import HTMLParser
 
-from nabla_lc import NablaConfig, Result, Stats
+from nabla_lc import Result, Stats
 from nabla_lc.engine.trace import PositionRecord
 from nabla_lc.trace_view import render_trace, token_pieces
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import add_model_flags, base_config, load_engine
-from ..config import ConfigError, NablaConfig
+from ..config import ConfigError
 from .grading import DEFAULT_TIMEOUT_S, Grader
 from .report import write_report
 from .runner import jobs, load_task, merge_results, parse_shard, run_bench
