@@ -196,8 +196,8 @@ def _load_gguf_file(
 def _load_cached_hub_id(
     name: str, device: str | None, dtype: torch.dtype | None, trust_remote_code: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    # Resolve the snapshot ourselves: transformers' from_pretrained(name, local_files_only=True) still
-    # sends HEAD requests for adapter_config.json (and retries them for ~25 s offline).
+    # Resolve the snapshot ourselves: transformers 5.23's from_pretrained(name, local_files_only=True) still
+    # sends HEAD requests for adapter_config.json, retrying them for ~25 s offline (cf. transformers#45545).
     try:
         snapshot = snapshot_download(name, local_files_only=True)
     except (OSError, ValueError) as error:
