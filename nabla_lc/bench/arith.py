@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Literal, Sequence
 
+from ..answers import last_boxed
+
 log = logging.getLogger(__name__)
 
 Split = Literal["dev", "test"]
@@ -107,7 +109,7 @@ def extract_answer(text: str) -> str | None:
     integer strings; a number with a non-zero fraction keeps it (``"12.5"``), so it never equals an integer.
     """
     text = text.replace("\u2212", "-")  # the Unicode minus sign
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         numbers = _NUMBER.findall(boxed.replace(" ", ""))
         if numbers:
@@ -141,22 +143,6 @@ def _normalize(number: str) -> str | None:
     if value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(), "f")
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``, braces balanced; None if there is none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            if depth == 0:
-                return text[begin:i]
-            depth -= 1
-    return text[begin:]  # unclosed: the response was cut off inside the box
 
 
 def _split_of(question: str) -> str:
