@@ -33,7 +33,7 @@ from ..bench.grading import MATH_INSTRUCTION
 from ..config import NablaConfig
 from ..engine.core import Engine
 from .lora import LoRAReward
-from .train import Record, read_records, train_reward
+from .train import Record, read_records, train_from_args
 
 log = logging.getLogger(__name__)
 
@@ -162,20 +162,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_embedded()
     records, generate_s = _records(args, model, tokenizer)
     start = time.perf_counter()
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
-    reward, report = train_reward(
-        model,
-        tokenizer,
-        records,
-        rank=args.rank,
-        target_modules=targets,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        heldout=args.heldout,
-    )
-    reward.save(args.out)
+    report = train_from_args(args, model, tokenizer, records, objective="bt")
     summary = {
         "out": str(args.out),
         "records": len(records),

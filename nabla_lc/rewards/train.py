@@ -190,19 +190,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..models import load_policy  # why: imported on use, so the CLI starts without loading model code
-
-    records = read_records(args.data)
-    model, tokenizer = load_policy(args.policy, device=args.device)
-    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+def train_from_args(args: argparse.Namespace, model: nn.Module, tokenizer: Any, records: Sequence[Record], objective: str) -> TrainReport:
+    """Train with the shared flags (--rank, --target-modules, --epochs, --lr, --batch-size, --seed, --heldout) and save to --out."""
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     reward, report = train_reward(
         model,
         tokenizer,
         records,
         rank=args.rank,
         target_modules=targets,
-        objective=args.objective,
+        objective=objective,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -210,5 +207,14 @@ def run(args: argparse.Namespace) -> int:
         heldout=args.heldout,
     )
     reward.save(args.out)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import load_policy  # why: imported on use, so the CLI starts without loading model code
+
+    records = read_records(args.data)
+    model, tokenizer = load_policy(args.policy, device=args.device)
+    report = train_from_args(args, model, tokenizer, records, args.objective)
     print(json.dumps({"out": str(args.out), **asdict(report)}))
     return 0
