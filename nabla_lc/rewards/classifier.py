@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ..numerics import upcast
-from .transformer import SENTINEL, TransformerReward, chat_frame, freeze
+from .transformer import TransformerReward, freeze, reply_frame
 
 
 class SequenceClassifierReward(TransformerReward):
@@ -57,9 +57,7 @@ class SequenceClassifierReward(TransformerReward):
         return cls(model, tokenizer, policy_tokenizer, **kw)
 
     def frame(self, prompt: str) -> tuple[list[int], list[int]]:
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": SENTINEL}]
-        return chat_frame(self.tokenizer, messages, add_special_tokens=True)
+        return reply_frame(self.tokenizer, self.system, prompt, add_special_tokens=True)
 
     def read(self, hidden: torch.Tensor) -> torch.Tensor:
         return upcast(self.head(hidden)[:, 0])

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .transformer import SENTINEL, TransformerReward, chat_frame, exact_vocab, freeze
+from .transformer import TransformerReward, exact_vocab, freeze, reply_frame
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ class LoRAReward(TransformerReward):
         exact_vocab(policy_tokenizer, self.tokenizer, type(self).__name__)
 
     def frame(self, prompt: str) -> tuple[list[int], list[int]]:
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": SENTINEL}]
-        return chat_frame(self.tokenizer, messages, add_special_tokens=False)
+        return reply_frame(self.tokenizer, self.system, prompt, add_special_tokens=False)
 
     def read(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.float())[:, 0]

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
 
 from ..numerics import upcast
-from .transformer import SENTINEL, TransformerReward, chat_frame, freeze
+from .transformer import TransformerReward, freeze, reply_frame
 
 Aggregation = Literal["sum", "min", "last", "mean"]
 AGGREGATIONS: tuple[str, ...] = ("sum", "min", "last", "mean")
@@ -111,9 +111,7 @@ class ProcessReward(TransformerReward):
         super().check_vocab(policy_tokenizer)
 
     def frame(self, prompt: str) -> tuple[list[int], list[int]]:
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": SENTINEL}]
-        return chat_frame(self.tokenizer, messages, add_special_tokens=True)
+        return reply_frame(self.tokenizer, self.system, prompt, add_special_tokens=True)
 
     def step_ends(self, response: Sequence[int]) -> list[bool]:
         """Whether each response token (policy id) completes an occurrence of the step separator."""

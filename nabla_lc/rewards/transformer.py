@@ -27,6 +27,13 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def reply_frame(tokenizer: Any, system: str | None, prompt: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """:func:`chat_frame` of the conversation [system (if any), user: prompt, assistant: the response]."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": SENTINEL}]
+    return chat_frame(tokenizer, messages, add_special_tokens=add_special_tokens)
+
+
 def chat_frame(
     tokenizer: Any,
     messages: Sequence[dict[str, str]],
