@@ -14,7 +14,7 @@ from ..answers import find_answer
 from ..config import ConfigError, NablaConfig
 from ..rewards.base import RewardAdapter
 from .accounting import Stats
-from .policy import Policy, freeze
+from .policy import Policy
 from .stream import TextStream
 from .trace import PositionRecord
 from .types import AnswerExtractor, Request, Result, TokenCallback
@@ -147,4 +147,4 @@ class Engine:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
 
 
-__all__ = ["Engine", "freeze"]
+__all__ = ["Engine"]

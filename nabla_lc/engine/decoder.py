@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..config import NablaConfig
+from ..rewards.base import RewardAdapter
 from .accounting import Stats
 from .dto import DTORun, NonFiniteGradient
 from .policy import Policy
@@ -46,12 +47,12 @@ def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> 
 
 
 class Decoder:
-    """Decodes one request with ∇-Reasoner."""
+    """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only)."""
 
     def __init__(
         self,
         policy: Policy,
-        reward,  # RewardAdapter | None (a DTO run ignores one that cannot take gradients)
+        reward: RewardAdapter | None,
         score: ScoreFn,
         config: NablaConfig,
         stats: Stats,
