@@ -35,9 +35,9 @@ def base_config(args: argparse.Namespace) -> Any:
     from .config import NablaConfig
 
     if args.reward == "default":
-        from .rewards.default import DEFAULT_REWARD_GRAD_THRESHOLD
+        from .rewards.default import default_reward_config
 
-        return NablaConfig(grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD)
+        return default_reward_config()
     return NablaConfig()
 
 

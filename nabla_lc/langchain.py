@@ -179,9 +179,9 @@ class NablaReasonerLLM(BaseLLM):
 
         model, tokenizer = load_embedded(device, dtype)
         if reward == "default" and config is None:
-            from .rewards.default import DEFAULT_REWARD_GRAD_THRESHOLD
+            from .rewards.default import default_reward_config
 
-            config = NablaConfig(grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD)
+            config = default_reward_config()
         if isinstance(reward, str):
             reward = load_reward(reward, model, tokenizer)
         kwargs.setdefault("model_id", "embedded:SmolLM2-135M-Instruct")

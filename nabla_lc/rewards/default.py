@@ -43,6 +43,11 @@ DEFAULT_REWARD_GRAD_THRESHOLD = 0.01
 """ε_grad for this reward. Its probe gradient norms (authors' scale) are far below the paper's 8: on a level-2 dev
 question they ranged 0 to 0.046 with median 0.01 (README, "The embedded default"), so 0.01 sends about half of
 the uncertain positions to DTO."""
+
+
+def default_reward_config() -> NablaConfig:
+    """The paper's settings with ε_grad rescaled for this reward (:data:`DEFAULT_REWARD_GRAD_THRESHOLD`)."""
+    return NablaConfig(grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD)
 """The shipped reward file (adapter, head and settings in one safetensors file) inside the package."""
 RECIPE_COMMAND = "nabla-lc train-default-reward"
 """The command that writes :data:`DEFAULT_REWARD_FILE`."""
