@@ -95,12 +95,6 @@ class Stats:
             self.reward_forward += passes
         self.reward_tokens += tokens
 
-    def merge(self, other: "Stats") -> None:
-        """Add another request's counters (wall time is not added: it is shared)."""
-        for f in dataclasses.fields(self):
-            if f.name != "wall_s":
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
     def to_dict(self) -> dict[str, Any]:
         """Every counter plus the derived totals."""
         out: dict[str, Any] = dataclasses.asdict(self)
