@@ -223,3 +223,36 @@ def test_cli_merge(tmp_path: Path) -> None:
     assert len(read_results(tmp_path / "results.jsonl")) == 8
     groups = json.loads((tmp_path / "summary.json").read_text())["groups"]
     assert [(g["method"], g["n"], g["count"]) for g in groups] == [("greedy", 1, 4), ("sc", 2, 4)]
+
+
+def test_shared_samples_match_separate_runs(tiny_engine, tmp_path: Path) -> None:
+    # one scored set of 4 samples per problem must give every (method, N) what its own run gives
+    task = make_task(3)
+    config = NablaConfig(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    methods, ns = ["greedy", "bon", "sc", "weighted_bon"], [1, 2, 4]
+    separate = run_bench(tiny_engine, task, methods, ns, config, tmp_path / "separate", batch_size=2)
+    shared = run_bench(tiny_engine, task, methods, ns, config, tmp_path / "shared", batch_size=2, share_samples=True)
+    assert len(shared) == len(separate) == 3 * (1 + 3 * 3)
+    by_key = {(r["id"], r["method"], r["n"]): r for r in separate}
+    exact = ("policy_forward", "policy_tokens", "rollout_tokens", "reward_forward", "rollouts", "response_tokens", "model_calls")
+    for row in shared:
+        twin = by_key[(row["id"], row["method"], row["n"])]
+        assert (row["text"], row["answer"], row["correct"]) == (twin["text"], twin["answer"], twin["correct"])
+        assert {k: row["stats"][k] for k in exact} == {k: twin["stats"][k] for k in exact}
+        assert row["reward"] == pytest.approx(twin["reward"], abs=1e-5) if twin["reward"] is not None else row["reward"] is None
+        assert row.get("shared_samples") == (4 if row["method"] != "greedy" else None)
+    sc = [r for r in shared if r["method"] == "sc"]
+    assert all(r["stats"]["reward_forward"] == 0 for r in sc)  # self-consistency never pays for the reward
+    # resuming a shared run draws nothing
+    assert run_bench(None, task, methods, ns, config, tmp_path / "shared", share_samples=True) == shared  # type: ignore[arg-type]
+
+
+def test_select_refuses_what_the_set_cannot_give(tiny_engine) -> None:
+    request = tiny_engine.request("problem 1")
+    (unscored,) = tiny_engine.sample([request], NablaConfig(method="sc", n=2, max_new_tokens=6), scored=False)
+    with pytest.raises(ValueError, match="N=3"):
+        tiny_engine.select(unscored, NablaConfig(method="sc", n=3))
+    with pytest.raises(ValueError, match="scored"):
+        tiny_engine.select(unscored, NablaConfig(method="bon", n=2))
+    with pytest.raises(ConfigError, match="nabla"):
+        tiny_engine.select(unscored, NablaConfig(method="nabla", n=2))

@@ -29,6 +29,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--shard", help="run only problems with index mod n == i, as i/n")
     p.add_argument("--batch-size", type=int, default=1, help="problems per engine.generate call")
+    p.add_argument(
+        "--share-samples",
+        action="store_true",
+        help="serve bon, sc and weighted_bon at every N from one set of max(N) samples per problem (same answers and "
+        "model calls as separate runs; wall time below max(N) is scaled by N / max(N))",
+    )
     p.add_argument("--grade-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per grading call")
     p.add_argument("--merge", type=Path, metavar="DIR", help="join DIR's shard results and write its summary and plots; runs no model")
     p.set_defaults(func=run)
@@ -76,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"nabla-lc bench: {exc}") from exc
         engine = load_engine(args, config)
         run_info = {"policy": args.policy, "reward": args.reward}
-        rows = run_bench(engine, task, methods, ns, config, args.out, batch_size=args.batch_size, shard=shard, run_info=run_info)
+        rows = run_bench(
+            engine, task, methods, ns, config, args.out, batch_size=args.batch_size, shard=shard, run_info=run_info,
+            share_samples=args.share_samples,
+        )
     if shard is None:
         write_report(args.out, rows, title=f"{task.name}: {args.policy} with reward {args.reward}")
     else:

@@ -67,6 +67,10 @@ class BenchEngine(Protocol):
         self, requests: list[Any], config: NablaConfig | None = None, *, extract_answer: Callable[[str], "str | None"] | None = None
     ) -> list[Any]: ...
 
+    def sample(self, requests: list[Any], config: NablaConfig, *, scored: bool, extract_answer: Callable[[str], "str | None"] | None = None) -> list[Any]: ...
+
+    def select(self, sample_set: Any, config: NablaConfig, extract_answer: Callable[[str], "str | None"] | None = None) -> Any: ...
+
 
 def load_task(spec: str, *, limit: int | None = None, grader: Grader | None = None) -> Task:
     """A task from a JSONL path (fields ``problem``, ``final_answer``) or a name: ``arith``, ``arith:dev``, ``arith:test``.
@@ -165,6 +169,7 @@ def run_bench(
     batch_size: int = 1,
     shard: tuple[int, int] | None = None,
     run_info: dict[str, Any] | None = None,
+    share_samples: bool = False,
 ) -> list[dict[str, Any]]:
     """Decode and grade every (problem, method, N) not yet in the results file; return all its rows.
 
@@ -172,6 +177,10 @@ def run_bench(
     (so a shard, a batch size or a resume never changes a problem's seed). ``batch_size`` problems go to
     each ``engine.generate`` call. ``run_info`` (model names and the like) is stored in ``run.json`` with the
     task and config; a rerun into the same directory with different settings is refused.
+
+    ``share_samples``: bon, sc and weighted_bon at every N come from one set of max(N) samples per problem,
+    scored once (the engine's ``sample``/``select``). Answers and model calls are those of separate runs;
+    wall time below the largest N is the set's time scaled by N / max(N), and such rows say ``shared_samples``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,52 +191,93 @@ def run_bench(
     rows = read_results(path)
     done = {(r["id"], r["method"], r["n"]) for r in rows}
     indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
-    todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in jobs(methods, ns)]
-    total = sum(len(items) for _, _, items in todo)
-    log.info("%s: %d of %d (problem, method, N) items to run", path, total, len(indexed) * len(todo))
-    with path.open("a", encoding="utf-8") as out, tqdm(total=total, desc=task.name, unit="problem") as bar:
+    pairs = jobs(methods, ns)
+    shared = [(m, n) for m, n in pairs if share_samples and m in SHARED_METHODS]
+    todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in pairs if (m, n) not in shared]
+    shared_items = [(i, p) for i, p in indexed if any((p.id, m, n) not in done for m, n in shared)]
+    total = sum(len(items) for _, _, items in todo) + sum((p.id, m, n) not in done for _, p in indexed for m, n in shared)
+    log.info("%s: %d of %d (problem, method, N) items to run", path, total, len(indexed) * len(pairs))
+    with path.open("a", encoding="utf-8") as out, tqdm(total=total, desc=task.name, unit="item") as bar:
+
+        def write(new: list[dict[str, Any]]) -> None:
+            out.write("".join(json.dumps(r) + "\n" for r in new))
+            out.flush()  # why: a crash loses at most the batch in flight
+            rows.extend(new)
+            bar.update(len(new))
+
         for method, n, items in todo:
             config = base_config.replace(method=method, n=n)
             bar.set_postfix(method=method, n=n)
             for start in range(0, len(items), batch_size):
-                new = _run_batch(engine, task, config, items[start : start + batch_size])
-                out.write("".join(json.dumps(r) + "\n" for r in new))
-                out.flush()  # why: a crash loses at most the batch in flight
-                rows.extend(new)
-                bar.update(len(new))
+                write(_run_batch(engine, task, config, items[start : start + batch_size]))
+        if shared_items:
+            bar.set_postfix(methods="+".join(dict.fromkeys(m for m, _ in shared)), n=max(n for _, n in shared))
+            for start in range(0, len(shared_items), batch_size):
+                write(_run_shared(engine, task, base_config, shared, done, shared_items[start : start + batch_size]))
     return rows
+
+
+SHARED_METHODS = ("bon", "sc", "weighted_bon")
+"""Methods that ``share_samples`` serves from one sample set per problem."""
+
+
+def _requests(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> tuple[list[Any], list[int | None]]:
+    seeds = [None if config.seed is None else config.seed + i for i, _ in items]
+    return [engine.request(p.problem, chat=True, system=task.system, seed=s) for (_, p), s in zip(items, seeds)], seeds
 
 
 def _run_batch(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> list[dict[str, Any]]:
-    seeds = [None if config.seed is None else config.seed + i for i, _ in items]
-    requests = [engine.request(p.problem, chat=True, system=task.system, seed=s) for (_, p), s in zip(items, seeds)]
+    requests, seeds = _requests(engine, task, config, items)
     results = engine.generate(requests, config, extract_answer=task.extract_answer)
+    return [_row(task, config, index, problem, seed, result, len(items)) for (index, problem), seed, result in zip(items, seeds, results)]
+
+
+def _run_shared(
+    engine: BenchEngine,
+    task: Task,
+    base_config: NablaConfig,
+    shared: list[tuple[str, int]],
+    done: set[tuple[str, str, int]],
+    items: list[tuple[int, BenchProblem]],
+) -> list[dict[str, Any]]:
+    """One sample set per problem at max(N), then a row for every shared (method, N) not yet done."""
+    drawn = max(n for _, n in shared)
+    scored = any(m != "sc" for m, _ in shared)
+    config = base_config.replace(method="bon" if scored else "sc", n=drawn)
+    requests, seeds = _requests(engine, task, config, items)
+    sets = engine.sample(requests, config, scored=scored, extract_answer=task.extract_answer)
     rows = []
-    for (index, problem), seed, result in zip(items, seeds, results):
-        answer = result.answer if result.answer is not None else task.extract_answer(result.text)
-        verdict = task.grade(answer, problem.final_answer)
-        rows.append(
-            {
-                "id": problem.id,
-                "index": index,
-                "method": config.method,
-                "n": config.n,
-                "seed": seed,
-                "answer": answer,
-                "final_answer": problem.final_answer,
-                "correct": verdict.correct,
-                "math_verify": verdict.math_verify,
-                "normalized": verdict.normalized,
-                "disagree": verdict.disagree,
-                "grade_timed_out": verdict.timed_out,
-                "reward": result.reward,
-                "finish_reason": result.finish_reason,
-                "batch": len(items),
-                "stats": result.stats.to_dict(),
-                "text": result.text,
-            }
-        )
+    for method, n in shared:
+        select_config = base_config.replace(method=method, n=n)
+        for (index, problem), seed, sample_set in zip(items, seeds, sets):
+            if (problem.id, method, n) not in done:
+                result = engine.select(sample_set, select_config, task.extract_answer)
+                rows.append({**_row(task, select_config, index, problem, seed, result, len(items)), "shared_samples": drawn})
     return rows
+
+
+def _row(task: Task, config: NablaConfig, index: int, problem: BenchProblem, seed: int | None, result: Any, batch: int) -> dict[str, Any]:
+    answer = result.answer if result.answer is not None else task.extract_answer(result.text)
+    verdict = task.grade(answer, problem.final_answer)
+    return {
+        "id": problem.id,
+        "index": index,
+        "method": config.method,
+        "n": config.n,
+        "seed": seed,
+        "answer": answer,
+        "final_answer": problem.final_answer,
+        "correct": verdict.correct,
+        "math_verify": verdict.math_verify,
+        "normalized": verdict.normalized,
+        "disagree": verdict.disagree,
+        "grade_timed_out": verdict.timed_out,
+        "reward": result.reward,
+        "finish_reason": result.finish_reason,
+        "batch": batch,
+        "stats": result.stats.to_dict(),
+        "text": result.text,
+    }
 
 
 def merge_results(out_dir: Path | str) -> list[dict[str, Any]]:

@@ -95,6 +95,12 @@ class Stats:
             self.reward_forward += passes
         self.reward_tokens += tokens
 
+    def add(self, other: "Stats") -> None:
+        """Add another's counters (wall time is not added: callers decide how shared time is split)."""
+        for f in dataclasses.fields(self):
+            if f.name != "wall_s":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def to_dict(self) -> dict[str, Any]:
         """Every counter plus the derived totals."""
         out: dict[str, Any] = dataclasses.asdict(self)

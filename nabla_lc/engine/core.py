@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from .policy import Policy
 from .stream import TextStream
 from .trace import PositionRecord
 from .types import AnswerExtractor, Request, Result, TokenCallback
+
+if TYPE_CHECKING:
+    from ..strategies import SampleSet
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,30 @@ class Engine:
             return []
         with self.lock, torch.no_grad():
             return STRATEGIES[config.method](self, requests, config, on_token, extract_answer or find_answer)
+
+    def sample(
+        self, requests: Sequence[Request], config: NablaConfig, *, scored: bool, extract_answer: AnswerExtractor | None = None
+    ) -> list["SampleSet"]:
+        """``config.n`` samples of every request (scored when ``scored``), for :meth:`select` at any N ≤ n.
+
+        One set serves Best-of-N, self-consistency and weighted BoN at every N up to n, exactly as
+        separate runs would: sample j of a request is seeded by (seed, prompt, j).
+        """
+        from ..strategies import draw
+
+        requests = list(requests)
+        for request in requests:
+            self._validate(request, config)
+        with self.lock, torch.no_grad():
+            return draw(self, requests, config, extract_answer or find_answer, scored)
+
+    def select(self, sample_set: "SampleSet", config: NablaConfig, extract_answer: AnswerExtractor | None = None) -> Result:
+        """The result of ``config.method`` (greedy, bon, sc or weighted_bon) at N = ``config.n`` from a sample set."""
+        from ..strategies import CHOOSERS, select
+
+        if config.method not in CHOOSERS:
+            raise ConfigError(f"method {config.method!r} does not select from samples; use one of {sorted(CHOOSERS)}")
+        return select(self, sample_set, config, extract_answer or find_answer)
 
     def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats) -> list[float]:
         """Rewards of full responses to one prompt, in one batched pass (counted in ``stats``)."""
