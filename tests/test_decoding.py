@@ -8,7 +8,7 @@ import torch
 from nabla_lc import ConfigError, Engine, NablaConfig
 from nabla_lc.rewards.base import NoGradientError, RewardAdapter, Scores
 
-from .tiny import LinearReward, make_policy
+from .tiny import LinearReward, make_classifier_reward, make_policy
 
 PROMPTS = ["What is 2 + 3?", "What is 4 * 5?", "Add 7 and 8."]
 SEARCH = dict(entropy_threshold=0.0, grad_threshold=0.0, dto_steps=3)  # optimize every position
@@ -81,6 +81,21 @@ def test_plain_rejection_sampling_without_dto(tokenizer):
     results = [r for seed in range(3) for r in engine.generate([engine.request(p, seed=seed) for p in PROMPTS])]
     assert all(r.stats.dto_runs == r.stats.policy_backward == 0 for r in results)
     assert sum(r.stats.proposals for r in results) > 0
+
+
+def test_prefixes_kept_across_positions_decode_like_recomputed_ones(tokenizer):
+    # the decoder extends one prefix KV cache per model as it commits; recomputing every prefix must agree
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
+    requests = [engine.request(p, seed=0) for p in PROMPTS]
+    kept = engine.generate(requests)
+    recomputed = engine.generate(requests, engine.config.replace(prefix_cache=False))
+    for a, b in zip(kept, recomputed):
+        assert a.token_ids == b.token_ids
+        assert [(r.proposed_token, r.accepted) for r in a.trace] == [(r.proposed_token, r.accepted) for r in b.trace]
+        assert [r.loss_start for r in a.trace] == pytest.approx([r.loss_start for r in b.trace], rel=1e-5)
+        assert [r.grad_norm for r in a.trace] == pytest.approx([r.grad_norm for r in b.trace], rel=1e-3, abs=1e-6)
+    assert sum(r.stats.dto_runs for r in kept) > len(PROMPTS)  # several runs per request shared a prefix
 
 
 def test_same_seed_same_output_any_batch(tokenizer):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nabla_lc import NablaConfig, Stats
-from nabla_lc.engine.dto import DTORun, policy_logprob, straight_through_grad
+from nabla_lc.engine.dto import DTORun, encode_prefix, extend_prefix, policy_logprob, straight_through_grad
 from nabla_lc.engine.policy import Policy
 from nabla_lc.engine.rollout import Sampling, rollout
 
@@ -85,6 +85,26 @@ def test_prefix_kv_reuse_gives_the_same_gradients(tokenizer, arch):
     for _ in range(2):  # the second pass checks the cache was restored after the first
         l1, g1 = cached.loss_and_grad(cached.hard())
         l2, g2 = full.loss_and_grad(full.hard())
+        assert l1 == pytest.approx(l2, abs=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefixes_extended_across_positions_give_the_same_gradients(tokenizer, arch):
+    # the decoder encodes prompt + committed once and extends it by the tokens committed since the last run
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, arch)
+    stats = Stats()
+    prefix = encode_prefix(policy, prompt, stats)
+    reward_prefix = reward.prepare("q", [])
+    extended = extend_prefix(policy, prefix, prompt + committed, stats)
+    reward_prefix = reward.extend(reward_prefix, "q", committed)
+    assert stats.policy_tokens == len(prompt) + len(committed) and reward_prefix.tokens == len(committed)
+    torch.testing.assert_close(extended.next_logp, encode_prefix(policy, prompt + committed, Stats()).next_logp, rtol=0, atol=1e-5)
+    reused = DTORun(policy, reward, config, "q", prompt + committed, committed, r.tokens, r.logits, Stats(), prefix=extended, reward_prefix=reward_prefix)
+    fresh = _run(policy, reward, config, prompt, committed, r)
+    for _ in range(2):
+        l1, g1 = reused.loss_and_grad(reused.hard())
+        l2, g2 = fresh.loss_and_grad(fresh.hard())
         assert l1 == pytest.approx(l2, abs=1e-5)
         torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
 

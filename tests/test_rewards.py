@@ -117,6 +117,13 @@ def check_adapter(reward: RewardAdapter, prompts: Sequence[str], resps: Sequence
                 torch.testing.assert_close(soft.value.detach(), batch.values[b], atol=1e-5, rtol=0)
                 soft.value.backward()
                 assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+        # a prefix extended token by token (as the decoder does across positions) scores like a fresh one
+        prefix = reward.prepare(prompts[b], [])
+        for k in range(1, len(resps[b])):
+            prefix = reward.extend(prefix, prompts[b], resps[b][:k])
+            assert prefix.passes <= 1
+        y = F.one_hot(torch.tensor(resps[b][-1:]), width).float()
+        torch.testing.assert_close(reward.score_soft(prefix, y).value, batch.values[b], atol=1e-5, rtol=0)
 
 
 def qwen3_classifier(vocab: int = VOCAB) -> Qwen3ForSequenceClassification:

@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..config import NablaConfig
-from ..rewards.base import RewardAdapter
+from ..rewards.base import RewardAdapter, RewardPrefix
 from .accounting import Stats
-from .dto import DTORun, NonFiniteGradient
+from .dto import DTORun, NonFiniteGradient, PolicyPrefix, encode_prefix, extend_prefix, gradient_reward
 from .policy import Policy
 from .rollout import Rollout, Sampling, rollout, sample
 from .stream import TextStream
@@ -65,6 +65,8 @@ class Decoder:
         self.committed: list[int] = []
         self.trace: list[PositionRecord] = []
         self.reward_value: float | None = None
+        self.prefix: PolicyPrefix | None = None
+        self.reward_prefix: RewardPrefix | None = None
 
     def decode(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Decoded:
         """Decode until the rollout ends; search only while the rollout budget lasts."""
@@ -128,6 +130,7 @@ class Decoder:
     def optimize(self, current: Rollout, record: PositionRecord) -> torch.Tensor | None:
         """Probe, then DTO; the optimized first-position logits, or None when the position is skipped."""
         assert current.logits is not None
+        self.extend_prefixes()
         run = DTORun(
             self.policy,
             self.reward,
@@ -138,6 +141,8 @@ class Decoder:
             current.tokens,
             current.logits,
             self.stats,
+            prefix=self.prefix,
+            reward_prefix=self.reward_prefix,
         )
         try:
             record.grad_norm = run.probe()
@@ -153,6 +158,24 @@ class Decoder:
         record.loss_start, record.loss_end = run.loss_start, run.loss_end
         record.top_after = top_tokens(self.policy, z[0], self.config.tau)
         return z[0]
+
+    def extend_prefixes(self) -> None:
+        """Bring the encoded prefixes up to prompt + committed, encoding only the tokens committed since the last run.
+
+        With ``prefix_cache`` off, every DTO run encodes (policy) or recomputes (reward) its prefix afresh.
+        """
+        ids = self.prompt_ids + self.committed
+        if self.prefix is None or not self.config.prefix_cache:
+            self.prefix = encode_prefix(self.policy, ids, self.stats, keep_cache=self.config.prefix_cache)
+        else:
+            self.prefix = extend_prefix(self.policy, self.prefix, ids, self.stats)
+        reward = gradient_reward(self.reward, self.config)
+        if reward is not None:
+            if self.reward_prefix is None or not self.config.prefix_cache:
+                self.reward_prefix = reward.prepare(self.reward_prompt, self.committed)
+            else:
+                self.reward_prefix = reward.extend(self.reward_prefix, self.reward_prompt, self.committed)
+            self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
 
     def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Rollout:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""

@@ -58,7 +58,7 @@ def embed(y: torch.Tensor, embedding: torch.Tensor, hard: torch.Tensor | None = 
 
 @dataclass
 class PolicyPrefix:
-    """The prompt and committed tokens, encoded once per DTO run."""
+    """The prompt and committed tokens, encoded once and extended as the decoder commits tokens."""
 
     ids: list[int]
     cache: DynamicCache | None
@@ -88,6 +88,27 @@ def encode_prefix(policy: Policy, ids: Sequence[int], stats: Stats, keep_cache: 
     out = policy.model(input_ids=x, past_key_values=cache, use_cache=keep_cache)
     stats.count_policy(1, len(ids))
     return PolicyPrefix(list(ids), cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(cache))
+
+
+@torch.no_grad()
+def extend_prefix(policy: Policy, prefix: PolicyPrefix, ids: Sequence[int], stats: Stats) -> PolicyPrefix:
+    """The prefix for ``ids``, which extend ``prefix.ids``: only the new tokens are encoded, on its cache."""
+    ids = list(ids)
+    P = len(prefix.ids)
+    if prefix.cache is None or ids[:P] != prefix.ids:
+        return encode_prefix(policy, ids, stats, keep_cache=prefix.cache is not None)
+    if len(ids) == P:
+        return prefix
+    x = torch.tensor([ids[P:]], device=policy.device)
+    positions = torch.arange(P, len(ids), device=policy.device)[None]
+    out = policy.model(input_ids=x, position_ids=positions, past_key_values=prefix.cache, use_cache=True)
+    stats.count_policy(1, len(ids) - P)
+    return PolicyPrefix(ids, prefix.cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(prefix.cache))
+
+
+def gradient_reward(reward: RewardAdapter | None, config: NablaConfig) -> RewardAdapter | None:
+    """The reward DTO differentiates: None when it has no gradients or λ is 0 (the likelihood term alone)."""
+    return reward if (reward is not None and reward.differentiable and config.reward_weight > 0) else None
 
 
 def policy_logprob(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,10 +162,14 @@ class DTORun:
         tokens: Sequence[int],
         logits: torch.Tensor,
         stats: Stats,
+        prefix: PolicyPrefix | None = None,
+        reward_prefix: RewardPrefix | None = None,
     ) -> None:
-        # tokens: [L] rollout tokens; logits: [L, V] raw policy logits that produced them
+        # tokens: [L] rollout tokens; logits: [L, V] raw policy logits that produced them.
+        # prefix / reward_prefix: prompt + committed already encoded (the decoder extends them across
+        # positions); encoded here when not given.
         self.policy, self.config, self.stats = policy, config, stats
-        self.reward = reward if (reward is not None and reward.differentiable and config.reward_weight > 0) else None
+        self.reward = gradient_reward(reward, config)
         self.tokens = torch.tensor(list(tokens), device=policy.device)
         rows = 1 if config.dto_positions == "first" else len(tokens)
         self.z = torch.nn.Parameter(logits[:rows].detach().to(policy.device, torch.float32).clone())
@@ -155,9 +180,9 @@ class DTORun:
         self.pin[self.pin <= PIN_MARGIN] = 0.0
         self.scale = 1.0 / config.reward_weight if config.reward_weight > 0 else 1.0
         stats.dto_runs += 1
-        self.prefix = encode_prefix(policy, prefix_ids, stats, keep_cache=config.prefix_cache)
-        self.reward_prefix: RewardPrefix | None = None
-        if self.reward is not None:
+        self.prefix = prefix if prefix is not None else encode_prefix(policy, prefix_ids, stats, keep_cache=config.prefix_cache)
+        self.reward_prefix = reward_prefix
+        if self.reward is not None and self.reward_prefix is None:
             self.reward_prefix = self.reward.prepare(reward_prompt, list(committed))
             stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
         self._cached: tuple[torch.Tensor, torch.Tensor, float] | None = None

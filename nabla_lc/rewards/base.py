@@ -70,6 +70,13 @@ class RewardAdapter(ABC):
         """Encode the fixed part of the input once; :meth:`score_soft` continues from it."""
         raise NoGradientError(f"{type(self).__name__} cannot take gradients")
 
+    def extend(self, prefix: RewardPrefix, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+        """The prefix for ``committed``, which extends the committed tokens of ``prefix``.
+
+        ``passes``/``tokens`` of the result count only the new work. This default encodes it afresh.
+        """
+        return self.prepare(prompt, committed)
+
     def score_soft(self, prefix: RewardPrefix, y: torch.Tensor) -> SoftScore:
         """Differentiable reward of ``committed + y``.
 

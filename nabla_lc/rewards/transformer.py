@@ -232,6 +232,31 @@ class TransformerReward(RewardAdapter):
                 values = self.read(hidden[0, lay.reads])
         return RewardPrefix(_Prefix(prompt, list(committed), P, cache, values), 1, P)
 
+    def extend(self, prefix: RewardPrefix, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+        state: _Prefix = prefix.state
+        committed = list(committed)
+        lay = self.layout(prompt, committed, final=False)
+        P = state.length
+        old = self.layout(prompt, state.committed, final=False)
+        unchanged = (
+            prompt == state.prompt
+            and state.cache is not None
+            and committed[: len(state.committed)] == state.committed
+            and lay.ids[:P] == old.ids
+            and lay.source[:P] == old.source
+            and [r for r in lay.reads if r < P] == old.reads
+        )
+        if not unchanged:  # why: a layout that is not append-only (a bridged vocabulary may re-split) is encoded afresh
+            return self.prepare(prompt, committed)
+        if len(lay.ids) == P:
+            return RewardPrefix(_Prefix(prompt, committed, P, state.cache, state.values), 0, 0)
+        with torch.no_grad():
+            vecs = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long), self.embedding)
+            hidden = self.forward_hidden(self.embeds(lay.ids[P:], lay.source[P:], vecs)[None], cache=state.cache, start=P)
+            reads = [r - P for r in lay.reads if r >= P]
+            values = torch.cat([state.values, self.read(hidden[0, reads])]) if reads else state.values
+        return RewardPrefix(_Prefix(prompt, committed, len(lay.ids), state.cache, values), 1, len(lay.ids) - P)
+
     def score_soft(self, prefix: RewardPrefix, y: torch.Tensor) -> SoftScore:
         # y: [L, V_policy] soft token vectors; the response is committed + y
         state: _Prefix = prefix.state
