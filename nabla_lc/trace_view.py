@@ -13,22 +13,41 @@ from .engine.trace import PositionRecord
 from .engine.types import Result
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem;max-width:70rem;color:#1d1d1f}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;padding:0 2rem;max-width:70rem;color:#1d1d1f;background:#fff}
 h1{font-size:1.3rem}h2{font-size:1.1rem;margin-top:2rem}
-.text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;line-height:1.9;border:1px solid #ddd;padding:1rem;border-radius:6px;background:#fafafa}
-.tok{border-radius:3px;padding:1px 0}
-.pos{outline:1px dotted #888}
-.kept{background:#fff3b0}.accepted{background:#b7f0c1;font-weight:600}.rejected{background:#ffd3d3}
-.tok sup{font-size:.6rem;color:#555;margin-left:1px}
+.text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,'DejaVu Sans Mono',monospace;line-height:2.1;border:1px solid #ddd;padding:1rem;border-radius:6px;background:#fafafa}
+.tok{border-radius:3px;padding:2px 1px}
+span.pos{outline:1px dashed #8a8a8a;outline-offset:-1px}
+.kept{background:#ffeb99;box-shadow:inset 0 -2px #d4a800}
+.accepted{background:#b3ecbf;box-shadow:inset 0 -2px #1e8e3e}
+.rejected{background:#ffd0d0;box-shadow:inset 0 -2px #d93025}
+.tok.accepted{font-weight:700}
+.tok sup{font-family:system-ui,sans-serif;font-size:.6rem;font-weight:400;color:#555;margin-left:1px}
 table{border-collapse:collapse;font-size:.85rem;margin-top:.5rem}
 td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
 th{background:#f0f0f0}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:0 2px}
-.legend span{display:inline-block;margin-right:1rem;padding:0 .4rem}
+tr.kept td,tr.accepted td,tr.rejected td{box-shadow:none}
+tr.kept td{background:#fff6cc}tr.accepted td{background:#d9f5df}tr.rejected td{background:#ffe5e5}
+#positions td:nth-child(n+5){text-align:right;font-variant-numeric:tabular-nums}
+#positions td:nth-child(7){text-align:left;font-weight:600}
+#positions td:nth-child(4){max-width:22rem}
+code{font-family:ui-monospace,Menlo,Consolas,'DejaVu Sans Mono',monospace;background:#0000000d;padding:0 2px;border-radius:2px}
+.legend span{display:inline-block;margin-right:1rem;padding:0 .4rem;border-radius:3px}
+#stats{display:block}
+#stats tbody{display:grid;grid-template-columns:repeat(auto-fill,minmax(16rem,1fr));column-gap:1.5rem}
+#stats tr{display:flex;border-bottom:1px solid #e5e5e5}
+#stats th,#stats td{border:none;background:none}
+#stats th{flex:1;font-weight:500;color:#444}
+#stats td{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
+_LABELS = {"accepted": "accepted", "rejected": "rejected", "kept": "kept", "pos": "probed only"}
+"""What each status (also the CSS class) reads as on the page."""
+
+
 def _status(record: PositionRecord) -> str:
+    """The CSS class of a position: accepted, rejected, kept (optimized, same token) or pos (probed only)."""
     if record.accepted is True:
         return "accepted"
     if record.accepted is False:
@@ -74,7 +93,7 @@ def render_trace(result: Result, decode: Callable[[list[int]], str], title: str 
             spans.append(html.escape(piece))
             continue
         spans.append(
-            f'<span class="tok {_status(record)}" id="p{i}" data-position="{i}" title="position {i}: {html.escape(_status(record))}">'
+            f'<span class="tok {_status(record)}" id="p{i}" data-position="{i}" title="position {i}: {_LABELS[_status(record)]}">'
             f"{html.escape(piece)}<sup>{i}</sup></span>"
         )
     rows = []
@@ -82,7 +101,7 @@ def render_trace(result: Result, decode: Callable[[list[int]], str], title: str 
         top = ", ".join(f"{_tok(t)} {p:.2f}" for t, p in r.top_after) or "–"
         rows.append(
             f'<tr class="{_status(r)}"><td><a href="#p{r.index}">{r.index}</a></td><td>{_tok(r.original_text)}</td><td>{_tok(r.proposed_text)}</td>'
-            f"<td>{top}</td><td>{_fmt(r.reward_current)}</td><td>{_fmt(r.reward_proposal)}</td><td>{html.escape(_status(r))}</td>"
+            f"<td>{top}</td><td>{_fmt(r.reward_current)}</td><td>{_fmt(r.reward_proposal)}</td><td>{_LABELS[_status(r)]}</td>"
             f"<td>{r.steps}</td><td>{r.cache_hits}</td><td>{_fmt(r.entropy, 3)}</td><td>{_fmt(r.grad_norm, 3)}</td></tr>"
         )
     stats = result.stats.to_dict()
