@@ -147,13 +147,13 @@ def stats(**kw: float) -> dict:
 
 
 FIXED_ROWS = [
-    {"method": "nabla", "n": 4, "correct": True, "disagree": False, "batch": 1,
+    {"id": "p0", "method": "nabla", "n": 4, "correct": True, "disagree": False, "batch": 1,
      "stats": stats(model_calls=10, model_calls_paper=5, wall_s=3.0, rejections=1, proposals=2, skipped_entropy=2, skipped_gradient=1, positions=10)},
-    {"method": "nabla", "n": 4, "correct": False, "disagree": True, "batch": 2,
+    {"id": "p1", "method": "nabla", "n": 4, "correct": False, "disagree": True, "batch": 2,
      "stats": stats(model_calls=20, model_calls_paper=7, wall_s=4.0, rejections=0, proposals=0, skipped_entropy=3, skipped_gradient=2, positions=10)},
-    {"method": "nabla", "n": 4, "correct": True, "disagree": False, "batch": 3, "grade_timed_out": True,
+    {"id": "p2", "method": "nabla", "n": 4, "correct": True, "disagree": False, "batch": 3, "grade_timed_out": True,
      "stats": stats(model_calls=30, model_calls_paper=9, wall_s=6.0, rejections=3, proposals=6, skipped_entropy=5, skipped_gradient=1, positions=20)},
-    {"method": "greedy", "n": 1, "correct": False, "disagree": False, "batch": 1, "stats": stats(model_calls=7, model_calls_paper=7, wall_s=1.0)},
+    {"id": "p0", "method": "greedy", "n": 1, "correct": False, "disagree": False, "batch": 1, "stats": stats(model_calls=7, model_calls_paper=7, wall_s=1.0)},
 ]
 
 
@@ -171,9 +171,22 @@ def test_summary_arithmetic() -> None:
 
 
 def test_write_report_files(tmp_path: Path) -> None:
-    groups = write_report(tmp_path, FIXED_ROWS)
-    assert json.loads((tmp_path / "summary.json").read_text())["groups"] == groups
+    complete = [r for r in FIXED_ROWS if r["id"] == "p0"]
+    groups = write_report(tmp_path, complete)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"groups": groups}
     assert (tmp_path / "summary.md").read_text().count("\n| ") == 3  # header plus two groups
+    for name in ("scaling.png", "cost.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_partial_run_adds_the_paired_subset(tmp_path: Path) -> None:
+    # nabla has p0..p2, greedy only p0: the second table compares them on p0 alone
+    groups = write_report(tmp_path, FIXED_ROWS)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["groups"] == groups and [g["count"] for g in groups] == [3, 1]
+    assert summary["common_problems"] == 1 and [g["count"] for g in summary["common"]] == [1, 1]
+    assert summary["common"][0]["model_calls"] == 10.0
+    assert "## The 1 problems every method and N has (paired)" in (tmp_path / "summary.md").read_text()
     for name in ("scaling.png", "cost.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

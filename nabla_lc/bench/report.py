@@ -120,14 +120,37 @@ def _curves(ax: Any, groups: Sequence[dict[str, Any]], x_key: str) -> None:
     ax.legend()
 
 
+def common_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the problems that every (method, N) has: the paired subset of a partial run."""
+    problems: dict[tuple[str, int], set[str]] = {}
+    for row in rows:
+        problems.setdefault((row["method"], row["n"]), set()).add(row["id"])
+    shared = set.intersection(*problems.values()) if problems else set()
+    return [r for r in rows if r["id"] in shared]
+
+
 def write_report(out_dir: Path | str, rows: Sequence[dict[str, Any]], title: str = "Benchmark summary") -> list[dict[str, Any]]:
-    """Write ``summary.json``, ``summary.md``, ``scaling.png`` and ``cost.png`` into ``out_dir``; return the summary."""
+    """Write ``summary.json``, ``summary.md``, ``scaling.png`` and ``cost.png`` into ``out_dir``; return the summary.
+
+    When the (method, N) groups cover different problems (a partial run), the summary adds a second table
+    over the problems they all have, and the plots show that paired subset, so every curve is comparable.
+    """
     out_dir = Path(out_dir)
     groups = summarize(rows)
-    (out_dir / "summary.json").write_text(json.dumps({"groups": groups}, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "summary.md").write_text(to_markdown(groups, title), encoding="utf-8")
-    if groups:
-        plot_scaling(groups, out_dir / "scaling.png")
-        plot_cost(groups, out_dir / "cost.png")
+    paired = common_rows(rows)
+    partial = len(paired) != len(rows)
+    summary: dict[str, Any] = {"groups": groups}
+    markdown = to_markdown(groups, title)
+    if partial:
+        summary["common"] = summarize(paired)
+        count = len({r["id"] for r in paired})
+        summary["common_problems"] = count
+        markdown += "\n" + to_markdown(summary["common"], f"The {count} problems every method and N has (paired)").replace("# ", "## ", 1)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    plotted = summary["common"] if partial else groups
+    if plotted:
+        plot_scaling(plotted, out_dir / "scaling.png")
+        plot_cost(plotted, out_dir / "cost.png")
     log.info("wrote the summary and plots of %d rows to %s", len(rows), out_dir)
     return groups
