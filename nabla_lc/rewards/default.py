@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..bench import arith
 from ..bench.grading import MATH_INSTRUCTION

@@ -14,7 +14,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .lora import DEFAULT_TARGETS, LoRAReward
 
