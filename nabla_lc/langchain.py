@@ -187,6 +187,15 @@ class NablaReasonerLLM(BaseLLM):
         kwargs.setdefault("model_id", "embedded:SmolLM2-135M-Instruct")
         return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
 
+    def with_settings(self, **changes: Any) -> "NablaReasonerLLM":
+        """A new LLM over the same engine with this one's settings, some changed: NablaConfig keywords or fields.
+
+        ``llm.with_settings(method="bon", n=8)`` keeps ``llm``'s config (unlike a new
+        ``NablaReasonerLLM(engine=llm.engine, ...)``, which starts from the engine's config).
+        """
+        fields = {name: getattr(self, name) for name in ("engine", "config", "model_id", "chat", "system", "return_trace")}
+        return type(self)(**{**fields, **changes})
+
     def as_dspy_lm(self, **kwargs: Any) -> "dspy.LM":
         """A ``dspy.LM`` decoding with this object's engine and settings (see :func:`nabla_lc.integrations.dspy.dspy_lm`)."""
         from nabla_lc.integrations.dspy import dspy_lm

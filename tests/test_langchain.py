@@ -61,6 +61,17 @@ def test_config_keywords_apply_on_top_of_an_explicit_config(engine: FakeEngine) 
     assert (llm.config.method, llm.config.n) == ("sc", 2)
 
 
+def test_with_settings_keeps_this_llms_settings(engine: FakeEngine) -> None:
+    llm = NablaReasonerLLM(engine=engine, max_new_tokens=50, system="Be brief.", chat=True)
+    bon = llm.with_settings(method="bon", n=4)
+    assert bon.engine is engine and bon.system == "Be brief." and bon.model_id == llm.model_id
+    assert (bon.config.method, bon.config.n, bon.config.max_new_tokens) == ("bon", 4, 50)
+    assert llm.config.method == engine.config.method and engine.config.max_new_tokens == 200  # nothing else changed
+    assert bon.invoke("hi") == engine.generate([engine.request("hi", system="Be brief.")], bon.config)[0].text
+    with pytest.raises(ValidationError):
+        llm.with_settings(n=0)
+
+
 def test_unknown_argument_is_rejected(engine: FakeEngine) -> None:
     with pytest.raises(ValidationError, match="learning_rate"):
         NablaReasonerLLM(engine=engine, learning_rate=0.1)
