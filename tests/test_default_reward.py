@@ -17,15 +17,8 @@ from nabla_lc import cli
 from nabla_lc.bench import arith
 from nabla_lc.bench.runner import ARITH_DEFAULT_COUNT
 from nabla_lc.rewards import LoRAReward
-from nabla_lc.rewards.default import (
-    DEFAULT_REWARD_FILE,
-    RECIPE_COMMAND,
-    RESERVED_DEV,
-    TRAIN_LEVELS,
-    generate_records,
-    load_default_reward,
-    training_problems,
-)
+from nabla_lc.bench.reward_recipe import RESERVED_DEV, TRAIN_LEVELS, generate_records, training_problems
+from nabla_lc.rewards.default import DEFAULT_REWARD_FILE, RECIPE_COMMAND, load_default_reward
 
 from .tiny import make_policy, make_tokenizer
 
@@ -98,10 +91,10 @@ def test_load_default_reward_rides_on_the_policy(tok, tmp_path: Path) -> None:
 def test_the_command_is_registered_and_writes_the_packaged_file_by_default() -> None:
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command")
-    assert "nabla_lc.rewards.default" in cli.COMMANDS
-    from nabla_lc.rewards import default
+    assert "nabla_lc.bench.reward_recipe" in cli.COMMANDS
+    from nabla_lc.bench import reward_recipe
 
-    default.add_parser(subparsers)
+    reward_recipe.add_parser(subparsers)
     args = parser.parse_args(["train-default-reward", "--rank", "16", "--target-modules", "q_proj,k_proj"])
     assert args.out == DEFAULT_REWARD_FILE and args.rank == 16 and args.records is None
     assert DEFAULT_REWARD_FILE.parent.name == "data" and DEFAULT_REWARD_FILE.parent.parent.name == "nabla_lc"

@@ -1,0 +1,172 @@
+"""The recipe of the embedded policy's default reward (:mod:`nabla_lc.rewards.default`), one command.
+
+Recipe (``nabla-lc train-default-reward``): the embedded SmolLM2-135M-Instruct answers ``arith`` training
+questions, several sampled responses each (half prompted as ``nabla-lc bench`` prompts it, with the
+step-by-step instruction as system message, half as a plain chat with no system message); every response
+is labeled correct or not by ``arith.check`` against the reference answer; ``train_reward`` fits a LoRA
+reward on the policy's own backbone with the Bradley-Terry objective and reports its pairwise accuracy on
+held-out questions; the adapter and head are written to :data:`DEFAULT_REWARD_FILE`. The reward itself never
+sees a reference answer: only the question and the response.
+
+Training questions come from the ``dev`` half of ``arith`` (the ``test`` half is never touched), drawn with
+:data:`TRAIN_SEED` at the levels :data:`TRAIN_LEVELS`, minus the first :data:`RESERVED_DEV` dev questions of
+each of those levels at the split's base seed: when the shipped file was trained, ``arith``'s default level
+was 2 and those were the questions ``nabla-lc bench --data arith:dev`` runs by default, kept out of training
+so that dev measurements of the reward stay honest (``docs/default-reward.md`` says how far that still holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+from tqdm import tqdm
+
+from ..config import NablaConfig
+from ..engine.core import Engine
+from ..rewards.default import DEFAULT_REWARD_FILE
+from ..rewards.train import Record, read_records, train_from_args
+from . import arith
+from .grading import MATH_INSTRUCTION
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED = 3000
+"""Seed of the training questions (the dev split's base seed is 1000, the test split's 2000)."""
+TRAIN_LEVELS: tuple[int, ...] = (2,)
+"""``arith`` levels of the training questions, split evenly between them (2: the benchmark's level when trained;
+fixed here so that the recipe keeps reproducing the shipped file)."""
+TRAIN_SYSTEMS: tuple[str | None, ...] = (MATH_INSTRUCTION, None)
+"""System messages the samples are prompted with, half each: the benchmark's instruction, and none (chat)."""
+RESERVED_DEV = 100
+"""The first this many dev questions (base seed) of each training level never train (``nabla-lc bench``'s default count)."""
+DEFAULT_QUESTIONS = 120
+"""Training questions of the shipped recipe: every unreserved level-2 dev question."""
+DEFAULT_MAX_NEW_TOKENS = 96
+"""Response length of the recipe's samples."""
+
+
+def training_problems(count: int, seed: int = TRAIN_SEED, levels: Sequence[int] = TRAIN_LEVELS) -> list[arith.Problem]:
+    """``count`` distinct dev questions, as evenly as possible over ``levels``, none of them reserved.
+
+    Raises ValueError when a level holds fewer unreserved dev questions than its share.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if not levels:
+        raise ValueError("levels must not be empty")
+    problems: list[arith.Problem] = []
+    for k, level in enumerate(levels):
+        share = count // len(levels) + (k < count % len(levels))
+        reserved = {p.problem for p in arith.make_problems("dev", RESERVED_DEV, level=level)}
+        drawn = arith.make_problems("dev", share + RESERVED_DEV, level=level, seed=seed)  # why: at most RESERVED_DEV are dropped
+        kept = list({p.problem: p for p in drawn if p.problem not in reserved}.values())[:share]
+        if len(kept) < share:
+            raise ValueError(f"arith level {level} holds only {len(kept)} unreserved dev questions; asked for {share}")
+        problems.extend(kept)
+    return problems
+
+
+def generate_records(
+    model: nn.Module,
+    tokenizer: Any,
+    problems: Sequence[arith.Problem],
+    samples: int = 8,
+    temperature: float = 0.7,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    seed: int = 0,
+    batch_size: int = 4,
+    systems: Sequence[str | None] = TRAIN_SYSTEMS,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The policy's own sampled responses to ``problems``, labeled by ``arith.check``.
+
+    Returns ``samples`` records ``{"prompt", "response", "correct"}`` per problem, in order; ``prompt`` is the
+    question as the user wrote it, which is all a reward sees. The samples of a problem are split evenly over
+    ``systems``, the system messages the policy is prompted with (``None``: none); ``samples`` must be a
+    multiple of their number. ``batch_size`` questions are decoded together.
+    """
+    if samples < 1 or batch_size < 1:
+        raise ValueError("samples and batch_size must be >= 1")
+    if not systems or samples % len(systems):
+        raise ValueError(f"samples ({samples}) must be a positive multiple of the number of systems ({len(systems)})")
+    engine = Engine(model, tokenizer)
+    per_system = samples // len(systems)
+    config = NablaConfig(method="sc", n=per_system, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    records: list[dict[str, Any]] = []
+    with tqdm(total=len(problems), desc="generate", unit="question", disable=not progress) as bar:
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            requests = [engine.request(p.problem, system=system) for p in chunk for system in systems]
+            results = engine.generate(requests, config, extract_answer=arith.extract_answer)
+            for k, problem in enumerate(chunk):
+                for result in results[k * len(systems) : (k + 1) * len(systems)]:
+                    texts = [s["text"] for s in result.samples] if per_system > 1 else [result.text]
+                    records.extend(
+                        {"prompt": problem.problem, "response": t, "correct": arith.check(arith.extract_answer(t), problem.final_answer)}
+                        for t in texts
+                    )
+            bar.update(len(chunk))
+    return records
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-default-reward",
+        help="generate labeled arith samples from the embedded policy and train its default LoRA reward",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help=f"training questions, split over levels {TRAIN_LEVELS}")
+    p.add_argument("--samples", type=int, default=8, help="sampled responses per question")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the responses")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens per response")
+    p.add_argument("--records", type=Path, default=None, help="JSONL of labeled responses: read if it exists, else written after generating")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per training step")
+    p.add_argument("--heldout", type=float, default=0.2, help="fraction of pairable questions held out for pairwise accuracy")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, the held-out split and training")
+    p.add_argument("--out", type=Path, default=DEFAULT_REWARD_FILE, help="safetensors file to write (default: the packaged file)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import load_embedded  # why: imported on use, so the CLI starts without loading model code
+
+    model, tokenizer = load_embedded()
+    records, generate_s = _records(args, model, tokenizer)
+    start = time.perf_counter()
+    report = train_from_args(args, model, tokenizer, records, objective="bt")
+    summary = {
+        "out": str(args.out),
+        "records": len(records),
+        "fraction_correct": round(sum(r.correct for r in records) / len(records), 4),
+        "generate_s": generate_s,
+        "train_s": round(time.perf_counter() - start, 1),
+        **asdict(report),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _records(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> tuple[list[Record], float | None]:
+    """The labeled responses (read from ``--records`` when it exists) and the seconds spent generating them."""
+    if args.records is not None and args.records.is_file():
+        log.info("reading the labeled responses from %s", args.records)
+        return read_records(args.records), None
+    start = time.perf_counter()
+    problems = training_problems(args.questions)
+    rows = generate_records(model, tokenizer, problems, args.samples, args.temperature, args.max_new_tokens, args.seed)
+    if args.records is not None:
+        args.records.parent.mkdir(parents=True, exist_ok=True)
+        args.records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [Record(r["prompt"], r["response"], r["correct"]) for r in rows], round(time.perf_counter() - start, 1)
