@@ -47,7 +47,13 @@ def config_from_args(args: argparse.Namespace) -> NablaConfig:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("solve", help="answer one question with ∇-Reasoner or a baseline")
+    p = subparsers.add_parser(
+        "solve",
+        help="answer one question with ∇-Reasoner or a baseline",
+        description="Answer one question. The decoding flags' defaults are NablaConfig's (the paper's); with --reward default "
+        "(the default) they start from default_reward_config() instead: --grad-threshold 0.01, --dto-positions first, "
+        "--max-new-tokens 96.",
+    )
     p.add_argument("question", help="the question (the chat template is applied)")
     p.add_argument("--json", action="store_true", help='print {"text", "answer", "stats", ...} as JSON')
     p.add_argument("--system", default=None, help="system message")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nabla_lc import cli
+from nabla_lc import NablaConfig, cli, solve
 from nabla_lc.bench import arith
 from nabla_lc.bench.runner import ARITH_DEFAULT_COUNT
 from nabla_lc.rewards import LoRAReward
@@ -138,3 +138,15 @@ def test_real_shipped_reward_shares_the_policy_and_ranks_right_above_wrong() -> 
     right, wrong = (f"7 + 8 = {n}. The answer is {n}." for n in (15, 13))
     values = reward.score(["What is 7 + 8?"] * 2, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (right, wrong)]).values
     assert values[0] > values[1]
+
+
+def test_the_cli_starts_the_default_reward_from_its_config_and_flags_override_it() -> None:
+    parser = argparse.ArgumentParser()
+    solve.add_parser(parser.add_subparsers(dest="command"))
+    embedded = solve.config_from_args(parser.parse_args(["solve", "q"]))
+    assert (embedded.grad_threshold, embedded.dto_positions, embedded.max_new_tokens) == (0.01, "first", 96)
+    assert embedded.replace(grad_threshold=8.0, dto_positions="all", max_new_tokens=256) == NablaConfig()
+    paper = solve.config_from_args(parser.parse_args(["solve", "q", "--dto-positions", "all", "--max-new-tokens", "256"]))
+    assert (paper.dto_positions, paper.max_new_tokens) == ("all", 256)
+    other = solve.config_from_args(parser.parse_args(["solve", "q", "--reward", "judge"]))
+    assert other == NablaConfig()

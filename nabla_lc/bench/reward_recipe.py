@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..config import NablaConfig
 from ..engine.core import Engine
-from ..rewards.default import DEFAULT_REWARD_FILE
+from ..rewards.default import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REWARD_FILE
 from ..rewards.train import Record, read_records, train_from_args
 from . import arith
 from .grading import MATH_INSTRUCTION
@@ -48,8 +48,6 @@ RESERVED_DEV = 100
 """The first this many dev questions (base seed) of each training level never train (``nabla-lc bench``'s default count)."""
 DEFAULT_QUESTIONS = 120
 """Training questions of the shipped recipe: every unreserved level-2 dev question."""
-DEFAULT_MAX_NEW_TOKENS = 96
-"""Response length of the recipe's samples."""
 
 
 def training_problems(count: int, seed: int = TRAIN_SEED, levels: Sequence[int] = TRAIN_LEVELS) -> list[arith.Problem]:
