@@ -64,6 +64,8 @@ class NablaConfig:
     """Reuse dL/dy while the argmax tokens are unchanged (exact)."""
     prefix_cache: bool = True
     """Encode the prefix once per DTO run and reuse its KV cache in every step."""
+    probe_reuse: bool = True
+    """Answer a probe from an earlier probe's pass while the response is unchanged (exact)."""
     no_gradient_reward: Literal["likelihood", "error"] = "likelihood"
     """With a reward that has no gradient: run DTO on the likelihood term alone (with a warning) or raise."""
     trace: bool = True

@@ -148,11 +148,11 @@ def stats(**kw: float) -> dict:
 
 FIXED_ROWS = [
     {"id": "p0", "method": "nabla", "n": 4, "correct": True, "disagree": False, "batch": 1,
-     "stats": stats(model_calls=10, model_calls_paper=5, wall_s=3.0, rejections=1, proposals=2, skipped_entropy=2, skipped_gradient=1, positions=10)},
+     "stats": stats(model_calls=10, model_calls_paper=5, wall_s=3.0, rejections=1, proposals=2, skipped_entropy=2, skipped_gradient=1, positions=10, probes=6, probes_reused=4)},
     {"id": "p1", "method": "nabla", "n": 4, "correct": False, "disagree": True, "batch": 2,
-     "stats": stats(model_calls=20, model_calls_paper=7, wall_s=4.0, rejections=0, proposals=0, skipped_entropy=3, skipped_gradient=2, positions=10)},
+     "stats": stats(model_calls=20, model_calls_paper=7, wall_s=4.0, rejections=0, proposals=0, skipped_entropy=3, skipped_gradient=2, positions=10, probes=4, probes_reused=0)},
     {"id": "p2", "method": "nabla", "n": 4, "correct": True, "disagree": False, "batch": 3, "grade_timed_out": True,
-     "stats": stats(model_calls=30, model_calls_paper=9, wall_s=6.0, rejections=3, proposals=6, skipped_entropy=5, skipped_gradient=1, positions=20)},
+     "stats": stats(model_calls=30, model_calls_paper=9, wall_s=6.0, rejections=3, proposals=6, skipped_entropy=5, skipped_gradient=1, positions=20, probes=10, probes_reused=1)},
     {"id": "p0", "method": "greedy", "n": 1, "correct": False, "disagree": False, "batch": 1, "stats": stats(model_calls=7, model_calls_paper=7, wall_s=1.0)},
 ]
 
@@ -163,11 +163,13 @@ def test_summary_arithmetic() -> None:
         "method": "nabla", "n": 4, "count": 3, "accuracy": 2 / 3, "model_calls": 20.0, "model_calls_paper": 7.0,
         "wall_s": (3.0 + 4.0 + 6.0) / 3,
         "rejection_rate": 4 / 8, "skip_entropy_rate": 10 / 40, "skip_gradient_rate": 4 / 40,
-        "disagreements": 1, "grade_timeouts": 1,
+        "probe_reuse_rate": 5 / 20, "disagreements": 1, "grade_timeouts": 1,
     })
     assert greedy["rejection_rate"] == 0.0 and greedy["skip_entropy_rate"] == 0.0 and greedy["accuracy"] == 0.0
     table = to_markdown([nabla, greedy])
-    assert "| nabla | 4 | 3 | 66.7% | 20.0 | 7.0 | 4.33 | 50.0% | 25.0% | 10.0% | 1 | 1 |" in table
+    assert "| nabla | 4 | 3 | 66.7% | 20.0 | 7.0 | 4.33 | 50.0% | 25.0% | 10.0% | 25.0% | 1 | 1 |" in table
+    old = [{**r, "stats": {k: v for k, v in r["stats"].items() if k != "probes_reused"}} for r in FIXED_ROWS]
+    assert summarize(old)[0]["probe_reuse_rate"] == 0.0  # rows from before probe reuse still summarize
 
 
 def test_write_report_files(tmp_path: Path) -> None:

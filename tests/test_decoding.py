@@ -31,7 +31,10 @@ def _check_accounting(result, config):
     assert s.positions == s.skipped_entropy + len(trace)
     assert s.rollouts == 1 + sum(r.proposed_token is not None and r.proposed_token not in (2, 4) for r in trace)
     assert s.model_calls >= s.model_calls_paper
-    assert s.model_calls_paper == s.rollout_tokens + 4 * (s.dto_steps - s.cache_hits + s.probes) + 2 * s.proposals
+    assert s.probes_reused == sum(r.probe_reused for r in trace)
+    passes = s.probes - s.probes_reused + s.dto_steps - s.cache_hits  # every pass of DTO runs the policy backward once
+    assert s.policy_backward == passes
+    assert s.model_calls_paper == s.rollout_tokens + 4 * passes + 2 * s.proposals
     assert s.reward_forward >= 2 * s.proposals
     assert s.response_tokens == len(result.token_ids)
 
@@ -96,6 +99,24 @@ def test_prefixes_kept_across_positions_decode_like_recomputed_ones(tokenizer):
         assert [r.loss_start for r in a.trace] == pytest.approx([r.loss_start for r in b.trace], rel=1e-5)
         assert [r.grad_norm for r in a.trace] == pytest.approx([r.grad_norm for r in b.trace], rel=1e-3, abs=1e-6)
     assert sum(r.stats.dto_runs for r in kept) > len(PROMPTS)  # several runs per request shared a prefix
+
+
+def test_reused_probes_decode_like_fresh_ones(tokenizer):
+    # a probe's pass serves the later positions of an unchanged rollout; new passes must agree
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
+    requests = [engine.request(p, seed=s) for p in PROMPTS for s in range(2)]
+    reused = engine.generate(requests)
+    fresh = engine.generate(requests, engine.config.replace(probe_reuse=False))
+    for a, b in zip(reused, fresh):
+        assert a.token_ids == b.token_ids
+        assert [(r.proposed_token, r.accepted, r.optimized) for r in a.trace] == [(r.proposed_token, r.accepted, r.optimized) for r in b.trace]
+        assert [r.loss_start for r in a.trace] == pytest.approx([r.loss_start for r in b.trace], rel=1e-5)
+        assert [r.grad_norm for r in a.trace] == pytest.approx([r.grad_norm for r in b.trace], rel=1e-3, abs=1e-6)
+        assert b.stats.probes_reused == 0 and a.stats.probes == b.stats.probes
+        assert a.stats.policy_backward == b.stats.policy_backward - a.stats.probes_reused
+    assert sum(r.stats.probes_reused for r in reused) > 0
+    assert sum(r.stats.model_calls for r in reused) < sum(r.stats.model_calls for r in fresh)
 
 
 def test_same_seed_same_output_any_batch(tokenizer):

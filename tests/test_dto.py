@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nabla_lc import NablaConfig, Stats
-from nabla_lc.engine.dto import DTORun, encode_prefix, extend_prefix, policy_logprob, straight_through_grad
+from nabla_lc.engine.dto import DTORun, encode_prefix, extend_prefix, straight_through_grad, token_logprobs
 from nabla_lc.engine.policy import Policy
 from nabla_lc.engine.rollout import Sampling, rollout
 
@@ -28,7 +28,7 @@ def _run(policy, reward, config, prompt, committed, r, stats=None):
 
 
 def _loss(run, y, hard=None):
-    lp = policy_logprob(run.policy, run.prefix, y, hard)
+    lp = token_logprobs(run.policy, run.prefix, y, hard).sum()
     return -lp - run.config.reward_weight * run.reward.score_soft(run.reward_prefix, y).value
 
 
@@ -73,7 +73,7 @@ def test_fast_one_hot_path_equals_dense_product(tokenizer):
     hard = run.hard()
     dense = torch.nn.functional.one_hot(hard, policy.vocab_size).double().requires_grad_(True)
     _loss(run, dense).backward()
-    _, g = run.loss_and_grad(hard)
+    _, g, _ = run.loss_and_grad(hard)
     torch.testing.assert_close(g.double(), dense.grad, rtol=1e-5, atol=1e-6)  # g is fp32
 
 
@@ -83,8 +83,8 @@ def test_prefix_kv_reuse_gives_the_same_gradients(tokenizer, arch):
     cached = _run(policy, reward, config, prompt, committed, r)
     full = _run(policy, reward, config.replace(prefix_cache=False), prompt, committed, r)
     for _ in range(2):  # the second pass checks the cache was restored after the first
-        l1, g1 = cached.loss_and_grad(cached.hard())
-        l2, g2 = full.loss_and_grad(full.hard())
+        l1, g1, _ = cached.loss_and_grad(cached.hard())
+        l2, g2, _ = full.loss_and_grad(full.hard())
         assert l1 == pytest.approx(l2, abs=1e-5)
         torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
 
@@ -100,13 +100,43 @@ def test_prefixes_extended_across_positions_give_the_same_gradients(tokenizer, a
     reward_prefix = reward.extend(reward_prefix, "q", committed)
     assert stats.policy_tokens == len(prompt) + len(committed) and reward_prefix.tokens == len(committed)
     torch.testing.assert_close(extended.next_logp, encode_prefix(policy, prompt + committed, Stats()).next_logp, rtol=0, atol=1e-5)
-    reused = DTORun(policy, reward, config, "q", prompt + committed, committed, r.tokens, r.logits, Stats(), prefix=extended, reward_prefix=reward_prefix)
+    reused = DTORun(policy, reward, config, "q", prompt + committed, committed, r.tokens, r.logits, Stats(), prefixes=lambda: (extended, reward_prefix))
     fresh = _run(policy, reward, config, prompt, committed, r)
     for _ in range(2):
-        l1, g1 = reused.loss_and_grad(reused.hard())
-        l2, g2 = fresh.loss_and_grad(fresh.hard())
+        l1, g1, _ = reused.loss_and_grad(reused.hard())
+        l2, g2, _ = fresh.loss_and_grad(fresh.hard())
         assert l1 == pytest.approx(l2, abs=1e-5)
         torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_probe_pass_serves_later_positions_of_the_same_rollout(tokenizer, arch):
+    policy, reward, config, prompt, committed, r = _setup(tokenizer, arch)
+    first = _run(policy, reward, config, prompt, committed, r)
+    first.probe()
+    earlier = first.probe_pass
+    assert earlier is not None and not first.probe_reused
+
+    def later(k, stats, tokens=r.tokens):  # the position k tokens further on, the rollout's first k tokens committed
+        done = committed + list(tokens[:k])
+        return DTORun(policy, reward, config, "q", prompt + done, done, tokens[k:], r.logits[k:], stats)
+
+    for k in (1, 4):
+        stats = Stats()
+        reused = later(k, stats)
+        norm = reused.probe(earlier)
+        assert reused.probe_reused and stats.probes_reused == 1
+        assert stats.model_calls == 0  # no pass, and no prefix encoded
+        fresh = later(k, Stats())
+        assert norm == pytest.approx(fresh.probe(), rel=1e-4)
+        assert reused.loss_start == pytest.approx(fresh.loss_start, abs=1e-4)
+        torch.testing.assert_close(reused._cached[1], fresh._cached[1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(reused.probe_pass.logp, fresh.probe_pass.logp, rtol=0, atol=1e-5)
+    changed = list(r.tokens)
+    changed[2] = (changed[2] + 1) % policy.vocab_size
+    other = later(1, Stats(), changed)
+    other.probe(earlier)
+    assert not other.probe_reused and other.stats.policy_backward == 1  # another response: a new pass
 
 
 def test_cached_gradients_equal_recomputed(tokenizer):
@@ -122,7 +152,7 @@ def test_cached_gradients_equal_recomputed(tokenizer):
     assert s_cached.policy_backward < s_fresh.policy_backward
     # and the cached dL/dy is exactly what a new pass at the same hard tokens computes
     hard, g, _ = cached._cached
-    _, g_new = cached.loss_and_grad(hard)
+    _, g_new, _ = cached.loss_and_grad(hard)
     torch.testing.assert_close(g, g_new, rtol=0, atol=0)
 
 

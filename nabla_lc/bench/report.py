@@ -17,6 +17,8 @@ def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     gives every request an equal share of the batch's wall time).
     ``rejection_rate`` is rejections over proposals, and the skip rates are ``skipped_entropy`` and
     ``skipped_gradient`` over positions, each summed over the group's problems (0 when the denominator is).
+    ``probe_reuse_rate`` is probes answered without a pass over probes (rows written before probe reuse
+    existed have no ``probes_reused`` and count 0).
     """
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
@@ -28,7 +30,7 @@ def _summarize_group(method: str, n: int, rows: list[dict[str, Any]]) -> dict[st
     count = len(rows)
 
     def total(key: str) -> float:
-        return sum(r["stats"][key] for r in rows)
+        return sum(r["stats"].get(key, 0) for r in rows)
 
     return {
         "method": method,
@@ -41,6 +43,7 @@ def _summarize_group(method: str, n: int, rows: list[dict[str, Any]]) -> dict[st
         "rejection_rate": _ratio(total("rejections"), total("proposals")),
         "skip_entropy_rate": _ratio(total("skipped_entropy"), total("positions")),
         "skip_gradient_rate": _ratio(total("skipped_gradient"), total("positions")),
+        "probe_reuse_rate": _ratio(total("probes_reused"), total("probes")),
         "disagreements": sum(bool(r.get("disagree")) for r in rows),
         "grade_timeouts": sum(bool(r.get("grade_timed_out")) for r in rows),
     }
@@ -61,6 +64,7 @@ _COLUMNS = (
     ("rejection_rate", "rejection rate", "{:.1%}"),
     ("skip_entropy_rate", "skipped (entropy)", "{:.1%}"),
     ("skip_gradient_rate", "skipped (gradient)", "{:.1%}"),
+    ("probe_reuse_rate", "probes reused", "{:.1%}"),
     ("disagreements", "grader disagreements", "{}"),
     ("grade_timeouts", "grading timeouts", "{}"),
 )
@@ -75,7 +79,8 @@ def to_markdown(groups: Sequence[dict[str, Any]], title: str = "Benchmark summar
         "",
         "Model calls are means per problem: *complete* counts every forward and backward pass of the policy and the",
         "reward model; the *paper rule* is +1 per rollout token, +4 per uncached DTO step, +2 per rejection comparison.",
-        "Rejection rate: rejections / proposals; skip rates: skipped positions / positions (sums over problems).",
+        "Rejection rate: rejections / proposals; skip rates: skipped positions / positions; probes reused: probes",
+        "answered by an earlier probe's pass on the same response / probes (sums over problems).",
         "",
     ]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ Two totals are always reported:
   reward model, prefix encodings, probes and rejection scoring included. A batched pass over
   B sequences counts B; one autoregressive decoding step of B sequences counts B.
 * ``model_calls_paper`` (the authors' rule): +1 per autoregressive rollout token, +4 per
-  uncached DTO step (the probe counts as one), +2 per rejection comparison.
+  uncached DTO step (a probe that runs a pass counts as one), +2 per rejection comparison.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class Stats:
     cache_hits: int = 0
     """DTO steps that reused a cached dL/dy (no model pass)."""
     probes: int = 0
-    """Gradient-norm passes that decided whether a position gets DTO."""
+    """Gradient-norm checks that decided whether a position gets DTO."""
+    probes_reused: int = 0
+    """Probes answered by an earlier probe's pass on the same response (no model pass)."""
     proposals: int = 0
     """Resampled tokens that differed from the rollout's."""
     rejections: int = 0
@@ -71,7 +73,7 @@ class Stats:
     @property
     def model_calls_paper(self) -> int:
         """The authors' rule: +1 per rollout token, +4 per uncached DTO step, +2 per comparison."""
-        uncached_steps = self.dto_steps - self.cache_hits + self.probes
+        uncached_steps = self.dto_steps - self.cache_hits + self.probes - self.probes_reused
         return self.rollout_tokens + 4 * uncached_steps + 2 * self.proposals
 
     @property

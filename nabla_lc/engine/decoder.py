@@ -11,7 +11,7 @@ import torch
 from ..config import NablaConfig
 from ..rewards.base import RewardAdapter, RewardPrefix
 from .accounting import Stats
-from .dto import DTORun, NonFiniteGradient, PolicyPrefix, encode_prefix, extend_prefix, gradient_reward
+from .dto import DTORun, NonFiniteGradient, PolicyPrefix, ProbePass, encode_prefix, extend_prefix, gradient_reward
 from .policy import Policy
 from .rollout import Rollout, Sampling, rollout, sample
 from .stream import TextStream
@@ -67,6 +67,7 @@ class Decoder:
         self.reward_value: float | None = None
         self.prefix: PolicyPrefix | None = None
         self.reward_prefix: RewardPrefix | None = None
+        self.probe_pass: ProbePass | None = None
 
     def decode(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Decoded:
         """Decode until the rollout ends; search only while the rollout budget lasts."""
@@ -130,7 +131,6 @@ class Decoder:
     def optimize(self, current: Rollout, record: PositionRecord) -> torch.Tensor | None:
         """Probe, then DTO; the optimized first-position logits, or None when the position is skipped."""
         assert current.logits is not None
-        self.extend_prefixes()
         run = DTORun(
             self.policy,
             self.reward,
@@ -141,11 +141,12 @@ class Decoder:
             current.tokens,
             current.logits,
             self.stats,
-            prefix=self.prefix,
-            reward_prefix=self.reward_prefix,
+            prefixes=self.extend_prefixes,  # why: called only when a pass runs, so a reused probe encodes nothing
         )
         try:
-            record.grad_norm = run.probe()
+            record.grad_norm = run.probe(self.probe_pass if self.config.probe_reuse else None)
+            record.probe_reused = run.probe_reused
+            self.probe_pass = run.probe_pass
             if record.grad_norm <= self.config.grad_threshold:
                 self.stats.skipped_gradient += 1
                 return None
@@ -159,10 +160,10 @@ class Decoder:
         record.top_after = top_tokens(self.policy, z[0], self.config.tau)
         return z[0]
 
-    def extend_prefixes(self) -> None:
-        """Bring the encoded prefixes up to prompt + committed, encoding only the tokens committed since the last run.
+    def extend_prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
+        """The encoded prompt + committed tokens, encoding only the tokens committed since the last call.
 
-        With ``prefix_cache`` off, every DTO run encodes (policy) or recomputes (reward) its prefix afresh.
+        With ``prefix_cache`` off, every call encodes (policy) or recomputes (reward) the prefix afresh.
         """
         ids = self.prompt_ids + self.committed
         if self.prefix is None or not self.config.prefix_cache:
@@ -176,6 +177,7 @@ class Decoder:
             else:
                 self.reward_prefix = reward.extend(self.reward_prefix, self.reward_prompt, self.committed)
             self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
+        return self.prefix, self.reward_prefix
 
     def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Rollout:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""

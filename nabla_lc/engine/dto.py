@@ -4,6 +4,7 @@ z is an fp32 parameter (even for a bf16 policy) so that steps of 0.01 are not ro
 The forward pass sees hard one-hots of argmax(z); the backward pass goes through softmax(z/τ)
 (straight-through). Because the forward value depends only on the hard tokens, dL/dy is exactly
 reusable while the argmax is unchanged: the step then costs no model pass (gradient caching).
+For the same reason a probe's pass serves every later position of an unchanged rollout (probe reuse).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -111,8 +112,8 @@ def gradient_reward(reward: RewardAdapter | None, config: NablaConfig) -> Reward
     return reward if (reward is not None and reward.differentiable and config.reward_weight > 0) else None
 
 
-def policy_logprob(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_t y_t · log π(· | prefix, y_<t), differentiable in y. y: [L, V] -> scalar.
+def token_logprobs(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
+    """y_t · log π(· | prefix, y_<t) per row, differentiable in y. y: [L, V] -> [L]; their sum is log π(y).
 
     With a prefix cache the pass covers the L rollout tokens only; the cache is cropped back after.
     """
@@ -130,8 +131,51 @@ def policy_logprob(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: 
         prefix_emb = policy.embedding[torch.tensor(prefix.ids, device=policy.device)][None]
         out = policy.model(inputs_embeds=torch.cat([prefix_emb, emb], dim=1), use_cache=False)
         logits = out.logits[0, P:]
-    # why: two terms rather than a cat, which would copy [L, V] forward and backward
-    return (y[0] * prefix.next_logp).sum() + (y[1:] * upcast(logits[:-1]).log_softmax(-1)).sum()
+    # why: the first row reads the prefix's log-probs; concatenating the [L, V] inputs would copy them twice
+    first = (y[0] * prefix.next_logp).sum()[None]
+    return torch.cat([first, (y[1:] * upcast(logits[:-1]).log_softmax(-1)).sum(-1)])
+
+
+class Pass(NamedTuple):
+    """One forward and backward pass of each model at hard one-hots."""
+
+    loss: float
+    grad: torch.Tensor
+    """[L, V] dL/dy."""
+    logp: torch.Tensor
+    """[L] log π of each hard token (detached)."""
+
+
+@dataclass
+class ProbePass:
+    """A probe's pass at a rollout's tokens, kept for the later positions of the same rollout.
+
+    Exact: with the response unchanged, committing its first k tokens removes only their log-prob
+    terms from L, which do not depend on later tokens, so dL/dy of the later tokens is the same.
+    """
+
+    response: list[int]
+    """Committed + hard tokens at the pass."""
+    start: int
+    """Index in ``response`` of the first row of ``grad``."""
+    grad: torch.Tensor
+    """[L, V] dL/dy of ``response[start:]``."""
+    logp: torch.Tensor
+    """[L] log π of each of those tokens."""
+    loss: float
+
+    def serves(self, committed: Sequence[int], hard: Sequence[int]) -> bool:
+        """Whether this pass was taken on ``committed + hard``, with no committed token among its rows."""
+        return self.start <= len(committed) and self.response == [*committed, *hard]
+
+    def at(self, committed: int) -> Pass:
+        """The pass as seen with the first ``committed`` tokens of the response committed."""
+        k = committed - self.start
+        return Pass(self.loss + float(self.logp[:k].sum()), self.grad[k:], self.logp[k:])
+
+
+Prefixes = Callable[[], "tuple[PolicyPrefix, RewardPrefix | None]"]
+"""Returns the encoded prompt + committed tokens for the policy and the gradient reward (None without one)."""
 
 
 def cosine_lr(step: int, steps: int, lr: float, min_lr: float) -> float:
@@ -162,14 +206,14 @@ class DTORun:
         tokens: Sequence[int],
         logits: torch.Tensor,
         stats: Stats,
-        prefix: PolicyPrefix | None = None,
-        reward_prefix: RewardPrefix | None = None,
+        prefixes: Prefixes | None = None,
     ) -> None:
         # tokens: [L] rollout tokens; logits: [L, V] raw policy logits that produced them.
-        # prefix / reward_prefix: prompt + committed already encoded (the decoder extends them across
-        # positions); encoded here when not given.
+        # prefixes: prompt + committed encoded by the caller (the decoder extends them across positions);
+        # encoded here when not given. Either way only when a pass needs them.
         self.policy, self.config, self.stats = policy, config, stats
         self.reward = gradient_reward(reward, config)
+        self.reward_prompt, self.prefix_ids, self.committed = reward_prompt, list(prefix_ids), list(committed)
         self.tokens = torch.tensor(list(tokens), device=policy.device)
         rows = 1 if config.dto_positions == "first" else len(tokens)
         self.z = torch.nn.Parameter(logits[:rows].detach().to(policy.device, torch.float32).clone())
@@ -180,15 +224,36 @@ class DTORun:
         self.pin[self.pin <= PIN_MARGIN] = 0.0
         self.scale = 1.0 / config.reward_weight if config.reward_weight > 0 else 1.0
         stats.dto_runs += 1
-        self.prefix = prefix if prefix is not None else encode_prefix(policy, prefix_ids, stats, keep_cache=config.prefix_cache)
-        self.reward_prefix = reward_prefix
-        if self.reward is not None and self.reward_prefix is None:
-            self.reward_prefix = self.reward.prepare(reward_prompt, list(committed))
-            stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
+        self._prefixes = prefixes or self._encode_prefixes
+        self._encoded: tuple[PolicyPrefix, RewardPrefix | None] | None = None
         self._cached: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self.probe_pass: ProbePass | None = None
+        self.probe_reused = False
         self.loss_start: float | None = None
         self.loss_end: float | None = None
         self.cache_hits = 0
+
+    def _encode_prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
+        prefix = encode_prefix(self.policy, self.prefix_ids, self.stats, keep_cache=self.config.prefix_cache)
+        reward_prefix = None
+        if self.reward is not None:
+            reward_prefix = self.reward.prepare(self.reward_prompt, self.committed)
+            self.stats.count_reward(reward_prefix.passes, reward_prefix.tokens)
+        return prefix, reward_prefix
+
+    def prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
+        """The encoded prefixes of the policy and of the gradient reward, obtained on first use."""
+        if self._encoded is None:
+            self._encoded = self._prefixes()
+        return self._encoded
+
+    @property
+    def prefix(self) -> PolicyPrefix:
+        return self.prefixes()[0]
+
+    @property
+    def reward_prefix(self) -> RewardPrefix | None:
+        return self.prefixes()[1]
 
     def hard(self) -> torch.Tensor:
         """Current hard tokens: argmax of z with the rollout's tokens pinned, the rest of the rollout kept. [L]"""
@@ -200,16 +265,18 @@ class DTORun:
         chosen = torch.where(pinned & (self.pin > 0), self.tokens[:rows], chosen)
         return torch.cat([chosen, self.tokens[rows:]])
 
-    def loss_and_grad(self, hard: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """One forward and backward pass of each model at hard one-hots: L and dL/dy ([L, V])."""
+    def loss_and_grad(self, hard: torch.Tensor) -> Pass:
+        """One forward and backward pass of each model at hard one-hots: L, dL/dy ([L, V]) and log π per token."""
         L = hard.shape[0]
+        prefix, reward_prefix = self.prefixes()
         with torch.enable_grad():
             y = torch.zeros(L, self.policy.vocab_size, device=hard.device).scatter_(1, hard[:, None], 1.0).requires_grad_(True)
-            loss = -policy_logprob(self.policy, self.prefix, y, hard)
-            extra = 0 if self.prefix.cache is not None else len(self.prefix.ids)
+            logp = token_logprobs(self.policy, prefix, y, hard)
+            loss = -logp.sum()
+            extra = 0 if prefix.cache is not None else len(prefix.ids)
             if self.reward is not None:
-                assert self.reward_prefix is not None
-                soft = self.reward.score_soft(self.reward_prefix, y)
+                assert reward_prefix is not None
+                soft = self.reward.score_soft(reward_prefix, y)
                 loss = loss - self.config.reward_weight * soft.value
             loss.backward()
         self.stats.count_policy(1, L + extra)
@@ -222,14 +289,14 @@ class DTORun:
         loss_value = float(loss.detach())
         if not math.isfinite(float(g.sum())) or not math.isfinite(loss_value):  # why: a NaN or inf anywhere reaches the sum
             raise NonFiniteGradient("DTO produced a non-finite loss or gradient")
-        return loss_value, g
+        return Pass(loss_value, g, logp.detach())
 
     def _grad(self, hard: torch.Tensor) -> torch.Tensor:
         if self._cached is not None and torch.equal(hard, self._cached[0]):
             self.cache_hits += 1
             self.stats.cache_hits += 1
             return self._cached[1]
-        loss, g = self.loss_and_grad(hard)
+        loss, g, _ = self.loss_and_grad(hard)
         if self.loss_start is None:
             self.loss_start = loss
         self.loss_end = loss
@@ -237,11 +304,23 @@ class DTORun:
             self._cached = (hard, g, loss)
         return g
 
-    def probe(self) -> float:
-        """Gradient norm ‖∂L/∂z‖ at the position, on the authors' scale (L / λ); its pass seeds step 1."""
+    def probe(self, earlier: ProbePass | None = None) -> float:
+        """Gradient norm ‖∂L/∂z‖ at the position, on the authors' scale (L / λ); its pass seeds step 1.
+
+        ``earlier``: a probe pass from a previous position; used instead of a new pass when it was taken
+        on the same response (:attr:`probe_reused`). The pass, new or reused, is kept as :attr:`probe_pass`.
+        """
         self.stats.probes += 1
         hard = self.hard()
-        loss, g = self.loss_and_grad(hard)
+        tokens = hard.tolist()
+        if earlier is not None and earlier.serves(self.committed, tokens):
+            found = earlier.at(len(self.committed))
+            self.probe_reused = True
+            self.stats.probes_reused += 1
+        else:
+            found = self.loss_and_grad(hard)
+        loss, g, logp = found
+        self.probe_pass = ProbePass([*self.committed, *tokens], len(self.committed), g, logp, loss)
         self.loss_start = self.loss_end = loss
         self._cached = (hard, g, loss)  # why: the first DTO step sees the same hard tokens
         return float(straight_through_grad(self.z.detach()[:1], g[:1], self.config.tau).norm()) * self.scale

@@ -20,6 +20,8 @@ class PositionRecord:
     """Entropy (nats) of the policy's next-token distribution at the position."""
     grad_norm: float
     """Probe gradient norm ‖∂L/∂z‖ at the position, on the authors' loss scale."""
+    probe_reused: bool = False
+    """Whether the probe reused an earlier probe's pass on the same response (no model pass)."""
     optimized: bool = False
     """Whether DTO ran (the gradient norm exceeded ε_grad)."""
     steps: int = 0
