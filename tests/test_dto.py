@@ -77,16 +77,20 @@ def test_fast_one_hot_path_equals_dense_product(tokenizer):
     torch.testing.assert_close(g.double(), dense.grad, rtol=1e-5, atol=1e-6)  # g is fp32
 
 
+def _assert_same_passes(a, b):
+    for _ in range(2):  # the second pass checks the prefix caches were restored after the first
+        l1, g1, _ = a.loss_and_grad(a.hard())
+        l2, g2, _ = b.loss_and_grad(b.hard())
+        assert l1 == pytest.approx(l2, abs=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prefix_kv_reuse_gives_the_same_gradients(tokenizer, arch):
     policy, reward, config, prompt, committed, r = _setup(tokenizer, arch)
     cached = _run(policy, reward, config, prompt, committed, r)
     full = _run(policy, reward, config.replace(prefix_cache=False), prompt, committed, r)
-    for _ in range(2):  # the second pass checks the cache was restored after the first
-        l1, g1, _ = cached.loss_and_grad(cached.hard())
-        l2, g2, _ = full.loss_and_grad(full.hard())
-        assert l1 == pytest.approx(l2, abs=1e-5)
-        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+    _assert_same_passes(cached, full)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -102,11 +106,7 @@ def test_prefixes_extended_across_positions_give_the_same_gradients(tokenizer, a
     torch.testing.assert_close(extended.next_logp, encode_prefix(policy, prompt + committed, Stats()).next_logp, rtol=0, atol=1e-5)
     reused = DTORun(policy, reward, config, "q", prompt + committed, committed, r.tokens, r.logits, Stats(), prefixes=lambda: (extended, reward_prefix))
     fresh = _run(policy, reward, config, prompt, committed, r)
-    for _ in range(2):
-        l1, g1, _ = reused.loss_and_grad(reused.hard())
-        l2, g2, _ = fresh.loss_and_grad(fresh.hard())
-        assert l1 == pytest.approx(l2, abs=1e-5)
-        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5)
+    _assert_same_passes(reused, fresh)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
