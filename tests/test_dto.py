@@ -28,8 +28,9 @@ def _run(policy, reward, config, prompt, committed, r, stats=None):
 
 
 def _loss(run, y, hard=None):
-    lp = token_logprobs(run.policy, run.prefix, y, hard).sum()
-    return -lp - run.config.reward_weight * run.reward.score_soft(run.reward_prefix, y).value
+    prefix, reward_prefix = run.prefixes()
+    lp = token_logprobs(run.policy, prefix, y, hard).sum()
+    return -lp - run.config.reward_weight * run.reward.score_soft(reward_prefix, y).value
 
 
 def _rms_norm_in_input_dtype(self, x):
@@ -131,7 +132,7 @@ def test_a_probe_pass_serves_later_positions_of_the_same_rollout(tokenizer, arch
         assert norm == pytest.approx(fresh.probe(), rel=1e-4)
         assert reused.loss_start == pytest.approx(fresh.loss_start, abs=1e-4)
         torch.testing.assert_close(reused._cached[1], fresh._cached[1], rtol=0, atol=1e-5)
-        torch.testing.assert_close(reused.probe_pass.logp, fresh.probe_pass.logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reused.probe_pass.found.logp, fresh.probe_pass.found.logp, rtol=0, atol=1e-5)
     changed = list(r.tokens)
     changed[2] = (changed[2] + 1) % policy.vocab_size
     other = later(1, Stats(), changed)

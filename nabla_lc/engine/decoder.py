@@ -144,9 +144,10 @@ class Decoder:
             prefixes=self.extend_prefixes,  # why: called only when a pass runs, so a reused probe encodes nothing
         )
         try:
-            record.grad_norm = run.probe(self.probe_pass if self.config.probe_reuse else None)
+            record.grad_norm = run.probe(self.probe_pass)
             record.probe_reused = run.probe_reused
-            self.probe_pass = run.probe_pass
+            if self.config.probe_reuse:
+                self.probe_pass = run.probe_pass
             if record.grad_norm <= self.config.grad_threshold:
                 self.stats.skipped_gradient += 1
                 return None

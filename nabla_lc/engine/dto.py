@@ -155,23 +155,18 @@ class ProbePass:
     """
 
     response: list[int]
-    """Committed + hard tokens at the pass."""
-    start: int
-    """Index in ``response`` of the first row of ``grad``."""
-    grad: torch.Tensor
-    """[L, V] dL/dy of ``response[start:]``."""
-    logp: torch.Tensor
-    """[L] log π of each of those tokens."""
-    loss: float
+    """Committed + hard tokens at the pass; the pass's rows are its last tokens."""
+    found: Pass
 
     def serves(self, committed: Sequence[int], hard: Sequence[int]) -> bool:
         """Whether this pass was taken on ``committed + hard``, with no committed token among its rows."""
-        return self.start <= len(committed) and self.response == [*committed, *hard]
+        return len(hard) <= len(self.found.logp) and self.response == [*committed, *hard]
 
     def at(self, committed: int) -> Pass:
         """The pass as seen with the first ``committed`` tokens of the response committed."""
-        k = committed - self.start
-        return Pass(self.loss + float(self.logp[:k].sum()), self.grad[k:], self.logp[k:])
+        loss, grad, logp = self.found
+        k = committed - (len(self.response) - len(logp))  # rows now committed
+        return Pass(loss + float(logp[:k].sum()), grad[k:], logp[k:])
 
 
 Prefixes = Callable[[], "tuple[PolicyPrefix, RewardPrefix | None]"]
@@ -247,14 +242,6 @@ class DTORun:
             self._encoded = self._prefixes()
         return self._encoded
 
-    @property
-    def prefix(self) -> PolicyPrefix:
-        return self.prefixes()[0]
-
-    @property
-    def reward_prefix(self) -> RewardPrefix | None:
-        return self.prefixes()[1]
-
     def hard(self) -> torch.Tensor:
         """Current hard tokens: argmax of z with the rollout's tokens pinned, the rest of the rollout kept. [L]"""
         z = self.z.detach()
@@ -319,8 +306,8 @@ class DTORun:
             self.stats.probes_reused += 1
         else:
             found = self.loss_and_grad(hard)
-        loss, g, logp = found
-        self.probe_pass = ProbePass([*self.committed, *tokens], len(self.committed), g, logp, loss)
+        loss, g, _ = found
+        self.probe_pass = ProbePass([*self.committed, *tokens], found)
         self.loss_start = self.loss_end = loss
         self._cached = (hard, g, loss)  # why: the first DTO step sees the same hard tokens
         return float(straight_through_grad(self.z.detach()[:1], g[:1], self.config.tau).norm()) * self.scale
