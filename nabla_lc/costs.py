@@ -44,14 +44,12 @@ def measure(policy: Policy, prompt_len: int, rollout_len: int, prefix_cache: boo
     V = policy.vocab_size
     prompt = torch.randint(0, V, (prompt_len,), generator=g).tolist()
     tokens = torch.randint(0, V, (rollout_len,), generator=g).tolist()
-    config = NablaConfig(dto_steps=1, prefix_cache=prefix_cache, reward_weight=0.0)
+    # why: without the gradient cache every step runs the model, which is the step being timed
+    config = NablaConfig(dto_steps=1, prefix_cache=prefix_cache, reward_weight=0.0, gradient_cache=False)
     logits = torch.randn(rollout_len, policy.vocab_size, generator=g)
-    run = DTORun(policy, None, config, "", prompt, [], tokens, logits, Stats())
+    stats = Stats()
+    run = DTORun(policy, None, config, "", prompt, [], tokens, logits, stats)
     hard = run.hard()
-
-    def step() -> None:
-        run._cached = None  # why: time the uncached step, the one that runs the model
-        run.optimize()
 
     cached = encode_prefix(policy, prompt, Stats(), keep_cache=True)
     ids = torch.tensor([tokens], device=policy.device)
@@ -64,7 +62,9 @@ def measure(policy: Policy, prompt_len: int, rollout_len: int, prefix_cache: boo
         restore_cache(cached.cache, cached.saved)
 
     assert torch.equal(hard, torch.tensor(tokens))
-    t_step, t_fwd = _median_time(step, repeats), _median_time(forward, repeats)
+    t_step, t_fwd = _median_time(run.optimize, repeats), _median_time(forward, repeats)
+    if stats.cache_hits or stats.policy_backward != stats.dto_steps:
+        raise RuntimeError(f"a timed DTO step skipped the model ({stats.cache_hits} cache hits)")
     return {
         "prompt_len": prompt_len,
         "rollout_len": rollout_len,

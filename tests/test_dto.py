@@ -202,3 +202,13 @@ def test_first_only_updates_one_position(tokenizer):
     run.probe()
     run.optimize()
     assert torch.equal(run.hard()[1:], torch.tensor(r.tokens[1:]))
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_costs_times_steps_that_run_the_model(tokenizer, prefix_cache):
+    from nabla_lc.costs import measure
+
+    policy = Policy(make_policy(tokenizer), tokenizer)
+    row = measure(policy, prompt_len=6, rollout_len=5, prefix_cache=prefix_cache, repeats=2)
+    assert row["dto_step_s"] > 0 and row["forward_s"] > 0
+    assert row["dto_step_over_forward"] == row["dto_step_s"] / row["forward_s"]
