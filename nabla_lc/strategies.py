@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from .config import NablaConfig
 from .engine.accounting import Stats
-from .engine.decoder import Decoder
+from .engine.decoder import Decoder, decode_together
 from .engine.rollout import Rollout, Sampling, rollout
 from .engine.stream import cut_at_stop
 from .engine.types import AnswerExtractor, Request, Result, TokenCallback
@@ -47,7 +47,7 @@ def weighted_bon(engine: "Engine", requests: Sequence[Request], config: NablaCon
 
 
 def nabla(engine: "Engine", requests: Sequence[Request], config: NablaConfig, on_token: TokenCallback | None, extract: AnswerExtractor) -> list[Result]:
-    """∇-Reasoner: DTO-guided proposals with rejection sampling, one request after another."""
+    """∇-Reasoner: DTO-guided proposals with rejection sampling; the requests' rollouts decode in batches."""
     reward = engine.require_reward("nabla")
     if not reward.differentiable and config.dto_steps > 0 and config.reward_weight > 0:
         if config.no_gradient_reward == "error":
@@ -55,15 +55,21 @@ def nabla(engine: "Engine", requests: Sequence[Request], config: NablaConfig, on
                 f"{type(reward).__name__} cannot take gradients; set no_gradient_reward='likelihood' to run DTO on the likelihood term alone"
             )
         log.warning("%s cannot take gradients: DTO optimizes the likelihood term alone", type(reward).__name__)
+    start = time.perf_counter()
+    stats = [Stats(prompt_tokens=len(r.prompt_ids)) for r in requests]
+    streams = [engine.text_stream(r, config, i, on_token) for i, r in enumerate(requests)]
+    decodings = [
+        Decoder(engine.policy, reward, engine.score, config, s, engine.generator(r, config), stream).steps(
+            r.prompt_ids, r.reward_prompt, engine.budget(r, config)
+        )
+        for r, s, stream in zip(requests, stats, streams)
+    ]
+    decoded = decode_together(engine.policy, Sampling(config.temperature, config.top_p, config.top_k), decodings)
+    wall_s = (time.perf_counter() - start) / len(requests)  # why: the batch's time, shared equally
     results = []
-    for i, request in enumerate(requests):
-        start = time.perf_counter()
-        stats = Stats(prompt_tokens=len(request.prompt_ids))
-        stream = engine.text_stream(request, config, i, on_token)
-        decoder = Decoder(engine.policy, reward, engine.score, config, stats, engine.generator(request, config), stream)
-        decoded = decoder.decode(request.prompt_ids, request.reward_prompt, engine.budget(request, config))
-        stats.wall_s = time.perf_counter() - start
-        results.append(engine.result(stream, decoded.tokens, decoded.finish_reason, stats, decoded.reward, extract, decoded.trace))
+    for s, stream, d in zip(stats, streams, decoded):
+        s.wall_s = wall_s
+        results.append(engine.result(stream, d.tokens, d.finish_reason, s, d.reward, extract, d.trace))
     return results
 
 

@@ -1,5 +1,6 @@
 """Decoder and baselines: acceptance rule, budget, termination, accounting, seeds, stop strings."""
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -117,6 +118,35 @@ def test_reused_probes_decode_like_fresh_ones(tokenizer):
         assert a.stats.policy_backward == b.stats.policy_backward - a.stats.probes_reused
     assert sum(r.stats.probes_reused for r in reused) > 0
     assert sum(r.stats.model_calls for r in reused) < sum(r.stats.model_calls for r in fresh)
+
+
+def test_requests_decoded_together_match_one_at_a_time(tokenizer, monkeypatch):
+    # the rollouts that several requests wait on decode in one batch; each request's decisions and counts stay its own
+    import nabla_lc.engine.decoder as decoder
+
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
+    requests = [engine.request(p, seed=s) for p in PROMPTS for s in range(2)]
+    batches: list[int] = []
+
+    def counted(policy, prefixes, *args, **kwargs):
+        batches.append(len(prefixes))
+        return rollout(policy, prefixes, *args, **kwargs)
+
+    rollout = decoder.rollout
+    monkeypatch.setattr(decoder, "rollout", counted)
+    together = engine.generate(requests)
+    assert batches[0] == len(requests) and len(batches) < sum(batches)
+    assert sum(batches) == sum(r.stats.rollouts for r in together)
+    batches.clear()
+    for request, a in zip(requests, together):
+        b = engine.generate([request])[0]
+        assert a.token_ids == b.token_ids
+        assert [(r.proposed_token, r.accepted, r.optimized) for r in a.trace] == [(r.proposed_token, r.accepted, r.optimized) for r in b.trace]
+        assert dataclasses.replace(a.stats, wall_s=0.0) == dataclasses.replace(b.stats, wall_s=0.0)
+        _check_accounting(a, engine.config)
+    assert set(batches) == {1}
+    assert sum(r.stats.proposals for r in together) > 0
 
 
 def test_same_seed_same_output_any_batch(tokenizer):

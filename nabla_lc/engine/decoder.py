@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
@@ -33,6 +33,22 @@ class Decoded:
     trace: list[PositionRecord]
 
 
+@dataclass
+class RolloutCall:
+    """A rollout a decoder waits on: one row of a batched :func:`rollout` call."""
+
+    prefix: list[int]
+    committed: list[int]
+    budget: int
+    stop: Sequence[str]
+    generator: torch.Generator | None
+    stats: Stats
+
+
+Steps = Generator[RolloutCall, Rollout, Decoded]
+"""A decoding in progress: yields each rollout it needs, is sent its result, returns what it decoded."""
+
+
 def entropy(logits: torch.Tensor) -> float:
     """Entropy (nats) of softmax(logits). logits: [V]."""
     logp = logits.float().log_softmax(-1)
@@ -47,7 +63,10 @@ def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> 
 
 
 class Decoder:
-    """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only)."""
+    """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only).
+
+    :meth:`steps` hands out the rollouts it needs, so :func:`decode_together` can batch those of many requests.
+    """
 
     def __init__(
         self,
@@ -61,7 +80,6 @@ class Decoder:
     ) -> None:
         self.policy, self.reward, self.score, self.config = policy, reward, score, config
         self.stats, self.generator, self.stream = stats, generator, stream
-        self.sampling = Sampling(config.temperature, config.top_p, config.top_k)
         self.committed: list[int] = []
         self.trace: list[PositionRecord] = []
         self.reward_value: float | None = None
@@ -69,32 +87,22 @@ class Decoder:
         self.reward_prefix: RewardPrefix | None = None
         self.probe_pass: ProbePass | None = None
 
-    def decode(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Decoded:
-        """Decode until the rollout ends; search only while the rollout budget lasts."""
+    def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:
+        """Decode until the rollout ends, searching while the rollout budget lasts; driven by :func:`decode_together`."""
         self.prompt_ids, self.reward_prompt, self.max_new_tokens = list(prompt_ids), reward_prompt, max_new_tokens
-        current = self.rollout([])
+        current = yield self.rollout([])
         while current.tokens:
             if self.stats.rollouts >= self.config.n:  # budget spent: the current rollout is the plain decode
                 current = self.commit(current, len(current.tokens))
                 break
-            current = self.position(current)
+            current = yield from self.position(current)
         return Decoded(self.committed, current.finish_reason, self.reward_value, self.trace)
 
-    def rollout(self, head: list[int]) -> Rollout:
-        """Sample a continuation of prefix + ``head`` (counted against the budget)."""
+    def rollout(self, head: list[int]) -> RolloutCall:
+        """The rollout of prefix + ``head`` to wait on (counted against the budget)."""
         self.stats.rollouts += 1
         done = self.committed + head
-        return rollout(
-            self.policy,
-            [self.prompt_ids + done],
-            self.sampling,
-            [self.generator],
-            [self.stats],
-            [self.max_new_tokens - len(done)],
-            [self.stream.stop],
-            committed=[done],
-            keep_logits=True,
-        )[0]
+        return RolloutCall(self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats)
 
     def commit(self, current: Rollout, k: int) -> Rollout:
         """Commit the rollout's first k tokens; its suffix is reused from the next position."""
@@ -104,7 +112,7 @@ class Decoder:
         assert current.logits is not None
         return Rollout(rest, current.logits[k:], current.finish_reason)
 
-    def position(self, current: Rollout) -> Rollout:
+    def position(self, current: Rollout) -> Generator[RolloutCall, Rollout, Rollout]:
         """One position: select, optimize, propose, accept; commits exactly one token."""
         assert current.logits is not None
         self.stats.positions += 1
@@ -126,7 +134,7 @@ class Decoder:
         proposal = int(sample(z1[None], Sampling(self.config.tau, self.config.top_p), [self.generator])[0])
         if proposal == original:
             return self.commit(current, 1)
-        return self.commit(self.compare(current, proposal, record), 1)
+        return self.commit((yield from self.compare(current, proposal, record)), 1)
 
     def optimize(self, current: Rollout, record: PositionRecord) -> torch.Tensor | None:
         """Probe, then DTO; the optimized first-position logits, or None when the position is skipped."""
@@ -180,7 +188,7 @@ class Decoder:
             self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
         return self.prefix, self.reward_prefix
 
-    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Rollout:
+    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutCall, Rollout, Rollout]:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""
         assert current.logits is not None
         self.stats.proposals += 1
@@ -188,7 +196,7 @@ class Decoder:
         if proposal in self.policy.eos_ids:  # the proposal ends the response: nothing to roll out
             candidate = Rollout([], current.logits[:0], "eos")
         else:
-            new = self.rollout([proposal])
+            new = yield self.rollout([proposal])
             assert new.logits is not None
             candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason)
         # why: both full responses go through one batched pass, so they are scored identically
@@ -201,3 +209,39 @@ class Decoder:
         self.stats.rejections += 1
         self.reward_value = r_current
         return current
+
+
+def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Steps]) -> list[Decoded]:
+    """Run decodings side by side: the rollouts they wait on at the same time decode in one batch.
+
+    Each decoding runs its own positions (probes, DTO, comparisons) until it needs a rollout; then the
+    waiting rollouts are sampled together, each row with its own generator and statistics.
+    """
+    done: dict[int, Decoded] = {}
+    waiting: dict[int, RolloutCall] = {}
+
+    def advance(i: int, result: Rollout | None) -> None:
+        try:
+            waiting[i] = decodings[i].send(result)  # type: ignore[arg-type]  # why: a generator starts on None
+        except StopIteration as finished:
+            done[i] = finished.value
+
+    for i in range(len(decodings)):
+        advance(i, None)
+    while waiting:
+        calls = list(waiting.items())
+        waiting.clear()
+        rollouts = rollout(
+            policy,
+            [c.prefix for _, c in calls],
+            sampling,
+            [c.generator for _, c in calls],
+            [c.stats for _, c in calls],
+            [c.budget for _, c in calls],
+            [c.stop for _, c in calls],
+            committed=[c.committed for _, c in calls],
+            keep_logits=True,
+        )
+        for (i, _), result in zip(calls, rollouts):
+            advance(i, result)
+    return [done[i] for i in range(len(decodings))]
