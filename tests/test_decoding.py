@@ -128,12 +128,12 @@ def test_requests_decoded_together_match_one_at_a_time(tokenizer, monkeypatch):
     engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
     requests = [engine.request(p, seed=s) for p in PROMPTS for s in range(2)]
     batches: list[int] = []
+    original = decoder.rollout
 
     def counted(policy, prefixes, *args, **kwargs):
         batches.append(len(prefixes))
-        return rollout(policy, prefixes, *args, **kwargs)
+        return original(policy, prefixes, *args, **kwargs)
 
-    rollout = decoder.rollout
     monkeypatch.setattr(decoder, "rollout", counted)
     together = engine.generate(requests)
     assert batches[0] == len(requests) and len(batches) < sum(batches)
