@@ -21,6 +21,17 @@ def _engine(tokenizer, reward=None, arch="llama", **cfg):
     return Engine(model, tokenizer, reward, NablaConfig(**{"max_new_tokens": 12, **cfg}))
 
 
+def _search_engine(tokenizer):
+    """A tiny llama with a tiny classifier reward, searching at every position, and 6 seeded requests."""
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
+    return engine, [engine.request(p, seed=s) for p in PROMPTS for s in range(2)]
+
+
+def _decisions(result):
+    return [(r.proposed_token, r.accepted, r.optimized) for r in result.trace]
+
+
 def _check_accounting(result, config):
     s, trace = result.stats, result.trace
     assert s.proposals == sum(r.proposed_token is not None for r in trace)
@@ -104,14 +115,12 @@ def test_prefixes_kept_across_positions_decode_like_recomputed_ones(tokenizer):
 
 def test_reused_probes_decode_like_fresh_ones(tokenizer):
     # a probe's pass serves the later positions of an unchanged rollout; new passes must agree
-    model = make_policy(tokenizer)
-    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
-    requests = [engine.request(p, seed=s) for p in PROMPTS for s in range(2)]
+    engine, requests = _search_engine(tokenizer)
     reused = engine.generate(requests)
     fresh = engine.generate(requests, engine.config.replace(probe_reuse=False))
     for a, b in zip(reused, fresh):
         assert a.token_ids == b.token_ids
-        assert [(r.proposed_token, r.accepted, r.optimized) for r in a.trace] == [(r.proposed_token, r.accepted, r.optimized) for r in b.trace]
+        assert _decisions(a) == _decisions(b)
         assert [r.loss_start for r in a.trace] == pytest.approx([r.loss_start for r in b.trace], rel=1e-5)
         assert [r.grad_norm for r in a.trace] == pytest.approx([r.grad_norm for r in b.trace], rel=1e-3, abs=1e-6)
         assert b.stats.probes_reused == 0 and a.stats.probes == b.stats.probes
@@ -124,9 +133,7 @@ def test_requests_decoded_together_match_one_at_a_time(tokenizer, monkeypatch):
     # the rollouts that several requests wait on decode in one batch; each request's decisions and counts stay its own
     import nabla_lc.engine.decoder as decoder
 
-    model = make_policy(tokenizer)
-    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
-    requests = [engine.request(p, seed=s) for p in PROMPTS for s in range(2)]
+    engine, requests = _search_engine(tokenizer)
     batches: list[int] = []
     original = decoder.rollout
 
@@ -142,7 +149,7 @@ def test_requests_decoded_together_match_one_at_a_time(tokenizer, monkeypatch):
     for request, a in zip(requests, together):
         b = engine.generate([request])[0]
         assert a.token_ids == b.token_ids
-        assert [(r.proposed_token, r.accepted, r.optimized) for r in a.trace] == [(r.proposed_token, r.accepted, r.optimized) for r in b.trace]
+        assert _decisions(a) == _decisions(b)
         assert dataclasses.replace(a.stats, wall_s=0.0) == dataclasses.replace(b.stats, wall_s=0.0)
         _check_accounting(a, engine.config)
     assert set(batches) == {1}

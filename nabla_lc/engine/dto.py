@@ -295,19 +295,19 @@ class DTORun:
         """Gradient norm ‖∂L/∂z‖ at the position, on the authors' scale (L / λ); its pass seeds step 1.
 
         ``earlier``: a probe pass from a previous position; used instead of a new pass when it was taken
-        on the same response (:attr:`probe_reused`). The pass, new or reused, is kept as :attr:`probe_pass`.
+        on the same response (:attr:`probe_reused`). The pass that served, new or earlier, is :attr:`probe_pass`.
         """
         self.stats.probes += 1
         hard = self.hard()
         tokens = hard.tolist()
         if earlier is not None and earlier.serves(self.committed, tokens):
             found = earlier.at(len(self.committed))
-            self.probe_reused = True
+            self.probe_pass, self.probe_reused = earlier, True
             self.stats.probes_reused += 1
         else:
             found = self.loss_and_grad(hard)
+            self.probe_pass = ProbePass([*self.committed, *tokens], found)
         loss, g, _ = found
-        self.probe_pass = ProbePass([*self.committed, *tokens], found)
         self.loss_start = self.loss_end = loss
         self._cached = (hard, g, loss)  # why: the first DTO step sees the same hard tokens
         return float(straight_through_grad(self.z.detach()[:1], g[:1], self.config.tau).norm()) * self.scale
