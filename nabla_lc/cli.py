@@ -9,7 +9,7 @@ import sys
 from typing import Any, Sequence
 
 # Modules exposing ``add_parser(subparsers)``; each registers one subcommand with ``func=run``.
-COMMANDS: tuple[str, ...] = ("nabla_lc.solve", "nabla_lc.costs", "nabla_lc.bench.cli", "nabla_lc.rewards.train", "nabla_lc.bench.reward_recipe")
+COMMANDS: tuple[str, ...] = ("nabla_lc.solve", "nabla_lc.diagnose_cli", "nabla_lc.costs", "nabla_lc.bench.cli", "nabla_lc.rewards.train", "nabla_lc.bench.reward_recipe")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -51,11 +51,21 @@ class NablaConfig:
     min_lr: float = 0.001
     """Learning rate reached by the cosine schedule at the last DTO step."""
     weight_decay: float = 0.01
-    """AdamW weight decay on the logits."""
+    """AdamW weight decay on the logits (the authors' code: 0)."""
     tau: float = 0.5
-    """τ of the straight-through softmax(z/τ) and of resampling from the optimized logits."""
+    """τ of resampling a proposal from the optimized logits, softmax(z̃/τ); the trust region's KL is taken at it too."""
+    st_tau: float = 0.5
+    """Temperature of the straight-through backward pass, softmax(z/st_tau) (the authors' code: 1.0)."""
+    step: Literal["adam", "trust_region"] = "adam"
+    """How a DTO run moves the logits: ``adam``, the paper's T AdamW steps as they are, or ``trust_region``, the
+    same steps' direction rescaled so that KL(softmax(z̃/τ) ‖ softmax(z/τ)) equals ``target_kl`` in every optimized row."""
+    target_kl: float = 0.5
+    """KL (nats) that a ``trust_region`` step moves each optimized row's distribution at temperature τ."""
     entropy_threshold: float = 0.25
     """ε_ent: a position gets DTO only when the entropy (nats) of its next-token distribution exceeds this."""
+    differ_threshold: float = 0.0
+    """A position gets a probe only when the chance that a resample (softmax(z/τ), top-p) differs from the rollout's
+    token exceeds this; 0 turns the gate off (the paper)."""
     grad_threshold: float = 8.0
     """ε_grad: a position gets DTO only when the probe's gradient norm at it exceeds this."""
     dto_positions: Literal["all", "first"] = "all"
@@ -94,6 +104,14 @@ class NablaConfig:
         _check(_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr], got {self.min_lr!r}")
         _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         _check(_finite(self.tau) and self.tau > 0, "tau", f"must be > 0, got {self.tau!r}")
+        _check(_finite(self.st_tau) and self.st_tau > 0, "st_tau", f"must be > 0, got {self.st_tau!r}")
+        _check(self.step in ("adam", "trust_region"), "step", f"must be 'adam' or 'trust_region', got {self.step!r}")
+        _check(_finite(self.target_kl) and self.target_kl > 0, "target_kl", f"must be > 0, got {self.target_kl!r}")
+        _check(
+            _finite(self.differ_threshold) and 0 <= self.differ_threshold < 1,
+            "differ_threshold",
+            f"must be in [0, 1), got {self.differ_threshold!r}",
+        )
         _check(_finite(self.entropy_threshold), "entropy_threshold", f"must be a finite number, got {self.entropy_threshold!r}")
         _check(_finite(self.grad_threshold), "grad_threshold", f"must be a finite number, got {self.grad_threshold!r}")
         _check(self.dto_positions in ("all", "first"), "dto_positions", f"must be 'all' or 'first', got {self.dto_positions!r}")

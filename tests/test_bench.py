@@ -162,12 +162,12 @@ def test_summary_arithmetic() -> None:
     assert nabla == pytest.approx({
         "method": "nabla", "n": 4, "count": 3, "accuracy": 2 / 3, "model_calls": 20.0, "model_calls_paper": 7.0,
         "wall_s": (3.0 + 4.0 + 6.0) / 3,
-        "rejection_rate": 4 / 8, "skip_entropy_rate": 10 / 40, "skip_gradient_rate": 4 / 40,
+        "rejection_rate": 4 / 8, "rejection_rate_generations": 4 / (8 + 3), "skip_entropy_rate": 10 / 40, "skip_gradient_rate": 4 / 40,
         "probe_reuse_rate": 5 / 20, "disagreements": 1, "grade_timeouts": 1,
     })
-    assert greedy["rejection_rate"] == 0.0 and greedy["skip_entropy_rate"] == 0.0 and greedy["accuracy"] == 0.0
+    assert greedy["rejection_rate"] == greedy["rejection_rate_generations"] == 0.0 and greedy["skip_entropy_rate"] == 0.0 and greedy["accuracy"] == 0.0
     table = to_markdown([nabla, greedy])
-    assert "| nabla | 4 | 3 | 66.7% | 20.0 | 7.0 | 4.33 | 50.0% | 25.0% | 10.0% | 25.0% | 1 | 1 |" in table
+    assert "| nabla | 4 | 3 | 66.7% | 20.0 | 7.0 | 4.33 | 50.0% | 36.4% | 25.0% | 10.0% | 25.0% | 1 | 1 |" in table
     old = [{**r, "stats": {k: v for k, v in r["stats"].items() if k != "probes_reused"}} for r in FIXED_ROWS]
     assert summarize(old)[0]["probe_reuse_rate"] == 0.0  # rows from before probe reuse still summarize
 

@@ -54,6 +54,8 @@ class Stats:
     """Positions committed without a probe because their entropy was at most ε_ent."""
     skipped_gradient: int = 0
     """Positions committed after a probe because their gradient norm was at most ε_grad."""
+    skipped_differ: int = 0
+    """Positions committed without a probe because a resample would almost surely repeat the rollout's token."""
     nonfinite_gradients: int = 0
     """Probes or DTO runs abandoned because a gradient was NaN or infinite (the rollout's token is kept)."""
     positions: int = 0
@@ -80,6 +82,16 @@ class Stats:
     def rejection_rate(self) -> float:
         """Rejections per proposal (0 when there was none)."""
         return self.rejections / self.proposals if self.proposals else 0.0
+
+    @property
+    def rejection_rate_generations(self) -> float:
+        """The paper's rejection rate of one ∇ request: rejections per generation, its first rollout and each
+        proposal (the authors' ``n_rejections / n_generations``); 0 before any rollout.
+
+        For i.i.d. proposals at N_max = N it is 1 − H_N/N (66.0% at N = 8), where :attr:`rejection_rate` is
+        (N − H_N)/(N − 1) (75.5%).
+        """
+        return self.rejections / (self.proposals + 1) if self.rollouts else 0.0
 
     def count_policy(self, passes: int, tokens: int, backward: bool = False) -> None:
         """Record ``passes`` policy passes that processed ``tokens`` tokens in all."""
@@ -109,4 +121,5 @@ class Stats:
         out["model_calls"] = self.model_calls
         out["model_calls_paper"] = self.model_calls_paper
         out["rejection_rate"] = self.rejection_rate
+        out["rejection_rate_generations"] = self.rejection_rate_generations
         return out

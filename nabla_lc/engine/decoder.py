@@ -11,9 +11,9 @@ import torch
 from ..config import NablaConfig
 from ..rewards.base import RewardAdapter, RewardPrefix
 from .accounting import Stats
-from .dto import DTORun, NonFiniteGradient, PolicyPrefix, ProbePass, encode_prefix, extend_prefix, gradient_reward
+from .dto import DTORun, NonFiniteGradient, PolicyPrefix, ProbePass, encode_prefix, extend_prefix, gradient_reward, kl_rows
 from .policy import Policy
-from .rollout import Rollout, Sampling, rollout, sample
+from .rollout import Rollout, Sampling, differ_chance, rollout, sample
 from .stream import TextStream
 from .trace import PositionRecord
 
@@ -53,6 +53,11 @@ def entropy(logits: torch.Tensor) -> float:
     """Entropy (nats) of softmax(logits). logits: [V]."""
     logp = logits.float().log_softmax(-1)
     return float(-(logp.exp() * logp).sum())
+
+
+def proposal_sampling(config: NablaConfig) -> Sampling:
+    """The distribution a proposal is resampled from: softmax(z̃/τ) within the top-p nucleus."""
+    return Sampling(config.tau, config.top_p)
 
 
 def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> list[tuple[str, float]]:
@@ -123,6 +128,10 @@ class Decoder:
             self.stats.skipped_entropy += 1
             return self.commit(current, 1)
         original = current.tokens[0]
+        sampling = proposal_sampling(self.config)
+        if self.config.differ_threshold > 0 and differ_chance(z1, original, sampling) <= self.config.differ_threshold:
+            self.stats.skipped_differ += 1
+            return self.commit(current, 1)
         record = PositionRecord(index, original, self.policy.token_text(original), h, float("nan"))
         if self.config.trace:
             self.trace.append(record)
@@ -130,8 +139,9 @@ class Decoder:
             optimized = self.optimize(current, record)
             if optimized is None:
                 return self.commit(current, 1)
+            record.kl = float(kl_rows(optimized[None], z1[None].float(), self.config.tau)[0])
             z1 = optimized
-        proposal = int(sample(z1[None], Sampling(self.config.tau, self.config.top_p), [self.generator])[0])
+        proposal = int(sample(z1[None], sampling, [self.generator])[0])
         if proposal == original:
             return self.commit(current, 1)
         return self.commit((yield from self.compare(current, proposal, record)), 1)

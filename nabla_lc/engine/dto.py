@@ -180,6 +180,34 @@ def cosine_lr(step: int, steps: int, lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / (steps - 1)))
 
 
+def kl_rows(z: torch.Tensor, base: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(softmax(z/τ) ‖ softmax(base/τ)) per row. z, base: [rows, V] -> [rows]."""
+    logp, logq = (z / tau).log_softmax(-1), (base / tau).log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def trust_region(z0: torch.Tensor, z1: torch.Tensor, tau: float, target_kl: float, iters: int = 40) -> torch.Tensor:
+    """z0 + α·(z1 − z0), with α ≥ 0 per row such that KL(softmax(·/τ) ‖ softmax(z0/τ)) = target_kl. z0, z1: [rows, V].
+
+    Along a fixed direction d the KL grows monotonically with α (its derivative is α·Var(d) under the moved
+    distribution), so doubling then bisection finds α. A row that cannot reach the target (the direction
+    saturates on a point mass, or is zero) takes the largest α tried.
+    """
+    d = z1 - z0
+    hi = torch.ones(z0.shape[0], device=z0.device)
+    for _ in range(30):  # why: Adam moves each logit by about Σ lr ≈ 0.1, so α can be in the hundreds
+        short = kl_rows(z0 + hi[:, None] * d, z0, tau) < target_kl
+        if not bool(short.any()):
+            break
+        hi = torch.where(short, hi * 2, hi)
+    lo = torch.zeros_like(hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = kl_rows(z0 + mid[:, None] * d, z0, tau) > target_kl
+        lo, hi = torch.where(over, lo, mid), torch.where(over, mid, hi)
+    return z0 + ((lo + hi) / 2)[:, None] * d
+
+
 def straight_through_grad(z: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
     """∂(g · softmax(z/τ))/∂z, row by row: (s ⊙ g − s (s · g)) / τ. z, g: [L, V]."""
     s = (z / tau).softmax(-1)
@@ -211,7 +239,8 @@ class DTORun:
         self.reward_prompt, self.prefix_ids, self.committed = reward_prompt, list(prefix_ids), list(committed)
         self.tokens = torch.tensor(list(tokens), device=policy.device)
         rows = 1 if config.dto_positions == "first" else len(tokens)
-        self.z = torch.nn.Parameter(logits[:rows].detach().to(policy.device, torch.float32).clone())
+        self.z0 = logits[:rows].detach().to(policy.device, torch.float32).clone()  # [rows, V] the rollout's logits
+        self.z = torch.nn.Parameter(self.z0.clone())
         # why: the forward must see the sampled rollout, not its argmax: a sampled non-argmax token is
         # pinned to win the hard choice while its logit stays within `pin` of the row's max
         top = self.z.detach().max(-1).values
@@ -310,10 +339,13 @@ class DTORun:
         loss, g, _ = found
         self.loss_start = self.loss_end = loss
         self._cached = (hard, g, loss)  # why: the first DTO step sees the same hard tokens
-        return float(straight_through_grad(self.z.detach()[:1], g[:1], self.config.tau).norm()) * self.scale
+        return float(straight_through_grad(self.z.detach()[:1], g[:1], self.config.st_tau).norm()) * self.scale
 
     def optimize(self) -> torch.Tensor:
-        """Run T AdamW steps with the cosine schedule; returns the optimized logits z̃ ([rows, V], fp32)."""
+        """Run T AdamW steps with the cosine schedule; returns the optimized logits z̃ ([rows, V], fp32).
+
+        With ``step="trust_region"`` the steps' net move is rescaled, row by row, to the KL ``target_kl``.
+        """
         steps = self.config.dto_steps
         # why: the fused kernel updates [L, V] logits in one pass (about 10x faster than foreach on CPU)
         opt = torch.optim.AdamW([self.z], lr=self.config.lr, weight_decay=self.config.weight_decay, fused=True)
@@ -321,9 +353,12 @@ class DTORun:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(t, steps, self.config.lr, self.config.min_lr)
             g = self._grad(self.hard())
-            self.z.grad = straight_through_grad(self.z.detach(), g[: self.z.shape[0]], self.config.tau)
+            self.z.grad = straight_through_grad(self.z.detach(), g[: self.z.shape[0]], self.config.st_tau)
             opt.step()
             self.stats.dto_steps += 1
             if self._cached is not None and not self.config.gradient_cache:
                 self._cached = None  # the probe's pass served step 1 only
+        if self.config.step == "trust_region":
+            # why: AdamW moves every logit by about ±Σ lr whatever the logits' scale; the direction is kept, the size is set in KL
+            return trust_region(self.z0, self.z.detach(), self.config.tau, self.config.target_kl)
         return self.z.detach()

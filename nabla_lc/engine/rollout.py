@@ -57,6 +57,14 @@ def sample(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.
     return torch.cat(out).to(logits.device)
 
 
+def differ_chance(logits: torch.Tensor, token: int, sampling: Sampling) -> float:
+    """The chance that a draw from ``logits`` ([V]) under ``sampling`` is not ``token``."""
+    if sampling.temperature == 0:
+        return float(int(logits.argmax()) != token)
+    probs = filter_logits(logits.float()[None] / sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)
+    return 1.0 - float(probs[0, token])
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -30,6 +30,8 @@ class PositionRecord:
     """DTO steps that reused a cached gradient."""
     loss_start: float | None = None
     loss_end: float | None = None
+    kl: float | None = None
+    """KL(softmax(z̃/τ) ‖ softmax(z/τ)) that DTO moved the position's distribution."""
     top_after: list[tuple[str, float]] = field(default_factory=list)
     """The most likely tokens of softmax(z̃/τ) after DTO, with their probabilities."""
     proposed_token: int | None = None
