@@ -108,10 +108,11 @@ def diagnose(
     k: int = 8,
     progress: bool = False,
 ) -> Diagnosis:
-    """Diagnose DTO on the first rollout of each request (see the module's docstring); ``progress`` shows a bar."""
+    """Diagnose DTO on the first rollout of each request (see the module's docstring); ``k=0`` skips the swap
+    test, ``progress`` shows a bar."""
     config = config or engine.config
-    if positions < 1 or k < 1:
-        raise ValueError(f"positions and k must be >= 1, got {positions} and {k}")
+    if positions < 1 or k < 0:
+        raise ValueError(f"positions must be >= 1 and k >= 0, got {positions} and {k}")
     stats = Stats()
     found: list[PositionDiagnosis] = []
     start = time.perf_counter()
@@ -191,7 +192,7 @@ def _swap_test(
 ) -> None:
     """Fill ``found``'s swap fields: the reward gradient's predicted changes against scored swaps. z: [V] the position's logits."""
     reward = engine.reward
-    if reward is None or not reward.differentiable:
+    if k == 0 or reward is None or not reward.differentiable:
         return
     g = reward_gradient(engine, prompt, committed, rest, stats)  # [V] ∂r/∂y at the position
     token = rest[0]
@@ -264,5 +265,5 @@ def summarize(found: Sequence[PositionDiagnosis], k: int) -> dict[str, Any]:
         "swap_pearson_mean": avg([p.swap_pearson for p in found]),
         "swap_sign_agreement": avg([p.swap_sign_agreement for p in found]),
         "swap_best_found_rate": avg([None if p.swap_best_found is None else float(p.swap_best_found) for p in found]),
-        "swap_best_chance": 1 / k,
+        "swap_best_chance": 1 / k if k else None,
     }

@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="arith:dev", help="arith:dev (default), arith:test, or a JSONL file with problem/final_answer")
     p.add_argument("--limit", type=int, default=8, help="questions (the first LIMIT)")
     p.add_argument("--positions", type=int, default=2, help="probed positions per question")
-    p.add_argument("--k", type=int, default=8, help="alternative tokens per position in the swap test")
+    p.add_argument("--k", type=int, default=8, help="alternative tokens per position in the swap test (0: no swap test)")
     p.add_argument("--json", action="store_true", help='print {"positions": [...], "summary": {...}, "stats": {...}}')
     add_model_flags(p)
     add_config_flags(p)
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         task = load_task(args.data, limit=args.limit)
-        if args.positions < 1 or args.k < 1:
-            raise ValueError("--positions and --k must be >= 1")
+        if args.positions < 1 or args.k < 0:
+            raise ValueError("--positions must be >= 1 and --k >= 0")
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"nabla-lc diagnose: {err}", file=sys.stderr)
         return 2

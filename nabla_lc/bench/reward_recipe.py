@@ -18,20 +18,25 @@ so that dev measurements of the reward stay honest (``docs/default-reward.md`` s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..config import NablaConfig
 from ..engine.core import Engine
+from ..engine.policy import Policy
 from ..rewards.default import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REWARD_FILE
-from ..rewards.train import Record, read_records, train_from_args
+from ..rewards.lora import LoRAReward
+from ..rewards.train import Record, SwapGroup, read_records, split, train_from_args
 from . import arith
 from .grading import MATH_INSTRUCTION
 
@@ -48,6 +53,8 @@ RESERVED_DEV = 100
 """The first this many dev questions (base seed) of each training level never train (``nabla-lc bench``'s default count)."""
 DEFAULT_QUESTIONS = 120
 """Training questions of the shipped recipe: every unreserved level-2 dev question."""
+DEFAULT_SWAP_STEPS = 40
+"""Steps of the second phase (Bradley-Terry plus swap consistency, one swap group a step) in the shipped recipe."""
 
 
 def training_problems(count: int, seed: int = TRAIN_SEED, levels: Sequence[int] = TRAIN_LEVELS) -> list[arith.Problem]:
@@ -114,6 +121,45 @@ def generate_records(
     return records
 
 
+@torch.no_grad()
+def swap_groups(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    answers: dict[str, str],
+    count: int,
+    k: int = 4,
+    seed: int = 0,
+    min_entropy: float = 0.25,
+    progress: bool = True,
+) -> list[SwapGroup]:
+    """One-token swaps of the policy's own responses, labeled by ``arith.check``: up to ``count`` groups.
+
+    For each of ``count`` records drawn with ``seed``: a position where the policy's next-token entropy (plain chat
+    prompt) exceeds ``min_entropy``, as the positions ∇ probes, and the policy's ``k`` most likely other tokens
+    there. ``answers`` maps each record's prompt to its reference answer (used by the checker only).
+    """
+    policy = Policy(model, tokenizer)
+    rng = random.Random(seed)
+    groups: list[SwapGroup] = []
+    for record in tqdm(rng.sample(list(records), min(count, len(records))), desc="swaps", unit="response", disable=not progress):
+        response = list(tokenizer(record.response, add_special_tokens=False)["input_ids"])
+        prompt = policy.template(record.prompt)
+        if not response:
+            continue
+        logits = model(input_ids=torch.tensor([prompt + response], device=policy.device)).logits[0, len(prompt) - 1 : -1].float()
+        logp = logits.log_softmax(-1)  # [n, V] the distribution each response token was drawn from
+        uncertain = [t for t, h in enumerate((-(logp.exp() * logp).sum(-1)).tolist()) if h > min_entropy]
+        if not uncertain:
+            continue
+        t = rng.choice(uncertain)
+        alternatives = [j for j in logits[t].topk(k + 1).indices.tolist() if j != response[t]][:k]
+        group = SwapGroup(record.prompt, tuple(response), t, tuple(alternatives), record.correct, ())
+        labels = tuple(arith.check(arith.extract_answer(tokenizer.decode(group.swapped(j))), answers[record.prompt]) for j in alternatives)
+        groups.append(dataclasses.replace(group, swapped_correct=labels))
+    return groups
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train-default-reward",
@@ -133,6 +179,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pairs per training step")
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of pairable questions held out for pairwise accuracy")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, the held-out split and training")
+    p.add_argument("--swap-steps", type=int, default=DEFAULT_SWAP_STEPS, help="steps of the second phase, Bradley-Terry plus swap consistency (0: none)")
+    p.add_argument("--swap-groups", type=int, default=DEFAULT_SWAP_STEPS, help="one-token swap groups drawn from the training responses")
+    p.add_argument("--swap-k", type=int, default=4, help="alternative tokens per swap group")
+    p.add_argument("--swap-weight", type=float, default=1.0, help="weight of the swap-consistency term")
+    p.add_argument("--swap-batch-size", type=int, default=4, help="Bradley-Terry pairs per step of the second phase")
+    p.add_argument("--init", type=Path, default=None, help="start the second phase from this reward file instead of training the first")
     p.add_argument("--out", type=Path, default=DEFAULT_REWARD_FILE, help="safetensors file to write (default: the packaged file)")
     p.set_defaults(func=run)
 
@@ -142,16 +194,29 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_embedded()
     records, generate_s = _records(args, model, tokenizer)
-    start = time.perf_counter()
-    report = train_from_args(args, model, tokenizer, records, objective="bt")
-    summary = {
+    summary: dict[str, Any] = {
         "out": str(args.out),
         "records": len(records),
         "fraction_correct": round(sum(r.correct for r in records) / len(records), 4),
         "generate_s": generate_s,
-        "train_s": round(time.perf_counter() - start, 1),
-        **asdict(report),
     }
+    start = time.perf_counter()
+    if args.init is not None:
+        reward = LoRAReward.load(args.init, model, tokenizer)
+    else:
+        reward, report = train_from_args(args, model, tokenizer, records, objective="bt")
+        summary.update(train_s=round(time.perf_counter() - start, 1), **asdict(report))
+    if args.swap_steps > 0:
+        start = time.perf_counter()
+        train, _ = split(records, args.heldout, args.seed)
+        answers = {p.problem: p.final_answer for p in training_problems(args.questions)}
+        groups = swap_groups(model, tokenizer, [r for r in train if r.prompt in answers], answers, args.swap_groups, args.swap_k, args.seed)
+        reward, report = train_from_args(
+            args, model, tokenizer, records, objective="bt", reward=reward, swaps=groups, swap_weight=args.swap_weight,
+            max_steps=args.swap_steps, batch_size=args.swap_batch_size, epochs=max(args.epochs, 1),
+        )
+        summary["swap_phase"] = {"train_s": round(time.perf_counter() - start, 1), **asdict(report)}
+    reward.save(args.out)
     print(json.dumps(summary))
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from .lora import DEFAULT_TARGETS, LoRAReward
@@ -33,6 +34,26 @@ class Record:
 
 
 @dataclass(frozen=True)
+class SwapGroup:
+    """A response and one-token swaps of it at one position (the rest fixed), each labeled by the checker."""
+
+    prompt: str
+    response: tuple[int, ...]
+    """Policy token ids of the response."""
+    position: int
+    """Index of the swapped token in ``response``."""
+    alternatives: tuple[int, ...]
+    """Tokens put in its place, one swap each."""
+    correct: bool
+    swapped_correct: tuple[bool, ...]
+    """The checker's label of each swapped response."""
+
+    def swapped(self, j: int) -> list[int]:
+        """The response with its token at :attr:`position` replaced by ``j``."""
+        return [*self.response[: self.position], j, *self.response[self.position + 1 :]]
+
+
+@dataclass(frozen=True)
 class TrainReport:
     """What training did and how well the reward ranks held-out pairs."""
 
@@ -44,6 +65,9 @@ class TrainReport:
     heldout_pairs: int
     heldout_accuracy: float | None
     """Fraction of held-out (correct, incorrect) pairs of one prompt ranked correctly; None without pairs."""
+    swap_groups: int = 0
+    """Swap groups the swap-consistency term trained on."""
+    final_swap_loss: float | None = None
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -98,44 +122,62 @@ def train_reward(
     seed: int = 0,
     heldout: float = 0.2,
     progress: bool = True,
+    swaps: Sequence[SwapGroup] = (),
+    swap_weight: float = 1.0,
+    reward: LoRAReward | None = None,
+    max_steps: int | None = None,
 ) -> tuple[LoRAReward, TrainReport]:
-    """Inject a LoRA reward into ``policy_model`` and fit it.
+    """Inject a LoRA reward into ``policy_model`` (or continue training ``reward``, already injected) and fit it.
 
     ``bt``: Bradley-Terry, ``-log sigmoid(r(correct) - r(incorrect))`` over pairs to the same prompt;
-    ``bce``: binary cross-entropy of ``sigmoid(r)`` against the label.
+    ``bce``: binary cross-entropy of ``sigmoid(r)`` against the label. With ``swaps``, each step also adds
+    ``swap_weight`` × :func:`swap_loss` of one swap group (taken in turn), so that the reward's input gradient
+    predicts what one-token swaps do to it, the quantity DTO relies on. ``max_steps`` stops training early.
     """
     if objective not in ("bt", "bce"):
         raise ValueError(f"objective must be 'bt' or 'bce', got {objective!r}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError("epochs and batch_size must be >= 1")
+    if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
+        raise ValueError("epochs, batch_size and max_steps must be >= 1")
     torch.manual_seed(seed)
     train, held = split(records, heldout, seed)
     items: list[Any] = pairs(train) if objective == "bt" else list(train)
     if not items:
         raise ValueError(f"no training {'pairs' if objective == 'bt' else 'records'} (records: {len(records)})")
-    reward = LoRAReward(policy_model, tokenizer, rank=rank, target_modules=target_modules)
+    if reward is None:
+        reward = LoRAReward(policy_model, tokenizer, rank=rank, target_modules=target_modules)
     reward.trainable(True)
     params = [*reward.adapter_parameters(), *reward.head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr)
     order = random.Random(seed)
-    steps_per_epoch = (len(items) + batch_size - 1) // batch_size
-    loss_value = float("nan")
-    with tqdm(total=epochs * steps_per_epoch, desc="train-reward", disable=not progress) as bar:
+    total = epochs * ((len(items) + batch_size - 1) // batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
+    loss_value, swap_value = float("nan"), None
+    step = 0
+    with tqdm(total=total, desc="train-reward", disable=not progress) as bar:
         for _ in range(epochs):
             order.shuffle(items)
             for start in range(0, len(items), batch_size):
+                if step == total:
+                    break
                 batch = items[start : start + batch_size]
                 with reward.adapter():  # why: keep the adapter on through backward
                     loss = _loss(reward, tokenizer, batch, objective)
+                    if swaps:
+                        swap = swap_loss(reward, swaps[step % len(swaps)])
+                        swap_value = float(swap.detach())
+                        loss = loss + swap_weight * swap
                     optimizer.zero_grad()
                     loss.backward()
                 optimizer.step()
+                step += 1
                 loss_value = float(loss.detach())
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", **({"swap": f"{swap_value:.4f}"} if swap_value is not None else {}))
     reward.trainable(False)
     accuracy, n_pairs = heldout_accuracy(reward, tokenizer, held, batch_size)
-    report = TrainReport(objective, epochs * steps_per_epoch, loss_value, len(train), len(held), n_pairs, accuracy)
+    report = TrainReport(
+        objective, step, loss_value, len(train), len(held), n_pairs, accuracy, min(len(swaps), step), swap_value
+    )
     log.info("trained the LoRA reward: %s", report)
     return reward, report
 
@@ -152,6 +194,45 @@ def _loss(reward: LoRAReward, tokenizer: Any, batch: Sequence[Any], objective: O
     values, _ = reward.values([r.prompt for r in batch], [_ids(tokenizer, r.response) for r in batch])
     labels = torch.tensor([float(r.correct) for r in batch], device=values.device)
     return F.binary_cross_entropy_with_logits(values, labels)
+
+
+def swap_loss(reward: LoRAReward, group: SwapGroup) -> torch.Tensor:
+    """How far the reward's first-order prediction of each swap misses its actual change, plus the checker's word.
+
+    The first term is the mean squared miss of :func:`swap_changes`, divided by the mean squared actual change
+    (scale-free; the actual change is a fixed target, so the gradient is fitted to the reward, not the reverse).
+    The second is Bradley-Terry on every swap that flips the checker's label, so the changes that matter are large.
+    Differentiates through the input gradient (a second-order pass).
+    """
+    predicted, r0, r1 = swap_changes(reward, group)
+    actual = (r1 - r0).detach()
+    miss = ((predicted - actual) ** 2).mean() / ((actual**2).mean() + 1e-4)
+    flips = [(n, c) for n, c in enumerate(group.swapped_correct) if c != group.correct]
+    if not flips:
+        return miss
+    margins = torch.stack([(r1[n] - r0) if c else (r0 - r1[n]) for n, c in flips])
+    return miss - F.logsigmoid(margins).mean()
+
+
+def swap_changes(reward: LoRAReward, group: SwapGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predicted [k], r(response), r(swapped) [k]), all differentiable in the reward's parameters, fp32.
+
+    predicted_j = ∂r/∂e_t · (E[j] − E[y_t]) through the input embedding e_t of the swapped position: the swap
+    test's g·(e_j − e_y).
+    """
+    with sdpa_kernel(SDPBackend.MATH):  # why: the fused CPU attention kernels have no second derivative
+        response = list(group.response)
+        lay = reward.layout(group.prompt, response)
+        ids = torch.tensor(response, dtype=torch.long, device=reward.embedding.device)
+        vecs = reward.vocab.embed_ids(ids, reward.embedding).detach().requires_grad_(True)  # [n, H]
+        hidden = reward.forward_hidden(reward.embeds(lay.ids, lay.source, vecs)[None])
+        r0 = reward.combine(reward.read(hidden[0, lay.reads])).float()
+        (grad,) = torch.autograd.grad(r0, vecs, create_graph=True)  # [n, H]
+        alternatives = torch.tensor(list(group.alternatives), dtype=torch.long, device=ids.device)
+        delta = reward.vocab.embed_ids(alternatives, reward.embedding) - vecs[group.position].detach()  # [k, H]
+        predicted = (delta.to(grad.dtype) @ grad[group.position]).float()
+        r1, _ = reward.values([group.prompt] * len(group.alternatives), [group.swapped(j) for j in group.alternatives])
+    return predicted, r0, r1.float()
 
 
 def heldout_accuracy(reward: LoRAReward, tokenizer: Any, records: Sequence[Record], batch_size: int = 8) -> tuple[float | None, int]:
@@ -190,24 +271,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def train_from_args(args: argparse.Namespace, model: nn.Module, tokenizer: Any, records: Sequence[Record], objective: str) -> TrainReport:
-    """Train with the shared flags (--rank, --target-modules, --epochs, --lr, --batch-size, --seed, --heldout) and save to --out."""
+def train_from_args(
+    args: argparse.Namespace, model: nn.Module, tokenizer: Any, records: Sequence[Record], objective: str, **extra: Any
+) -> tuple[LoRAReward, TrainReport]:
+    """Train with the shared flags (--rank, --target-modules, --epochs, --lr, --batch-size, --seed, --heldout); ``extra``
+    goes to :func:`train_reward` as it is (and overrides a flag of the same name)."""
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
-    reward, report = train_reward(
-        model,
-        tokenizer,
-        records,
-        rank=args.rank,
-        target_modules=targets,
-        objective=objective,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        heldout=args.heldout,
+    settings: dict[str, Any] = dict(
+        rank=args.rank, target_modules=targets, objective=objective, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, heldout=args.heldout,
     )
-    reward.save(args.out)
-    return report
+    return train_reward(model, tokenizer, records, **{**settings, **extra})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
 
     records = read_records(args.data)
     model, tokenizer = load_policy(args.policy, device=args.device)
-    report = train_from_args(args, model, tokenizer, records, args.objective)
+    reward, report = train_from_args(args, model, tokenizer, records, args.objective)
+    reward.save(args.out)
     print(json.dumps({"out": str(args.out), **asdict(report)}))
     return 0
