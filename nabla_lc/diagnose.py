@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .config import NablaConfig
 from .engine.accounting import Stats
 from .engine.core import Engine
-from .engine.decoder import entropy, proposal_sampling
+from .engine.decoder import entropy, gate, proposal_sampling
 from .engine.dto import DTORun, NonFiniteGradient, kl_rows
 from .engine.rollout import Sampling, differ_chance, rollout
 from .engine.types import Request
@@ -139,9 +139,7 @@ def _diagnose_request(
         if len(out) == positions:
             break
         z = first.logits[i]  # [V]
-        if entropy(z) <= config.entropy_threshold:
-            continue
-        if config.differ_threshold > 0 and differ_chance(z, tokens[i], proposal_sampling(config)) <= config.differ_threshold:
+        if gate(z, tokens[i], entropy(z), config) is not None:
             continue
         committed = tokens[:i]
         run = DTORun(policy, engine.reward, config, request.reward_prompt, prompt + committed, committed, tokens[i:], first.logits[i:], stats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Generator, Sequence
+from typing import Callable, Generator, Literal, Sequence
 
 import torch
 
@@ -58,6 +58,19 @@ def entropy(logits: torch.Tensor) -> float:
 def proposal_sampling(config: NablaConfig) -> Sampling:
     """The distribution a proposal is resampled from: softmax(z̃/τ) within the top-p nucleus."""
     return Sampling(config.tau, config.top_p)
+
+
+def gate(logits: torch.Tensor, token: int, h: float, config: NablaConfig) -> Literal["entropy", "differ"] | None:
+    """Why a position is committed without a probe, or None when it gets one. logits: [V]; h: their entropy.
+
+    ``entropy``: h is at most ε_ent; ``differ``: a proposal would repeat ``token`` but for a chance of at most
+    ``differ_threshold`` (a gate that is off at 0).
+    """
+    if h <= config.entropy_threshold:
+        return "entropy"
+    if config.differ_threshold > 0 and differ_chance(logits, token, proposal_sampling(config)) <= config.differ_threshold:
+        return "differ"
+    return None
 
 
 def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> list[tuple[str, float]]:
@@ -122,14 +135,13 @@ class Decoder:
         assert current.logits is not None
         self.stats.positions += 1
         index = len(self.committed)
-        z1 = current.logits[0]
+        z1, original = current.logits[0], current.tokens[0]
         h = entropy(z1)
-        if h <= self.config.entropy_threshold:
+        skip = gate(z1, original, h, self.config)
+        if skip == "entropy":
             self.stats.skipped_entropy += 1
             return self.commit(current, 1)
-        original = current.tokens[0]
-        sampling = proposal_sampling(self.config)
-        if self.config.differ_threshold > 0 and differ_chance(z1, original, sampling) <= self.config.differ_threshold:
+        if skip == "differ":
             self.stats.skipped_differ += 1
             return self.commit(current, 1)
         record = PositionRecord(index, original, self.policy.token_text(original), h, float("nan"))
@@ -141,7 +153,7 @@ class Decoder:
                 return self.commit(current, 1)
             record.kl = float(kl_rows(optimized[None], z1[None].float(), self.config.tau)[0])
             z1 = optimized
-        proposal = int(sample(z1[None], sampling, [self.generator])[0])
+        proposal = int(sample(z1[None], proposal_sampling(self.config), [self.generator])[0])
         if proposal == original:
             return self.commit(current, 1)
         return self.commit((yield from self.compare(current, proposal, record)), 1)
