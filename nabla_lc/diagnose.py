@@ -1,8 +1,8 @@
 """Does DTO move the policy, and does the reward's gradient know which token swaps raise the reward?
 
-For each question: one rollout from the prompt (the first rollout ∇ would make); then, along it, every position
-that passes the gates a ∇ decode applies before its probe (entropy, and ``differ_threshold``) gets, up to
-``positions`` per question:
+For each question: one rollout from the prompt (the first rollout ∇ would make); then, among the positions along
+it that pass the gates a ∇ decode applies before its probe (entropy, and ``differ_threshold``), ``positions``
+evenly spaced from the first to the last get:
 
 * a DTO run (probe + optimize, as the decoder runs it, whatever ε_grad says) and the size of its move: logit
   spread, max |z̃ − z|, KL(softmax(z̃/τ) ‖ softmax(z/τ)), total variation, the chance that a proposal differs from
@@ -135,12 +135,9 @@ def _diagnose_request(
     stats.rollouts += 1
     assert first.logits is not None
     tokens, out = first.tokens, []
-    for i in range(len(tokens)):
-        if len(out) == positions:
-            break
+    eligible = [i for i in range(len(tokens)) if gate(first.logits[i], tokens[i], entropy(first.logits[i]), config) is None]
+    for i in spread(eligible, positions):
         z = first.logits[i]  # [V]
-        if gate(z, tokens[i], entropy(z), config) is not None:
-            continue
         committed = tokens[:i]
         run = DTORun(policy, engine.reward, config, request.reward_prompt, prompt + committed, committed, tokens[i:], first.logits[i:], stats)
         try:
@@ -153,6 +150,15 @@ def _diagnose_request(
         _swap_test(engine, request.reward_prompt, committed, tokens[i:], z, found, k, stats)
         out.append(found)
     return out
+
+
+def spread(items: Sequence[int], count: int) -> list[int]:
+    """``count`` items evenly spaced from the first to the last (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    if count == 1:
+        return [items[0]]
+    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
 
 
 def _moves(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nabla_lc import Engine, NablaConfig, Stats
-from nabla_lc.diagnose import diagnose, pearson
+from nabla_lc.diagnose import diagnose, pearson, spread
 from nabla_lc.engine.dto import DTORun, kl_rows, straight_through_grad, trust_region
 from nabla_lc.engine.policy import Policy
 from nabla_lc.engine.rollout import Sampling, differ_chance, rollout
@@ -161,6 +161,12 @@ def test_diagnose_with_a_linear_reward_predicts_every_swap(tokenizer):
     assert s.probes == s.dto_runs == 6 and s.rollouts == 2
     assert s.reward_forward >= 6 * 6  # each position scores the response and its 5 swaps
     assert s.model_calls >= s.model_calls_paper > 0
+
+
+def test_spread_takes_evenly_spaced_positions():
+    assert spread([3, 5, 8, 9, 12, 20], 3) == [3, 8, 20]
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9]
+    assert spread([3, 5], 4) == [3, 5] and spread([3, 5, 7], 1) == [3]
 
 
 def test_pearson():
