@@ -58,7 +58,7 @@ def measure(policy: Policy, prompt_len: int, rollout_len: int, prefix_cache: boo
     @torch.no_grad()
     def forward() -> None:
         assert cached.cache is not None
-        policy.model(input_ids=ids, position_ids=positions, past_key_values=cached.cache, use_cache=True)
+        policy.model(input_ids=ids, position_ids=positions, cache=cached.cache, use_cache=True)
         restore_cache(cached.cache, cached.saved)
 
     assert torch.equal(hard, torch.tensor(tokens))

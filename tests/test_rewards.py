@@ -339,7 +339,7 @@ def test_lora_shares_backbone_and_leaves_policy_unchanged(tok: PreTrainedTokeniz
         assert not torch.allclose(policy(input_ids=ids).logits, reference)
     # the engine's call: soft inputs and a KV cache, adapter off
     embeds = F.one_hot(ids, VOCAB).float() @ policy.get_input_embeddings().weight
-    out = policy(inputs_embeds=embeds, past_key_values=DynamicCache(config=policy.config), use_cache=True)
+    out = policy(inputs_embeds=embeds, cache=DynamicCache(config=policy.config), use_cache=True)
     torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=0)
     assert not any(p.requires_grad for p in policy.parameters())
     check_adapter(reward, PROMPTS, responses(tok), VOCAB)

@@ -86,7 +86,7 @@ def encode_prefix(policy: Policy, ids: Sequence[int], stats: Stats, keep_cache: 
     """One forward pass over the prefix; its cache serves every DTO step of the run."""
     cache = DynamicCache() if keep_cache else None
     x = torch.tensor([list(ids)], device=policy.device)
-    out = policy.model(input_ids=x, past_key_values=cache, use_cache=keep_cache)
+    out = policy.model(input_ids=x, cache=cache, use_cache=keep_cache)
     stats.count_policy(1, len(ids))
     return PolicyPrefix(list(ids), cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(cache))
 
@@ -102,7 +102,7 @@ def extend_prefix(policy: Policy, prefix: PolicyPrefix, ids: Sequence[int], stat
         return prefix
     x = torch.tensor([ids[P:]], device=policy.device)
     positions = torch.arange(P, len(ids), device=policy.device)[None]
-    out = policy.model(input_ids=x, position_ids=positions, past_key_values=prefix.cache, use_cache=True)
+    out = policy.model(input_ids=x, position_ids=positions, cache=prefix.cache, use_cache=True)
     stats.count_policy(1, len(ids) - P)
     return PolicyPrefix(ids, prefix.cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(prefix.cache))
 
@@ -123,7 +123,7 @@ def token_logprobs(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: 
     if prefix.cache is not None:
         positions = torch.arange(P, P + L, device=policy.device)[None]
         try:
-            out = policy.model(inputs_embeds=emb, position_ids=positions, past_key_values=prefix.cache, use_cache=True)
+            out = policy.model(inputs_embeds=emb, position_ids=positions, cache=prefix.cache, use_cache=True)
         finally:
             restore_cache(prefix.cache, prefix.saved)  # why: the next step reuses the prefix entries only, graph-free
         logits = out.logits[0]

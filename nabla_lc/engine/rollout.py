@@ -110,7 +110,7 @@ def rollout(
     ids, mask = _left_pad([prefixes[b] for b in active], policy.pad_id, policy.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     for b in active:
         stats[b].count_policy(1, len(prefixes[b]))
     logits = out.logits[:, -1].float()  # [B_active, V]
@@ -142,7 +142,7 @@ def rollout(
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = policy.model(
-            input_ids=step[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=step[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
         for b in active:
             stats[b].count_policy(1, 1)

@@ -188,7 +188,7 @@ class TransformerReward(RewardAdapter):
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=cache is not None,
             )
         return out.last_hidden_state
