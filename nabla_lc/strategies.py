@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .engine.decoder import Decoder, decode_together
 from .engine.rollout import Rollout, Sampling, rollout
 from .engine.stream import cut_at_stop
 from .engine.types import AnswerExtractor, Request, Result, TokenCallback
-from .rewards.base import NoGradientError
+from .rewards.base import NoGradientError, rank
 
 if TYPE_CHECKING:
     from .engine.core import Engine
@@ -86,7 +87,7 @@ Chooser = Callable[[list[str | None], list[float] | None], int]
 
 def _max_reward(answers: list[str | None], rewards: list[float] | None) -> int:
     assert rewards is not None
-    return max(range(len(rewards)), key=lambda j: rewards[j])
+    return max(range(len(rewards)), key=lambda j: rank(rewards[j]))
 
 
 def _majority(answers: list[str | None], rewards: list[float] | None) -> int:
@@ -104,12 +105,12 @@ def _weighted(answers: list[str | None], rewards: list[float] | None) -> int:
     assert rewards is not None
     totals: dict[str, float] = defaultdict(float)
     for a, r in zip(answers, rewards):
-        if a is not None:
+        if a is not None and math.isfinite(r):  # why: one NaN or inf would decide (or poison) its answer's total
             totals[a] += r
     if not totals:
         return _max_reward(answers, rewards)
     winner = max(totals, key=lambda a: totals[a])
-    return max((j for j, a in enumerate(answers) if a == winner), key=lambda j: rewards[j])
+    return max((j for j, a in enumerate(answers) if a == winner), key=lambda j: rank(rewards[j]))
 
 
 @dataclass
@@ -174,6 +175,8 @@ def draw(
             batch = Stats()
             rewards = engine.score(request.reward_prompt, [s.tokens for s in group], batch)
             _share_reward(batch, group_stats)
+            for sample_stats, value in zip(group_stats, rewards):  # why: a selection at N < n counts only its own samples
+                sample_stats.nonfinite_rewards += not math.isfinite(value)
         sets.append(SampleSet(request, group, texts, [extract(t) for t in texts], rewards, group_stats, 0.0, 0.0))
     done = time.perf_counter()
     for sample_set in sets:

@@ -58,6 +58,8 @@ class Stats:
     """Positions committed without a probe because a resample would almost surely repeat the rollout's token."""
     nonfinite_gradients: int = 0
     """Probes or DTO runs abandoned because a gradient was NaN or infinite (the rollout's token is kept)."""
+    nonfinite_rewards: int = 0
+    """Scored responses whose reward was NaN or infinite (ranked below every finite reward, with a warning)."""
     positions: int = 0
     """Positions the decoder committed, one token each, before finishing without search."""
     response_tokens: int = 0

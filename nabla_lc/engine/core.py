@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..answers import find_answer
 from ..config import ConfigError, NablaConfig
-from ..rewards.base import RewardAdapter
+from ..rewards.base import RewardAdapter, checked_scores
 from .accounting import Stats
 from .policy import Policy
 from .stream import TextStream
@@ -119,7 +120,13 @@ class Engine:
         reward = self.require_reward("scoring")
         scores = reward.score([prompt] * len(responses), [list(r) for r in responses])
         stats.count_reward(scores.passes, scores.tokens)
-        return [float(v) for v in scores.values]
+        values = checked_scores(reward, scores, len(responses))
+        nonfinite = sum(not math.isfinite(v) for v in values)
+        if nonfinite:
+            name = type(reward).__name__
+            log.warning("%s gave %d of %d responses a NaN or infinite reward; they rank below every finite one", name, nonfinite, len(values))
+            stats.nonfinite_rewards += nonfinite
+        return values
 
     def require_reward(self, what: str) -> RewardAdapter:
         if self.reward is None:

@@ -9,7 +9,7 @@ from typing import Callable, Generator, Literal, Sequence
 import torch
 
 from ..config import NablaConfig
-from ..rewards.base import RewardAdapter, RewardPrefix
+from ..rewards.base import RewardAdapter, RewardPrefix, rank
 from .accounting import Stats
 from .dto import DTORun, NonFiniteGradient, PolicyPrefix, ProbePass, encode_prefix, extend_prefix, gradient_reward, kl_rows
 from .policy import Policy
@@ -224,7 +224,7 @@ class Decoder:
         # why: both full responses go through one batched pass, so they are scored identically
         r_current, r_proposal = self.score(self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
         record.reward_current, record.reward_proposal = r_current, r_proposal
-        record.accepted = r_proposal > r_current
+        record.accepted = rank(r_proposal) > rank(r_current)
         if record.accepted:
             self.reward_value = r_proposal
             return candidate

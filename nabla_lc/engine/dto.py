@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from ..config import NablaConfig
 from ..numerics import upcast
-from ..rewards.base import RewardAdapter, RewardPrefix
+from ..rewards.base import RewardAdapter, RewardPrefix, checked_soft
 from .accounting import Stats
 from .policy import Policy
 
@@ -292,7 +292,7 @@ class DTORun:
             extra = 0 if prefix.cache is not None else len(prefix.ids)
             if self.reward is not None:
                 assert reward_prefix is not None
-                soft = self.reward.score_soft(reward_prefix, y)
+                soft = checked_soft(self.reward, self.reward.score_soft(reward_prefix, y))
                 loss = loss - self.config.reward_weight * soft.value
             loss.backward()
         self.stats.count_policy(1, L + extra)

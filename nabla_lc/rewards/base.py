@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -13,6 +14,10 @@ RewardKind = Literal["outcome", "process"]
 
 class NoGradientError(RuntimeError):
     """The reward cannot take gradients with respect to token vectors."""
+
+
+class RewardOutputError(ValueError):
+    """A reward adapter returned something other than what its interface promises; the message names the adapter."""
 
 
 @dataclass
@@ -86,3 +91,29 @@ class RewardAdapter(ABC):
 
     def check_vocab(self, policy_tokenizer: Any) -> None:
         """Raise a clear error when the policy's tokens cannot be fed to this reward."""
+
+
+# --- checking what adapters return (the one place; the engine calls these on every reward output) ---------
+
+
+def checked_scores(adapter: RewardAdapter, scores: Scores, count: int) -> list[float]:
+    """The rewards of :meth:`RewardAdapter.score` as floats, after checking there is one per response."""
+    values = scores.values
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (count,):
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise RewardOutputError(f"{type(adapter).__name__}.score returned values of shape {shape} for {count} responses; expected ({count},)")
+    return [float(v) for v in values.detach().float().cpu()]
+
+
+def checked_soft(adapter: RewardAdapter, soft: SoftScore) -> SoftScore:
+    """A :meth:`RewardAdapter.score_soft` result, after checking it is one differentiable number."""
+    value = soft.value
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+        what = f"shape {tuple(value.shape)}, requires_grad={value.requires_grad}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise RewardOutputError(f"{type(adapter).__name__}.score_soft returned {what}; expected one differentiable number")
+    return SoftScore(value.reshape(()), soft.passes, soft.tokens)
+
+
+def rank(reward: float) -> float:
+    """The value rewards are compared by: a NaN or infinite reward ranks below every finite one."""
+    return reward if math.isfinite(reward) else -math.inf

@@ -116,6 +116,12 @@ class TransformerReward(RewardAdapter):
         self.embedding: torch.Tensor = module.weight  # [V_reward, H]
         self.embed_scale = float(getattr(module, "embed_scale", 1.0))  # models that scale inside the embedding module
         self.policy_tokenizer = policy_tokenizer if policy_tokenizer is not None else tokenizer
+        rows = int(self.embedding.shape[0])
+        if rows < len(tokenizer):  # why: otherwise the first token past the last row fails mid-decode with an IndexError
+            raise VocabMismatchError(
+                f"{type(self).__name__}: the reward model's input embedding has {rows} rows but its tokenizer has "
+                f"{len(tokenizer)} tokens; load the tokenizer that belongs to the reward model"
+            )
         self.vocab: VocabMap = check_vocab(self.policy_tokenizer, tokenizer, bridge=vocab_bridge)
 
     def check_vocab(self, policy_tokenizer: Any) -> None:
