@@ -13,6 +13,8 @@ COMMANDS: tuple[str, ...] = ("nabla_lc.solve", "nabla_lc.diagnose_cli", "nabla_l
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+EXPECTED_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+"""Errors of input, files and installation (a bad flag value, a missing model or package, an output in use): one line, exit 2."""
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         importlib.import_module(name).add_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EXPECTED_ERRORS as err:
+        if args.verbose:
+            raise  # why: --verbose keeps the traceback for a bug report
+        print(f"nabla-lc: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

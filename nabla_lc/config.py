@@ -101,7 +101,7 @@ class NablaConfig:
         _check(_finite(self.reward_weight) and self.reward_weight >= 0, "reward_weight", f"must be >= 0, got {self.reward_weight!r}")
         _check(_is_int(self.dto_steps) and self.dto_steps >= 0, "dto_steps", f"must be an integer >= 0, got {self.dto_steps!r}")
         _check(_finite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
-        _check(_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr], got {self.min_lr!r}")
+        _check(_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, NablaConfig.lr = {self.lr!r}], got {self.min_lr!r}")
         _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         _check(_finite(self.tau) and self.tau > 0, "tau", f"must be > 0, got {self.tau!r}")
         _check(_finite(self.st_tau) and self.st_tau > 0, "st_tau", f"must be > 0, got {self.st_tau!r}")
@@ -120,6 +120,9 @@ class NablaConfig:
             "no_gradient_reward",
             f"must be 'likelihood' or 'error', got {self.no_gradient_reward!r}",
         )
+        for f in fields(self):
+            if f.type == "bool":  # every switch, including ones added later (annotations are strings here)
+                _check(isinstance(getattr(self, f.name), bool), f.name, f"must be True or False, got {getattr(self, f.name)!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "NablaConfig":
@@ -132,7 +135,7 @@ class NablaConfig:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ConfigError(f"unknown NablaConfig field(s) {unknown}; known fields: {sorted(known)}")
-        if "stop" in changes and changes["stop"] is not None and not isinstance(changes["stop"], tuple):
+        if isinstance(changes.get("stop"), list):  # why: JSON (to_dict, --set) has lists; any other type is checked as given
             changes["stop"] = tuple(changes["stop"])
         return dataclasses.replace(self, **changes)
 
@@ -151,4 +154,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False

@@ -60,26 +60,20 @@ def parse_list(text: str, kind: type = str) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark (or merge) as the flags say."""
-    try:
-        if args.merge is not None:
-            write_report(args.merge, merge_results(args.merge))
-            return 0
-        if args.data is None or args.out is None:
-            raise ValueError("--data and --out are required (or --merge DIR)")
-        config = base_config(args).replace(**parse_sets(args.set))
-        if args.seed is not None:
-            config = config.replace(seed=args.seed)
-        methods, ns = parse_list(args.methods), parse_list(args.n, int)
-        jobs(methods, ns)  # why: reject bad methods or N before loading any model
-        shard = parse_shard(args.shard) if args.shard else None
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"nabla-lc bench: {exc}") from exc
+    """Run the benchmark (or merge) as the flags say; bad input raises (``nabla-lc`` prints it as one line)."""
+    if args.merge is not None:
+        write_report(args.merge, merge_results(args.merge))
+        return 0
+    if args.data is None or args.out is None:
+        raise ValueError("--data and --out are required (or --merge DIR)")
+    config = base_config(args).replace(**parse_sets(args.set))
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    methods, ns = parse_list(args.methods), parse_list(args.n, int)
+    jobs(methods, ns)  # why: reject bad methods or N before loading any model
+    shard = parse_shard(args.shard) if args.shard else None
     with Grader(args.grade_timeout) as grader:
-        try:
-            task = load_task(args.data, limit=args.limit, grader=grader)
-        except (ValueError, FileNotFoundError) as exc:
-            raise SystemExit(f"nabla-lc bench: {exc}") from exc
+        task = load_task(args.data, limit=args.limit, grader=grader)
         engine = load_engine(args, config)
         run_info = {"policy": args.policy, "reward": args.reward}
         rows = run_bench(

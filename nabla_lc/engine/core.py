@@ -52,7 +52,14 @@ class Engine:
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> Request:
-        """A request for a user prompt, templated with the chat template when ``chat``."""
+        """A request for a user prompt, templated with the chat template when ``chat``.
+
+        A prompt or system message that is not a ``str`` raises ``TypeError``; one that is not valid Unicode text
+        (lone surrogates, as undecodable bytes become) raises ``ValueError``; bad other fields: see :class:`Request`.
+        """
+        checked_text("prompt", prompt)
+        if system is not None:
+            checked_text("system", system)
         ids = self.policy.template(prompt, system=system, chat=chat)
         return Request(tuple(ids), prompt, seed, max_new_tokens, tuple(stop) if stop is not None else None)
 
@@ -64,7 +71,12 @@ class Engine:
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> Request:
-        """A request for a conversation (role/content dicts); the reward sees the last user message."""
+        """A request for a conversation (role/content dicts); the reward sees the last user message.
+
+        Contents are checked as :meth:`request` checks a prompt.
+        """
+        for i, m in enumerate(messages):
+            checked_text(f"messages[{i}]['content']", m["content"])
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users or not any(m["content"].strip() for m in messages):
             raise ValueError("the conversation has no user message")
@@ -136,8 +148,11 @@ class Engine:
     # --- helpers for the methods --------------------------------------------------------------
     def budget(self, request: Request, config: NablaConfig) -> int:
         """Response tokens allowed: the request's or config's max, within the model's context."""
-        wanted = request.max_new_tokens or config.max_new_tokens
-        return min(wanted, self.policy.max_length - len(request.prompt_ids))
+        return min(self._wanted(request, config), self.policy.max_length - len(request.prompt_ids))
+
+    @staticmethod
+    def _wanted(request: Request, config: NablaConfig) -> int:
+        return request.max_new_tokens if request.max_new_tokens is not None else config.max_new_tokens
 
     def stop(self, request: Request, config: NablaConfig) -> tuple[str, ...]:
         return request.stop if request.stop is not None else config.stop
@@ -177,8 +192,19 @@ class Engine:
             raise ValueError(
                 f"the prompt has {len(request.prompt_ids)} tokens, which fills the model's context of {self.policy.max_length}"
             )
-        if (request.max_new_tokens or config.max_new_tokens) > room:
+        if self._wanted(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
+
+
+def checked_text(name: str, value: Any) -> str:
+    """``value`` when it is a ``str`` of valid Unicode text; else ``TypeError`` (not a str) or ``ValueError``, naming ``name``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # why: lone surrogates (undecodable input bytes) would reach the tokenizer's TypeError
+        raise ValueError(f"{name} is not valid Unicode text: {err.reason} at index {err.start} ({value[err.start:err.end]!r})") from None
+    return value
 
 
 __all__ = ["Engine"]

@@ -13,7 +13,7 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt to decode."""
+    """One prompt to decode. An invalid field raises ``ValueError`` naming it (``Request.<field> ...``)."""
 
     prompt_ids: tuple[int, ...]
     """The prompt after templating, in the policy's vocabulary."""
@@ -25,6 +25,16 @@ class Request:
     """Overrides the config's max_new_tokens for this request."""
     stop: tuple[str, ...] | None = None
     """Overrides the config's stop strings for this request."""
+
+    def __post_init__(self) -> None:
+        ids_ok = isinstance(self.prompt_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.prompt_ids)
+        _check(ids_ok, "prompt_ids", "a tuple of token ids", self.prompt_ids)
+        _check(isinstance(self.reward_prompt, str), "reward_prompt", "a string", self.reward_prompt)
+        _check(self.seed is None or _is_int(self.seed), "seed", "an integer or None", self.seed)
+        budget_ok = self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1)
+        _check(budget_ok, "max_new_tokens", "None (the config's) or an integer >= 1", self.max_new_tokens)
+        stop_ok = self.stop is None or (isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop))
+        _check(stop_ok, "stop", "None (the config's) or a tuple of non-empty strings", self.stop)
 
 
 @dataclass
@@ -52,3 +62,12 @@ TokenCallback = Callable[[int, str], None]
 
 AnswerExtractor = Callable[[str], "str | None"]
 
+
+
+def _check(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"Request.{name} must be {expected}, got {value!r:.80}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
