@@ -145,3 +145,59 @@ def test_timeout_kills_the_grading_process_and_recovers() -> None:
             verdict = pool.submit(grader.grade, "9^{9^{9^{9}}}", "1").result()  # math-verify would compute for minutes
         assert verdict.timed_out and not verdict.correct and verdict.math_verify is None
         assert grader.grade("4", "4").correct  # a fresh process took over
+
+
+def test_normalization_is_linear_on_a_digit_followed_by_many_spaces() -> None:
+    """Once 9 s for a 199-token response, in the main process; 200,000 spaces would have taken about half an hour."""
+    import subprocess
+    import sys
+
+    from nabla_lc.bench import grading
+
+    script = (
+        "import runpy, sys; normalize = runpy.run_path(sys.argv[1])['normalize_answer']; "  # the file alone: no torch import
+        "print(normalize('1' + ' ' * 200_000 + 'x'), normalize('12' + ' ' * 200_000 + 'cm'))"
+    )
+    # why a subprocess with a generous limit: a regression fails in a minute instead of hanging the suite for half an hour
+    done = subprocess.run([sys.executable, "-c", script, grading.__file__], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["1x", "12"]
+
+
+@pytest.mark.parametrize("answer, expected", [("5 cm", "5"), ("5 \\ cm", "5"), ("12 \\ \\text{degrees}", "12"), ("3 m^2", "3")])
+def test_trailing_units_are_still_removed(answer: str, expected: str) -> None:
+    assert normalize_answer(answer) == expected
+
+
+def test_a_missing_grading_package_is_named_before_the_grading_process_starts(monkeypatch) -> None:
+    import importlib.util
+
+    from nabla_lc.bench import grading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(grading.importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    g = Grader(timeout_s=5)
+    with pytest.raises(grading.MissingDependencyError, match=r"math-verify, not installed here; install the bench extra: pip install 'nabla-lc\[bench\]'"):
+        g.grade("1", "1")
+    assert g._process is None
+
+
+def test_a_grading_process_that_dies_on_start_says_so(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / "math_verify.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # only the child sees the broken package
+    with Grader(timeout_s=5) as g, pytest.raises(RuntimeError, match="exited with code 1 before it was ready"):
+        g.grade("1", "1")
+
+
+def test_bench_without_its_extra_names_the_package_before_loading_a_model(monkeypatch, tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    from nabla_lc.bench import cli as bench_cli
+    from nabla_lc.bench import grading
+    from nabla_lc.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(grading.importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    monkeypatch.setattr(bench_cli, "load_engine", lambda *a: pytest.fail("a model was loaded"))
+    argv = ["bench", "--data", "arith", "--limit", "1", "--methods", "greedy", "--reward", "none", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "nabla-lc: error: the benchmarks need math-verify, not installed here; install the bench extra: pip install 'nabla-lc[bench]'\n"

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..cli import add_model_flags, base_config, load_engine
 from ..config import ConfigError
-from .grading import DEFAULT_TIMEOUT_S, Grader
+from .grading import DEFAULT_TIMEOUT_S, Grader, require_bench_extra
 from .report import write_report
 from .runner import jobs, load_task, merge_results, parse_shard, run_bench
 
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     methods, ns = parse_list(args.methods), parse_list(args.n, int)
     jobs(methods, ns)  # why: reject bad methods or N before loading any model
     shard = parse_shard(args.shard) if args.shard else None
+    require_bench_extra()  # why: before loading any model, not when the first answer is graded or plotted
     with Grader(args.grade_timeout) as grader:
         task = load_task(args.data, limit=args.limit, grader=grader)
         engine = load_engine(args, config)

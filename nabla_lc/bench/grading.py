@@ -11,6 +11,7 @@ unlike math-verify's own ``signal.alarm`` timeouts, which are switched off here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -20,16 +21,34 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """The system message of math prompts (Qwen2.5-Math's chain-of-thought prompt)."""
 
+BENCH_EXTRA = "pip install 'nabla-lc[bench]'"
+"""How to install the packages the benchmarks need."""
+BENCH_PACKAGES = {"math_verify": "math-verify", "sympy": "sympy", "matplotlib": "matplotlib"}
+"""Import name -> distribution name of the ``bench`` extra's packages."""
+GRADING_MODULES = ("math_verify", "sympy")
+"""What the grading process imports."""
+
 DEFAULT_TIMEOUT_S = 10.0
 """Seconds one grader may spend on one comparison before it is stopped."""
 _START_TIMEOUT_S = 120.0
+
+
+class MissingDependencyError(ModuleNotFoundError):
+    """An optional package is not installed; the message names it and the install command."""
+
+
+def require_bench_extra(modules: Iterable[str] = tuple(BENCH_PACKAGES)) -> None:
+    """Raise :class:`MissingDependencyError` unless every one of ``modules`` (of :data:`BENCH_PACKAGES`) is installed."""
+    missing = [BENCH_PACKAGES[m] for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"the benchmarks need {', '.join(missing)}, not installed here; install the bench extra: {BENCH_EXTRA}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +72,9 @@ _UNITS = (
     "days", "day", "weeks", "years", "dollars", "dollar", "cents", "cent", "units", "unit", "square", "sq",
     "cubic", "pounds", "ounces", "grams", "kg", "liters", "students", "people", "points", "ways", "percent",
 )
-_TRAILING_UNIT = re.compile(r"(\d)\s*(?:\\,|\\ )?\s*(?:" + "|".join(_UNITS) + r")(?:\^?\{?[23]\}?)?\s*$")
+# why ``\s*(?:(?:\\,|\\ )\s*)?`` and not ``\s*(?:\\,|\\ )?\s*``: two adjacent ``\s*`` split a run of n spaces n ways,
+# so a digit followed by many spaces took quadratic time (26 s on one 387-token response)
+_TRAILING_UNIT = re.compile(r"(\d)\s*(?:(?:\\,|\\ )\s*)?(?:" + "|".join(_UNITS) + r")(?:\^?\{?[23]\}?)?\s*$")
 
 
 def normalize_answer(answer: str) -> str:
@@ -275,12 +296,19 @@ class Grader:
         return self._process.stdout.readline() or None if ready else None
 
     def _start(self) -> None:
+        require_bench_extra(GRADING_MODULES)  # why: a process that dies on its imports would read as a start timeout
         # why a fresh interpreter (not fork): forking is unsafe from threads and with CUDA
         self._process = subprocess.Popen(
             [sys.executable, "-c", _RUN_FILE, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
         if self._read(_START_TIMEOUT_S) is None:
+            try:  # why wait: a process that closed its output is exiting, but may not be reaped yet
+                code: int | None = self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
             self._stop()
+            if code is not None:
+                raise RuntimeError(f"the grading process exited with code {code} before it was ready (its error is printed above)")
             raise RuntimeError(f"the grading process did not start within {_START_TIMEOUT_S} s")
 
     def _stop(self) -> None:
