@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .output import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -155,8 +157,8 @@ def write_report(out_dir: Path | str, rows: Sequence[dict[str, Any]], title: str
         count = len({r["id"] for r in paired})
         summary["common_problems"] = count
         markdown += "\n" + to_markdown(summary["common"], f"The {count} problems every method and N has (paired)").replace("# ", "## ", 1)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.md", markdown)
     plotted = summary["common"] if partial else groups
     if plotted:
         plot_scaling(plotted, out_dir / "scaling.png")

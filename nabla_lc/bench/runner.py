@@ -2,14 +2,15 @@
 
 Results go to ``results.jsonl`` (or ``results.shard-i-of-n.jsonl`` for a shard), appended after every
 batch, so an interrupted run resumes where it stopped: a (problem, method, N) already in the file is
-never decoded again.
+never decoded again. Every write goes through :mod:`nabla_lc.bench.output` (atomic replacements, synced
+appends, one writer per results file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from ..config import METHODS, NablaConfig
 from .grading import MATH_INSTRUCTION, Grader, Verdict, extract_answer
+from .output import append_jsonl, output_lock, write_atomic, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +145,23 @@ def jobs(methods: Sequence[str], ns: Sequence[int]) -> list[tuple[str, int]]:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results file; a line cut by a crash is dropped (and removed from the file)."""
+    """The rows of a results file, repairing what a crash left (callers hold :func:`output_lock` of ``path``).
+
+    A line cut by a crash is dropped; a last row whose newline was cut is kept, and the file is rewritten
+    (atomically) so the next row starts on a line of its own.
+    """
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     rows = []
     for line in lines:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             log.warning("%s: dropping an unreadable line (an interrupted write): %.60s", path, line)
-    if len(rows) != len(lines):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if len(rows) != len(lines) or (text and not text.endswith("\n")):
+        write_jsonl(path, rows)
     return rows
 
 
@@ -176,7 +183,8 @@ def run_bench(
     Problem ``i`` of the task belongs to shard ``(i mod n)``; its request seed is ``base_config.seed + i``
     (so a shard, a batch size or a resume never changes a problem's seed). ``batch_size`` problems go to
     each ``engine.generate`` call. ``run_info`` (model names and the like) is stored in ``run.json`` with the
-    task and config; a rerun into the same directory with different settings is refused.
+    task and config; a rerun into the same directory with different settings is refused, and so is a second
+    run into a results file in use (:class:`~nabla_lc.bench.output.OutputInUseError`, naming the lock).
 
     ``share_samples``: bon, sc and weighted_bon at every N come from one set of max(N) samples per problem,
     scored once (the engine's ``sample``/``select``). Answers and model calls are those of separate runs;
@@ -186,35 +194,35 @@ def run_bench(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_info(out_dir, {"task": task.info, "config": _base_dict(base_config), **(run_info or {})})
     path = results_path(out_dir, shard)
-    rows = read_results(path)
-    done = {(r["id"], r["method"], r["n"]) for r in rows}
-    indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
-    pairs = jobs(methods, ns)
-    shared = [(m, n) for m, n in pairs if share_samples and m in SHARED_METHODS]
-    todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in pairs if (m, n) not in shared]
-    shared_items = [(i, p) for i, p in indexed if any((p.id, m, n) not in done for m, n in shared)]
-    total = sum(len(items) for _, _, items in todo) + sum((p.id, m, n) not in done for _, p in indexed for m, n in shared)
-    log.info("%s: %d of %d (problem, method, N) items to run", path, total, len(indexed) * len(pairs))
-    with path.open("a", encoding="utf-8") as out, tqdm(total=total, desc=task.name, unit="item") as bar:
+    with output_lock(path):  # why: two runs into one results file would interleave and duplicate rows
+        _check_run_info(out_dir, {"task": task.info, "config": _base_dict(base_config), **(run_info or {})})
+        rows = read_results(path)
+        done = {(r["id"], r["method"], r["n"]) for r in rows}
+        indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
+        pairs = jobs(methods, ns)
+        shared = [(m, n) for m, n in pairs if share_samples and m in SHARED_METHODS]
+        todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in pairs if (m, n) not in shared]
+        shared_items = [(i, p) for i, p in indexed if any((p.id, m, n) not in done for m, n in shared)]
+        total = sum(len(items) for _, _, items in todo) + sum((p.id, m, n) not in done for _, p in indexed for m, n in shared)
+        log.info("%s: %d of %d (problem, method, N) items to run", path, total, len(indexed) * len(pairs))
+        with path.open("a", encoding="utf-8") as out, tqdm(total=total, desc=task.name, unit="item") as bar:
 
-        def write(new: list[dict[str, Any]]) -> None:
-            out.write("".join(json.dumps(r) + "\n" for r in new))
-            out.flush()  # why: a crash loses at most the batch in flight
-            rows.extend(new)
-            bar.update(len(new))
+            def write(new: list[dict[str, Any]]) -> None:
+                append_jsonl(out, new)
+                rows.extend(new)
+                bar.update(len(new))
 
-        for method, n, items in todo:
-            config = base_config.replace(method=method, n=n)
-            bar.set_postfix(method=method, n=n)
-            for start in range(0, len(items), batch_size):
-                write(_run_batch(engine, task, config, items[start : start + batch_size]))
-        if shared_items:
-            bar.set_postfix(methods="+".join(dict.fromkeys(m for m, _ in shared)), n=max(n for _, n in shared))
-            for start in range(0, len(shared_items), batch_size):
-                write(_run_shared(engine, task, base_config, shared, done, shared_items[start : start + batch_size]))
-    return rows
+            for method, n, items in todo:
+                config = base_config.replace(method=method, n=n)
+                bar.set_postfix(method=method, n=n)
+                for start in range(0, len(items), batch_size):
+                    write(_run_batch(engine, task, config, items[start : start + batch_size]))
+            if shared_items:
+                bar.set_postfix(methods="+".join(dict.fromkeys(m for m, _ in shared)), n=max(n for _, n in shared))
+                for start in range(0, len(shared_items), batch_size):
+                    write(_run_shared(engine, task, base_config, shared, done, shared_items[start : start + batch_size]))
+        return rows
 
 
 SHARED_METHODS = ("bon", "sc", "weighted_bon")
@@ -289,10 +297,11 @@ def merge_results(out_dir: Path | str) -> list[dict[str, Any]]:
     paths = sorted(p for p in out_dir.iterdir() if _SHARD_FILE.match(p.name))
     if not paths and not (out_dir / RESULTS).exists():
         raise FileNotFoundError(f"no results.jsonl or results.shard-i-of-n.jsonl in {out_dir}")
-    rows = sort_rows(_unique(r for p in [out_dir / RESULTS, *paths] for r in read_results(p)))
-    tmp = out_dir / (RESULTS + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out_dir / RESULTS)  # why: a crash never leaves a half-written results.jsonl
+    with contextlib.ExitStack() as locks:
+        for path in [out_dir / RESULTS, *paths]:  # why: a shard still running is an error, not a half-merged file
+            locks.enter_context(output_lock(path))
+        rows = sort_rows(_unique(r for p in [out_dir / RESULTS, *paths] for r in read_results(p)))
+        write_jsonl(out_dir / RESULTS, rows)
     log.info("merged %d shard file(s) into %s: %d rows", len(paths), out_dir / RESULTS, len(rows))
     return rows
 
@@ -327,6 +336,4 @@ def _check_run_info(out_dir: Path, info: dict[str, Any]) -> None:
             changed += [f"config.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(changed)} differ); use a new --out")
         return
-    tmp = out_dir / f"{RUN_INFO}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # why: concurrent shards may write it at once
+    write_atomic(path, json.dumps(info, indent=2) + "\n")  # why atomic: concurrent shards may write it at once
