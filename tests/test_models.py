@@ -366,3 +366,55 @@ def test_real_copy_matches_the_gguf_model(converted: SimpleNamespace) -> None:
         reference_greedy = reference.generate(**ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(greedy, reference_greedy)
     assert "12" in converted.tokenizer.decode(greedy[0, ids["input_ids"].shape[1] :])
+
+
+# --- the cached copy's manifest and key -----------------------------------------------------------------
+
+
+def _overwrite_tensor_data(path: Path) -> None:
+    """Random bytes over a safetensors file's tensor data, after its header: same size, readable header."""
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with path.open("r+b") as f:
+        f.seek(header)
+        f.write(os.urandom(path.stat().st_size - header))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_overwrite_tensor_data, lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), lambda p: p.write_bytes(b""),
+     lambda p: p.write_bytes(b"\xff" * 8 + p.read_bytes()[8:]), lambda p: p.unlink()],
+    ids=["random-tensor-data", "truncated", "empty", "broken-header", "missing"],
+)
+def test_a_damaged_cached_copy_is_converted_again_naming_its_path(fake_gguf: SimpleNamespace, damage, caplog) -> None:
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    target = embedded_cache_path(fake_gguf.gguf, fake_gguf.cache)
+    damage(target / "model.safetensors")
+    with caplog.at_level("WARNING", logger="nabla_lc.models"):
+        model, tokenizer = load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    assert f"the cached model {target} is damaged" in caplog.text
+    assert len(fake_gguf.reads) == 2 and not _temps(fake_gguf.cache)
+    torch.testing.assert_close(_logits(model, tokenizer, "what is 2 + 3 ?"), _logits(*fake_gguf.pair, "what is 2 + 3 ?"), rtol=0, atol=0)
+    caplog.clear()
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    assert len(fake_gguf.reads) == 2 and "damaged" not in caplog.text  # the new copy passes its check
+
+
+def test_the_manifest_lists_every_file_of_the_copy(fake_gguf: SimpleNamespace) -> None:
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    target = embedded_cache_path(fake_gguf.gguf, fake_gguf.cache)
+    manifest = json.loads((target / models.MANIFEST).read_text())
+    assert set(manifest) == {p.name for p in target.iterdir()} - {models.MANIFEST} and "model.safetensors" in manifest
+    weights = target / "model.safetensors"
+    assert manifest["model.safetensors"]["size"] == weights.stat().st_size
+
+
+def test_two_installs_of_the_same_gguf_share_one_converted_copy(fake_gguf: SimpleNamespace, monkeypatch, tmp_path: Path) -> None:
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    other = tmp_path / "another-venv" / EMBEDDED_GGUF
+    other.parent.mkdir()
+    other.write_bytes(fake_gguf.gguf.read_bytes())  # a fresh install: same content, another path and mtime
+    os.utime(other, (1, 1))
+    monkeypatch.setattr(models, "find_embedded_gguf", lambda: other)
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    assert fake_gguf.reads == [fake_gguf.gguf]  # converted once
+    assert len([p for p in fake_gguf.cache.iterdir() if p.is_dir()]) == 1
