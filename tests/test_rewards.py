@@ -416,3 +416,36 @@ def test_train_reward_cli(tok: PreTrainedTokenizerFast, tmp_path: Path, capsys: 
     assert summary["out"] == str(out) and summary["heldout_pairs"] > 0
     loaded = LoRAReward.load(out, llama_policy(), tok)
     assert loaded.rank == 2 and loaded.target_modules == ("q_proj", "k_proj")
+
+
+def _lora_file(path: Path, settings: object, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from nabla_lc.rewards.lora import FORMAT
+
+    tensors = tensors if tensors is not None else {"lora.model.layers.0.self_attn.q_proj.lora_A.nabla_reward.weight": torch.zeros(2, 2)}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "settings": settings if isinstance(settings, str) else json.dumps(settings)})
+    return path
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"rank": 100_000_000, "target_modules": ["q_proj"]}, "settings say rank 100000000, its LoRA tensors have rank"),
+        ({"rank": 2.5, "target_modules": ["q_proj"]}, "rank must be an integer >= 1"),
+        ({"rank": 2, "target_modules": "q_proj"}, "target_modules must be a list"),
+        ({"rank": 2, "alpha": "inf", "target_modules": ["q_proj"]}, "alpha must be a finite number"),
+        ({"rank": 2, "target_modules": ["q_proj"], "dropout": 0.5}, "unexpected settings"),
+        ("{not json", "settings are not JSON"),
+    ],
+)
+def test_lora_file_metadata_is_checked_against_its_tensors_before_any_allocation(
+    tok: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: object, message: str
+) -> None:
+    from nabla_lc.rewards import lora
+
+    path = _lora_file(tmp_path / "reward.safetensors", settings)
+    assert path.stat().st_size < 400  # a file this small once made the loader allocate 12.8 GB
+    monkeypatch.setattr(lora, "inject_adapter_in_model", lambda *a, **k: pytest.fail("the adapter was allocated"))
+    with pytest.raises(ValueError, match=rf"{path} is not a valid nabla-lc LoRA reward file: .*{message}"):
+        LoRAReward.load(path, llama_policy(), tok)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -122,9 +123,10 @@ class LoRAReward(TransformerReward):
         """A reward from a file written by :meth:`save`, injected into ``policy_model``."""
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a nabla-lc LoRA reward file")
-        reward = cls(policy_model, tokenizer, **json.loads(metadata["settings"]))
+        reward = cls(policy_model, tokenizer, **_checked_settings(path, metadata.get("settings"), shapes))
         tensors = load_file(str(path))
         params = {f"lora.{n}": p for n, p in policy_model.named_parameters() if f".{ADAPTER}." in n}
         params.update({f"head.{n}": p for n, p in reward.head.named_parameters()})
@@ -135,3 +137,35 @@ class LoRAReward(TransformerReward):
             for name, p in params.items():
                 p.copy_(tensors[name])
         return reward
+
+
+def _checked_settings(path: str | Path, text: str | None, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A file's LoRA settings, checked against its own tensors before anything is allocated from them.
+
+    why: the metadata is free text; a 236-byte file claiming rank 1e8 once made the loader allocate 12.8 GB.
+    """
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a valid nabla-lc LoRA reward file: {why}")
+
+    try:
+        settings = json.loads(text or "")
+    except json.JSONDecodeError:
+        raise bad("its settings are not JSON") from None
+    if not isinstance(settings, dict) or not set(settings) <= {"rank", "alpha", "target_modules", "system"}:
+        raise bad(f"unexpected settings {settings!r:.200}")
+    rank, alpha, targets, system = (settings.get(k) for k in ("rank", "alpha", "target_modules", "system"))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise bad(f"rank must be an integer >= 1, got {rank!r:.50}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
+        raise bad(f"alpha must be a finite number, got {alpha!r:.50}")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise bad(f"target_modules must be a list of module names, got {targets!r:.100}")
+    if system is not None and not isinstance(system, str):
+        raise bad(f"system must be a string, got {type(system).__name__}")
+    ranks = {shape[0] for name, shape in shapes.items() if ".lora_A." in name} | {
+        shape[-1] for name, shape in shapes.items() if ".lora_B." in name
+    }
+    if ranks != {rank}:
+        raise bad(f"its settings say rank {rank}, its LoRA tensors have rank {sorted(ranks) or 'none'}")
+    return settings
