@@ -35,6 +35,7 @@ from .engine.decoder import entropy, gate, proposal_sampling
 from .engine.dto import DTORun, NonFiniteGradient, kl_rows
 from .engine.rollout import Sampling, differ_chance, rollout
 from .engine.types import Request
+from .rewards.base import checked_soft
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def reward_gradient(engine: Engine, prompt: str, committed: list[int], rest: lis
     hard = torch.tensor(rest, device=engine.policy.device)
     with torch.enable_grad():
         y = torch.zeros(len(rest), engine.policy.vocab_size, device=hard.device).scatter_(1, hard[:, None], 1.0).requires_grad_(True)
-        soft = reward.score_soft(prefix, y)
+        soft = checked_soft(reward, reward.score_soft(prefix, y))
         soft.value.backward()
     stats.count_reward(soft.passes, soft.tokens)
     stats.count_reward(soft.passes, soft.tokens, backward=True)
