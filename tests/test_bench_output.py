@@ -43,7 +43,9 @@ def test_a_kill_during_the_resume_repair_loses_no_row(tmp_path: Path) -> None:
     child = subprocess.run([sys.executable, "-c", KILLED_REPAIR, str(path)], capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert path.read_text().startswith(complete)  # once 0 bytes: the file was truncated before being rewritten
-    assert read_results(path) == rows and path.read_text() == complete
+    with output_lock(path):  # as the next run takes it: the killed writer's temporary file goes
+        assert read_results(path) == rows and path.read_text() == complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "results.jsonl.lock"]
 
 
 def test_a_row_whose_newline_was_cut_is_kept_and_the_next_starts_a_line(tmp_path: Path) -> None:

@@ -21,9 +21,13 @@ class OutputInUseError(OSError):
     """Another process is writing the same results file; the message names the lock."""
 
 
+def _temp_path(path: Path, pid: int | str) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by a file holding ``text``: written to a temporary sibling, synced, then renamed over it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # why the pid: shards replace the shared run.json
+    temp = _temp_path(path, os.getpid())  # why the pid: shards replace the shared run.json
     with temp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -64,4 +68,6 @@ def output_lock(results: Path) -> Iterator[None]:
             raise OutputInUseError(
                 f"another nabla-lc bench is writing {results} (it holds the lock {lock}); wait for it to finish or use another --out"
             ) from None
+        for temp in results.parent.glob(_temp_path(results, "*").name):  # only a killed writer leaves one behind
+            temp.unlink(missing_ok=True)
         yield  # why no unlock: closing the file releases the lock, and so does the end of the process
