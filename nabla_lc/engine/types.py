@@ -63,7 +63,6 @@ TokenCallback = Callable[[int, str], None]
 AnswerExtractor = Callable[[str], "str | None"]
 
 
-
 def _check(ok: bool, name: str, expected: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"Request.{name} must be {expected}, got {value!r:.80}")
