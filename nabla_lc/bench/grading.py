@@ -87,7 +87,8 @@ def normalize_answer(answer: str) -> str:
         ("\\%", ""), ("%", ""), ("\\neq", "\\ne"), ("\\leq", "\\le"), ("\\geq", "\\ge"), ("\\infinity", "\\infty"),
     ):
         s = s.replace(old, new)
-    without_unit = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}(?:\^?\{?[23]\}?)?$", "", s).strip()
+    # why ``\s*(?:[a-zA-Z][a-zA-Z ]*)?`` for ``\s*[a-zA-Z ]*``: the same texts, but spaces can no longer go to either part
+    without_unit = re.sub(r"\\(?:text|mbox|mathrm)\{\s*(?:[a-zA-Z][a-zA-Z ]*)?\}(?:\^?\{?[23]\}?)?$", "", s).strip()
     if without_unit and without_unit != s and re.search(r"[\d}]$", without_unit):
         s = without_unit  # a trailing ``\text{ cm}`` is a unit
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm|mathbf)\{(.*?)\}", r"\1", s)
@@ -100,8 +101,9 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
         s = s.replace(",", "")
-    s = re.sub(r"(\d+)\.0+(?!\d)", r"\1", s)  # ``18.0`` → ``18``
-    s = re.sub(r"(\d+\.\d*?)0+(?!\d)", r"\1", s)  # ``18.90`` → ``18.9``
+    # why ``(?<!\d)`` and ``(?:\d*[1-9])?`` (same matches as without and ``\d*?``): one try per digit run, each linear
+    s = re.sub(r"(?<!\d)(\d+)\.0+(?!\d)", r"\1", s)  # ``18.0`` → ``18``
+    s = re.sub(r"(?<!\d)(\d+\.(?:\d*[1-9])?)0+(?!\d)", r"\1", s)  # ``18.90`` → ``18.9``
     s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # ``.5`` → ``0.5``
     m = re.fullmatch(r"(-?\d+)/(\d+)", s)
     if m:
