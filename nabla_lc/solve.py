@@ -38,11 +38,13 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = 
             base = next((t for t in (int, float, str) if t is hint or t in get_args(hint)), str)
             group.add_argument(flag, type=base, **kw)
     group.add_argument("--n-max", dest="n", type=int, default=None, help="N_max for method nabla (the same field as --n)")
+    # why: an excluded field's name may be another flag's (solve's --trace is a page), which must not reach the config
+    parser.set_defaults(config_fields=tuple(f.name for f in dataclasses.fields(NablaConfig) if f.name not in exclude))
 
 
 def config_from_args(args: argparse.Namespace) -> NablaConfig:
-    """The config with every flag the user set applied."""
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(NablaConfig) if getattr(args, f.name, None) is not None}
+    """The config with every flag of :func:`add_config_flags` that the user set applied."""
+    changes = {name: getattr(args, name) for name in args.config_fields if getattr(args, name) is not None}
     return base_config(args).replace(**changes)
 
 

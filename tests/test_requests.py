@@ -127,3 +127,15 @@ def test_config_errors_name_the_field_that_makes_another_invalid():
         NablaConfig(entropy_threshold=10**400)  # too large for a float: once an OverflowError
     with pytest.raises(ConfigError, match=r"NablaConfig\.stop must be a tuple"):
         NablaConfig().replace(stop="\n\n")  # once split into the one-character stops "\n", "\n"
+
+
+def test_solve_s_trace_page_is_not_the_config_s_trace_switch(tmp_path):
+    import argparse
+
+    from nabla_lc import solve
+
+    parser = argparse.ArgumentParser()
+    solve.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["solve", "q", "--trace", str(tmp_path / "page.html"), "--no-gradient-cache"])
+    config = solve.config_from_args(args)  # once NablaConfig(trace="…/page.html"), a str where a bool belongs
+    assert config.trace is True and config.gradient_cache is False
