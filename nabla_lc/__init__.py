@@ -2,7 +2,7 @@
 
 from .config import ConfigError, NablaConfig
 from .engine.accounting import Stats
-from .engine.core import Engine
+from .facade import Engine
 from .engine.trace import PositionRecord
 from .engine.types import Request, Result
 from .rewards.base import RewardAdapter

@@ -47,7 +47,7 @@ def load_engine(args: argparse.Namespace, config: Any) -> Any:
     """The Engine for the model flags (imports torch and transformers only when called)."""
     import torch
 
-    from .engine.core import Engine
+    from .facade import Engine
     from .models import load_policy
     from .rewards.load import load_reward
 

@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping
 
-Method = Literal["nabla", "bon", "sc", "weighted_bon", "greedy"]
-METHODS: tuple[str, ...] = ("nabla", "bon", "sc", "weighted_bon", "greedy")
+from .methods import method_names
 
 
 class ConfigError(ValueError):
@@ -25,8 +24,9 @@ class NablaConfig:
     ``grad_threshold`` is compared with the gradient of the authors' scale, ``L / reward_weight``.
     """
 
-    method: Method = "nabla"
-    """Decoding method: ``nabla``, ``bon`` (Best-of-N), ``sc`` (self-consistency), ``weighted_bon`` or ``greedy``."""
+    method: str = "nabla"
+    """Decoding method, a registered name (:mod:`nabla_lc.methods`): ``nabla``, ``bon`` (Best-of-N), ``sc``
+    (self-consistency), ``weighted_bon`` or ``greedy`` built in."""
     n: int = 8
     """Budget of rollouts: N for ``bon``/``sc``/``weighted_bon``, N_max for ``nabla`` (the first rollout counts)."""
     max_new_tokens: int = 256
@@ -82,7 +82,7 @@ class NablaConfig:
     """Record a per-position trace of each request."""
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
+        _check(self.method in method_names(), "method", f"must be one of {method_names()}, got {self.method!r}")
         _check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
         _check(
             _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,

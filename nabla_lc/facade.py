@@ -1,27 +1,22 @@
-"""The engine: models, a lock, request validation, scoring, and dispatch to a decoding method."""
+"""The engine: loaded models, a lock, request validation, and dispatch to a registered decoding method."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..answers import find_answer
-from ..config import ConfigError, NablaConfig
-from ..rewards.base import RewardAdapter, checked_scores
-from .accounting import Stats
-from .policy import Policy
-from .stream import TextStream
-from .trace import PositionRecord
-from .types import AnswerExtractor, Request, Result, TokenCallback
-
-if TYPE_CHECKING:
-    from ..strategies import SampleSet
+from .answers import find_answer
+from .config import ConfigError, NablaConfig
+from .engine.context import DecodingContext, wanted_tokens
+from .engine.policy import Policy
+from .engine.types import AnswerExtractor, Request, Result, TokenCallback
+from .methods import get_method, method_names
+from .rewards.base import RewardAdapter
+from .strategies import SampleSet, draw, select
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +78,12 @@ class Engine:
         ids = self.policy.template_messages(messages)
         return Request(tuple(ids), users[-1], seed, max_new_tokens, tuple(stop) if stop is not None else None)
 
+    def context(
+        self, config: NablaConfig | None = None, on_token: TokenCallback | None = None, extract_answer: AnswerExtractor | None = None
+    ) -> DecodingContext:
+        """What a method sees of a call with ``config`` (default: the engine's)."""
+        return DecodingContext(self.policy, self.reward, config or self.config, extract_answer or find_answer, on_token)
+
     # --- decoding -------------------------------------------------------------------------
     def generate(
         self,
@@ -92,97 +93,38 @@ class Engine:
         extract_answer: AnswerExtractor | None = None,
     ) -> list[Result]:
         """Decode a batch with ``config.method`` (default: the engine's config)."""
-        from ..strategies import STRATEGIES  # the methods are built on this engine's primitives
-
-        config = config or self.config
-        requests = list(requests)
-        for request in requests:
-            self._validate(request, config)
+        ctx = self.context(config, on_token, extract_answer)
+        requests = self._validated(requests, ctx)
         if not requests:
             return []
         with self.lock, torch.no_grad():
-            return STRATEGIES[config.method](self, requests, config, on_token, extract_answer or find_answer)
+            return get_method(ctx.config.method).run(ctx, requests)
 
     def sample(
         self, requests: Sequence[Request], config: NablaConfig, *, scored: bool, extract_answer: AnswerExtractor | None = None
-    ) -> list["SampleSet"]:
+    ) -> list[SampleSet]:
         """``config.n`` samples of every request (scored when ``scored``), for :meth:`select` at any N ≤ n.
 
         One set serves Best-of-N, self-consistency and weighted BoN at every N up to n, exactly as
         separate runs would: sample j of a request is seeded by (seed, prompt, j).
         """
-        from ..strategies import draw
+        ctx = self.context(config, extract_answer=extract_answer)
+        requests = self._validated(requests, ctx)
+        with self.lock, torch.no_grad():
+            return draw(ctx, requests, scored)
 
+    def select(self, sample_set: SampleSet, config: NablaConfig, extract_answer: AnswerExtractor | None = None) -> Result:
+        """The result of ``config.method`` (a method with a chooser) at N = ``config.n`` from a sample set."""
+        if get_method(config.method).chooser is None:
+            choosers = [name for name in method_names() if get_method(name).chooser is not None]
+            raise ConfigError(f"method {config.method!r} does not select from samples; use one of {sorted(choosers)}")
+        return select(self.context(config, extract_answer=extract_answer), sample_set)
+
+    def _validated(self, requests: Sequence[Request], ctx: DecodingContext) -> list[Request]:
         requests = list(requests)
         for request in requests:
-            self._validate(request, config)
-        with self.lock, torch.no_grad():
-            return draw(self, requests, config, extract_answer or find_answer, scored)
-
-    def select(self, sample_set: "SampleSet", config: NablaConfig, extract_answer: AnswerExtractor | None = None) -> Result:
-        """The result of ``config.method`` (greedy, bon, sc or weighted_bon) at N = ``config.n`` from a sample set."""
-        from ..strategies import CHOOSERS, select
-
-        if config.method not in CHOOSERS:
-            raise ConfigError(f"method {config.method!r} does not select from samples; use one of {sorted(CHOOSERS)}")
-        return select(self, sample_set, config, extract_answer or find_answer)
-
-    def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats) -> list[float]:
-        """Rewards of full responses to one prompt, in one batched pass (counted in ``stats``)."""
-        reward = self.require_reward("scoring")
-        scores = reward.score([prompt] * len(responses), [list(r) for r in responses])
-        stats.count_reward(scores.passes, scores.tokens)
-        values = checked_scores(reward, scores, len(responses))
-        nonfinite = sum(not math.isfinite(v) for v in values)
-        if nonfinite:
-            name = type(reward).__name__
-            log.warning("%s gave %d of %d responses a NaN or infinite reward; they rank below every finite one", name, nonfinite, len(values))
-            stats.nonfinite_rewards += nonfinite
-        return values
-
-    def require_reward(self, what: str) -> RewardAdapter:
-        if self.reward is None:
-            raise ConfigError(f"method {what!r} needs a reward model; pass reward=... or use method='greedy' or 'sc'")
-        return self.reward
-
-    # --- helpers for the methods --------------------------------------------------------------
-    def budget(self, request: Request, config: NablaConfig) -> int:
-        """Response tokens allowed: the request's or config's max, within the model's context."""
-        return min(self._wanted(request, config), self.policy.max_length - len(request.prompt_ids))
-
-    @staticmethod
-    def _wanted(request: Request, config: NablaConfig) -> int:
-        return request.max_new_tokens if request.max_new_tokens is not None else config.max_new_tokens
-
-    def stop(self, request: Request, config: NablaConfig) -> tuple[str, ...]:
-        return request.stop if request.stop is not None else config.stop
-
-    def generator(self, request: Request, config: NablaConfig, sample: int = 0) -> torch.Generator | None:
-        """A generator seeded by (seed, prompt, sample): the same input decodes the same way in any batch."""
-        seed = request.seed if request.seed is not None else config.seed
-        if seed is None:
-            return None
-        key = f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
-
-    def text_stream(self, request: Request, config: NablaConfig, index: int, on_token: TokenCallback | None) -> TextStream:
-        emit = (lambda text: on_token(index, text)) if on_token is not None else None
-        return TextStream(self.policy.decode, self.stop(request, config), emit)
-
-    def result(
-        self,
-        stream: TextStream,
-        tokens: list[int],
-        finish_reason: str,
-        stats: Stats,
-        reward: float | None,
-        extract: AnswerExtractor,
-        trace: list[PositionRecord],
-    ) -> Result:
-        text = stream.close()
-        reason = "length" if finish_reason == "length" and not stream.stopped else "stop"
-        stats.response_tokens = len(tokens)
-        return Result(text, tokens, reason, stats, reward, extract(text), trace)  # type: ignore[arg-type]
+            self._validate(request, ctx.config)
+        return requests
 
     def _validate(self, request: Request, config: NablaConfig) -> None:
         if not request.prompt_ids:
@@ -192,7 +134,7 @@ class Engine:
             raise ValueError(
                 f"the prompt has {len(request.prompt_ids)} tokens, which fills the model's context of {self.policy.max_length}"
             )
-        if self._wanted(request, config) > room:
+        if wanted_tokens(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
 
 

@@ -49,7 +49,7 @@ class _Policy(Protocol):
 
 
 class FrontEndEngine(Protocol):
-    """What the front-ends use of :class:`nabla_lc.engine.core.Engine`."""
+    """What the front-ends use of :class:`nabla_lc.facade.Engine`."""
 
     config: NablaConfig
     policy: _Policy
@@ -150,7 +150,7 @@ class NablaReasonerLLM(BaseLLM):
         'none', a LoRA reward file, a reward checkpoint directory). ``kwargs`` are this class's fields and
         NablaConfig keywords.
         """
-        from .engine.core import Engine
+        from .facade import Engine
         from .models import default_device, load_policy
         from .rewards.load import load_reward
 
@@ -173,7 +173,7 @@ class NablaReasonerLLM(BaseLLM):
     ) -> "NablaReasonerLLM":
         """The embedded SmolLM2-135M-Instruct policy (installed with the package, no network), by default with
         the project's reward for it (``reward="default"``; any name :func:`~nabla_lc.rewards.load.load_reward` takes)."""
-        from .engine.core import Engine
+        from .facade import Engine
         from .models import load_embedded
         from .rewards.load import load_reward
 

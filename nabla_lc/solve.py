@@ -13,6 +13,7 @@ from typing import Any, get_args, get_origin
 
 from .cli import add_model_flags, base_config, load_engine
 from .config import ConfigError, NablaConfig
+from .methods import method_names
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = 
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f"default: {f.default!r}"}
-        if hint is bool:
+        if f.name == "method":
+            group.add_argument(flag, choices=method_names(), **kw)
+        elif hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif get_origin(hint) is typing.Literal:
             group.add_argument(flag, choices=get_args(hint), **kw)
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - start
     try:
         request = engine.request(question, system=args.system)
-        with tqdm(total=engine.budget(request, config), unit="tok", desc=config.method, file=sys.stderr, leave=False) as bar:
+        with tqdm(total=engine.context(config).budget(request), unit="tok", desc=config.method, file=sys.stderr, leave=False) as bar:
             result = engine.generate([request], config, on_token=lambda _, text: bar.update(1))[0]
     except ValueError as err:  # over-long prompt and similar input errors
         print(f"nabla-lc solve: {err}", file=sys.stderr)

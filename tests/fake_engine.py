@@ -18,6 +18,7 @@ from nabla_lc.engine.accounting import Stats
 from nabla_lc.engine.stream import TextStream
 from nabla_lc.engine.trace import PositionRecord
 from nabla_lc.engine.types import Request, Result, TokenCallback
+from nabla_lc.methods import get_method
 
 Responder = Callable[[str, str, "int | None", int], str]
 """``responder(prompt_text, user_text, seed, sample) -> response text``."""
@@ -60,7 +61,7 @@ class Call:
 
 
 class FakeEngine:
-    """Implements what the front-ends use of :class:`nabla_lc.engine.core.Engine`."""
+    """Implements what the front-ends use of :class:`nabla_lc.facade.Engine`."""
 
     def __init__(
         self,
@@ -132,7 +133,7 @@ class FakeEngine:
         tokenizer = self.policy.tokenizer
         seed = request.seed if request.seed is not None else config.seed
         prompt_text = tokenizer.decode(request.prompt_ids)
-        samples = config.n if config.method in ("bon", "sc", "weighted_bon") else 1
+        samples = config.n if get_method(config.method).shares_samples else 1
         texts = [self.responder(prompt_text, request.reward_prompt, seed, k) for k in range(samples)]
         rewards = [_reward(t) for t in texts]
         best = max(range(samples), key=lambda k: rewards[k])

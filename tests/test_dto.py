@@ -6,7 +6,7 @@ import torch
 from nabla_lc import NablaConfig, Stats
 from nabla_lc.engine.dto import DTORun, encode_prefix, extend_prefix, straight_through_grad, token_logprobs
 from nabla_lc.engine.policy import Policy
-from nabla_lc.engine.rollout import Sampling, rollout
+from nabla_lc.engine.rollout import RolloutRow, Sampling, rollout
 
 from .tiny import LinearReward, make_classifier_reward, make_policy
 
@@ -19,7 +19,8 @@ def _setup(tokenizer, arch="llama", dtype=torch.float32, reward="classifier", **
     prompt = policy.template("What is 3 + 4?")
     committed = [tokenizer.convert_tokens_to_ids("7")]
     stats = Stats()
-    r = rollout(policy, [prompt + committed], Sampling(1.0), [torch.Generator().manual_seed(0)], [stats], [10], [()], keep_logits=True)[0]
+    row = RolloutRow(prompt + committed, [], 10, (), torch.Generator().manual_seed(0), stats)
+    r = rollout(policy, [row], Sampling(1.0), keep_logits=True)[0]
     return policy, reward, config, prompt, committed, r
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from nabla_lc.engine.core import Engine
+from nabla_lc.facade import Engine
 from nabla_lc.langchain import ChatNablaReasoner, NablaReasonerLLM
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..cli import add_model_flags, base_config, load_engine
 from ..config import ConfigError
+from ..methods import method_names
 from .grading import DEFAULT_TIMEOUT_S, Grader, require_bench_extra
 from .report import write_report
 from .runner import jobs, load_task, merge_results, parse_shard, run_bench
@@ -18,9 +19,9 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``bench`` subcommand."""
-    p = subparsers.add_parser("bench", help="benchmark greedy, BoN, SC, weighted BoN and ∇ on a math dataset", description=__doc__)
+    p = subparsers.add_parser("bench", help="benchmark the decoding methods (greedy, BoN, SC, weighted BoN, ∇, ...) on a math dataset", description=__doc__)
     p.add_argument("--data", help="a JSONL file with problem/final_answer, or arith, arith:dev, arith:test")
-    p.add_argument("--methods", default=",".join(("greedy", "bon", "sc", "weighted_bon", "nabla")), help="comma-separated methods")
+    p.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods (default: every registered one)")
     p.add_argument("--n", default="1,2,4,8", help="comma-separated N (N_max for nabla; greedy runs once)")
     p.add_argument("--limit", type=int, help="only the first LIMIT problems")
     p.add_argument("--seed", type=int, help="base seed; problem i uses seed + i (default: NablaConfig.seed)")
@@ -32,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--share-samples",
         action="store_true",
-        help="serve bon, sc and weighted_bon at every N from one set of max(N) samples per problem (same answers and "
+        help="serve the methods that share samples (bon, sc, weighted_bon) at every N from one set of max(N) samples per problem (same answers and "
         "model calls as separate runs; wall time below max(N) is scaled by N / max(N))",
     )
     p.add_argument("--grade-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per grading call")

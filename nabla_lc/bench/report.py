@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..methods import get_method, method_names
 from .output import write_atomic
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,20 @@ def plot_cost(groups: Sequence[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _runs_once(method: str) -> bool:
+    """Whether a method is plotted as one point (a star); results may name methods no longer registered."""
+    return method in method_names() and get_method(method).runs_once
+
+
 def _curves(ax: Any, groups: Sequence[dict[str, Any]], x_key: str) -> None:
     for method in dict.fromkeys(g["method"] for g in groups):
         points = sorted((g for g in groups if g["method"] == method), key=lambda g: g["n"])
         xs, ys = [g[x_key] for g in points], [100 * g["accuracy"] for g in points]
-        ax.plot(xs, ys, marker="*" if method == "greedy" else "o", markersize=10 if method == "greedy" else 5,
+        once = _runs_once(method)
+        ax.plot(xs, ys, marker="*" if once else "o", markersize=10 if once else 5,
                 linestyle="none" if len(points) == 1 else "-", label=method)
         for g, x, y in zip(points, xs, ys):
-            if method != "greedy":
+            if not once:
                 ax.annotate(f"N={g['n']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     if all(g[x_key] > 0 for g in groups):
         ax.set_xscale("log")

@@ -32,8 +32,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import NablaConfig
-from ..engine.core import Engine
 from ..engine.policy import Policy
+from ..facade import Engine
 from ..rewards.default import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REWARD_FILE
 from ..rewards.lora import LoRAReward
 from ..rewards.train import Record, SwapGroup, read_records, split, train_from_args

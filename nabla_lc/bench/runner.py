@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from ..config import METHODS, NablaConfig
+from ..config import NablaConfig
+from ..methods import get_method, method_names
 from .grading import MATH_INSTRUCTION, Grader, Verdict, extract_answer
 from .output import append_jsonl, output_lock, write_atomic, write_jsonl
 
@@ -61,7 +62,7 @@ class Task:
 
 
 class BenchEngine(Protocol):
-    """What the runner needs from :class:`nabla_lc.engine.core.Engine` (tests script a fake one)."""
+    """What the runner needs from :class:`nabla_lc.facade.Engine` (tests script a fake one)."""
 
     def request(self, prompt: str, *, chat: bool = True, system: str | None = None, seed: int | None = None) -> Any: ...
 
@@ -135,13 +136,13 @@ def results_path(out_dir: Path, shard: tuple[int, int] | None = None) -> Path:
 
 
 def jobs(methods: Sequence[str], ns: Sequence[int]) -> list[tuple[str, int]]:
-    """The (method, N) pairs to run; greedy once, with N = 1."""
-    unknown = [m for m in methods if m not in METHODS]
+    """The (method, N) pairs to run; a method that ``runs_once`` (greedy) once, with N = 1."""
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(method_names())}")
     if not ns or any(n < 1 for n in ns):
         raise ValueError(f"N values must be integers >= 1, got {list(ns)}")
-    return [(m, n) for m in methods for n in ([1] if m == "greedy" else ns)]
+    return [(m, n) for m in methods for n in ([1] if get_method(m).runs_once else ns)]
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -186,7 +187,7 @@ def run_bench(
     task and config; a rerun into the same directory with different settings is refused, and so is a second
     run into a results file in use (:class:`~nabla_lc.bench.output.OutputInUseError`, naming the lock).
 
-    ``share_samples``: bon, sc and weighted_bon at every N come from one set of max(N) samples per problem,
+    ``share_samples``: the methods that share samples (bon, sc and weighted_bon) at every N come from one set of max(N) samples per problem,
     scored once (the engine's ``sample``/``select``). Answers and model calls are those of separate runs;
     wall time below the largest N is the set's time scaled by N / max(N), and such rows say ``shared_samples``.
     """
@@ -201,7 +202,7 @@ def run_bench(
         done = {(r["id"], r["method"], r["n"]) for r in rows}
         indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
         pairs = jobs(methods, ns)
-        shared = [(m, n) for m, n in pairs if share_samples and m in SHARED_METHODS]
+        shared = [(m, n) for m, n in pairs if share_samples and get_method(m).shares_samples]
         todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in pairs if (m, n) not in shared]
         shared_items = [(i, p) for i, p in indexed if any((p.id, m, n) not in done for m, n in shared)]
         total = sum(len(items) for _, _, items in todo) + sum((p.id, m, n) not in done for _, p in indexed for m, n in shared)
@@ -225,10 +226,6 @@ def run_bench(
         return rows
 
 
-SHARED_METHODS = ("bon", "sc", "weighted_bon")
-"""Methods that ``share_samples`` serves from one sample set per problem."""
-
-
 def _requests(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> tuple[list[Any], list[int | None]]:
     seeds = [None if config.seed is None else config.seed + i for i, _ in items]
     return [engine.request(p.problem, chat=True, system=task.system, seed=s) for (_, p), s in zip(items, seeds)], seeds
@@ -250,10 +247,10 @@ def _run_shared(
 ) -> list[dict[str, Any]]:
     """One sample set per problem at max(N), then a row for every shared (method, N) not yet done."""
     drawn = max(n for _, n in shared)
-    scored = any(m != "sc" for m, _ in shared)
-    config = base_config.replace(method="bon" if scored else "sc", n=drawn)
+    scored = [m for m, _ in shared if get_method(m).needs_reward]
+    config = base_config.replace(method=scored[0] if scored else shared[0][0], n=drawn)
     requests, seeds = _requests(engine, task, config, items)
-    sets = engine.sample(requests, config, scored=scored, extract_answer=task.extract_answer)
+    sets = engine.sample(requests, config, scored=bool(scored), extract_answer=task.extract_answer)
     rows = []
     for method, n in shared:
         select_config = base_config.replace(method=method, n=n)

@@ -13,7 +13,7 @@ from ..rewards.base import RewardAdapter, RewardPrefix, rank
 from .accounting import Stats
 from .dto import DTORun, NonFiniteGradient, PolicyPrefix, ProbePass, encode_prefix, extend_prefix, gradient_reward, kl_rows
 from .policy import Policy
-from .rollout import Rollout, Sampling, differ_chance, rollout, sample
+from .rollout import Rollout, RolloutRow, Sampling, differ_chance, rollout, sample
 from .stream import TextStream
 from .trace import PositionRecord
 
@@ -33,19 +33,7 @@ class Decoded:
     trace: list[PositionRecord]
 
 
-@dataclass
-class RolloutCall:
-    """A rollout a decoder waits on: one row of a batched :func:`rollout` call."""
-
-    prefix: list[int]
-    committed: list[int]
-    budget: int
-    stop: Sequence[str]
-    generator: torch.Generator | None
-    stats: Stats
-
-
-Steps = Generator[RolloutCall, Rollout, Decoded]
+Steps = Generator[RolloutRow, Rollout, Decoded]
 """A decoding in progress: yields each rollout it needs, is sent its result, returns what it decoded."""
 
 
@@ -116,11 +104,11 @@ class Decoder:
             current = yield from self.position(current)
         return Decoded(self.committed, current.finish_reason, self.reward_value, self.trace)
 
-    def rollout(self, head: list[int]) -> RolloutCall:
+    def rollout(self, head: list[int]) -> RolloutRow:
         """The rollout of prefix + ``head`` to wait on (counted against the budget)."""
         self.stats.rollouts += 1
         done = self.committed + head
-        return RolloutCall(self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats)
+        return RolloutRow(self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats)
 
     def commit(self, current: Rollout, k: int) -> Rollout:
         """Commit the rollout's first k tokens; its suffix is reused from the next position."""
@@ -130,7 +118,7 @@ class Decoder:
         assert current.logits is not None
         return Rollout(rest, current.logits[k:], current.finish_reason)
 
-    def position(self, current: Rollout) -> Generator[RolloutCall, Rollout, Rollout]:
+    def position(self, current: Rollout) -> Generator[RolloutRow, Rollout, Rollout]:
         """One position: select, optimize, propose, accept; commits exactly one token."""
         assert current.logits is not None
         self.stats.positions += 1
@@ -210,7 +198,7 @@ class Decoder:
             self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
         return self.prefix, self.reward_prefix
 
-    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutCall, Rollout, Rollout]:
+    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutRow, Rollout, Rollout]:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""
         assert current.logits is not None
         self.stats.proposals += 1
@@ -240,7 +228,7 @@ def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Step
     waiting rollouts are sampled together, each row with its own generator and statistics.
     """
     done: dict[int, Decoded] = {}
-    waiting: dict[int, RolloutCall] = {}
+    waiting: dict[int, RolloutRow] = {}
 
     def advance(i: int, result: Rollout | None) -> None:
         try:
@@ -253,17 +241,7 @@ def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Step
     while waiting:
         calls = list(waiting.items())
         waiting.clear()
-        rollouts = rollout(
-            policy,
-            [c.prefix for _, c in calls],
-            sampling,
-            [c.generator for _, c in calls],
-            [c.stats for _, c in calls],
-            [c.budget for _, c in calls],
-            [c.stop for _, c in calls],
-            committed=[c.committed for _, c in calls],
-            keep_logits=True,
-        )
+        rollouts = rollout(policy, [c for _, c in calls], sampling, keep_logits=True)
         for (i, _), result in zip(calls, rollouts):
             advance(i, result)
     return [done[i] for i in range(len(decodings))]

@@ -75,54 +75,63 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class RolloutRow:
+    """One continuation to sample: a row of a batched :func:`rollout` call."""
+
+    prefix: list[int]
+    """Prompt + committed response tokens."""
+    committed: list[int]
+    """The committed response tokens, so stop strings that straddle them are found."""
+    budget: int
+    """Most tokens to sample."""
+    stop: Sequence[str]
+    generator: torch.Generator | None
+    """The row's own generator (None: the global one)."""
+    stats: Stats
+    """Where the row's policy passes are counted."""
+
+
 @torch.no_grad()
 def rollout(
     policy: Policy,
-    prefixes: Sequence[Sequence[int]],
+    rows: Sequence[RolloutRow],
     sampling: Sampling,
-    generators: Sequence[torch.Generator | None],
-    stats: Sequence[Stats],
-    max_new_tokens: Sequence[int],
-    stop: Sequence[Sequence[str]],
-    committed: Sequence[Sequence[int]] | None = None,
     keep_logits: bool = False,
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[Rollout]:
-    """Sample one continuation per prefix, all in one batch.
+    """Sample one continuation per row, all in one batch.
 
-    prefixes: B token lists (prompt + committed response tokens); ``committed`` gives each row's
-    committed response tokens, so stop strings that straddle them are found. Finished rows leave
-    the batch (their KV rows are dropped), so every counted pass is real work. ``on_token(row, token)``
-    sees each kept token as it is sampled.
+    Finished rows leave the batch (their KV rows are dropped), so every counted pass is real work.
+    ``on_token(row, token)`` sees each kept token as it is sampled.
     """
-    B = len(prefixes)
-    committed = committed if committed is not None else [[] for _ in range(B)]
+    B = len(rows)
     results: list[Rollout | None] = [None] * B
     tokens: list[list[int]] = [[] for _ in range(B)]
     kept: list[list[torch.Tensor]] = [[] for _ in range(B)]
     for b in range(B):
-        if max_new_tokens[b] <= 0:
+        if rows[b].budget <= 0:
             results[b] = Rollout([], torch.empty(0, policy.vocab_size) if keep_logits else None, "length")
     active = [b for b in range(B) if results[b] is None]
     if not active:
         return [r for r in results if r is not None]
 
-    ids, mask = _left_pad([prefixes[b] for b in active], policy.pad_id, policy.device)
+    ids, mask = _left_pad([rows[b].prefix for b in active], policy.pad_id, policy.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     for b in active:
-        stats[b].count_policy(1, len(prefixes[b]))
+        rows[b].stats.count_policy(1, len(rows[b].prefix))
     logits = out.logits[:, -1].float()  # [B_active, V]
     while True:
-        step = sample(logits, sampling, [generators[b] for b in active])
+        step = sample(logits, sampling, [rows[b].generator for b in active])
         keep_rows: list[int] = []
         for row, b in enumerate(active):
             token = int(step[row])
-            reason = _finish(policy, token, tokens[b], committed[b], stop[b], max_new_tokens[b])
+            reason = _finish(policy, token, tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
             if reason != "eos":
                 tokens[b].append(token)
-                stats[b].rollout_tokens += 1
+                rows[b].stats.rollout_tokens += 1
                 if on_token is not None:
                     on_token(b, token)
                 if keep_logits:
@@ -145,7 +154,7 @@ def rollout(
             input_ids=step[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
         for b in active:
-            stats[b].count_policy(1, 1)
+            rows[b].stats.count_policy(1, 1)
         logits = out.logits[:, -1].float()
     return [r for r in results if r is not None]
 

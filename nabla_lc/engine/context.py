@@ -1,0 +1,99 @@
+"""What a decoding method sees of one ``generate`` call: the models, scoring, and each request's budget,
+stop strings, seeded generator, text stream and result."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..config import ConfigError, NablaConfig
+from ..rewards.base import RewardAdapter, checked_scores
+from .accounting import Stats
+from .policy import Policy
+from .stream import TextStream
+from .trace import PositionRecord
+from .types import AnswerExtractor, Request, Result, TokenCallback
+
+log = logging.getLogger(__name__)
+
+
+def wanted_tokens(request: Request, config: NablaConfig) -> int:
+    """The request's max_new_tokens, else the config's (before the model's context cuts it)."""
+    return request.max_new_tokens if request.max_new_tokens is not None else config.max_new_tokens
+
+
+@dataclass(frozen=True)
+class DecodingContext:
+    """The models and settings of one call; the methods in :mod:`nabla_lc.strategies` decode through it."""
+
+    policy: Policy
+    reward: RewardAdapter | None
+    config: NablaConfig
+    extract: AnswerExtractor
+    """Answer of a response text (self-consistency and weighted BoN vote on it)."""
+    on_token: TokenCallback | None = None
+    """``on_token(request_index, text_delta)`` for committed text."""
+
+    def with_config(self, config: NablaConfig) -> "DecodingContext":
+        """The same call under other settings."""
+        return dataclasses.replace(self, config=config)
+
+    def require_reward(self, what: str) -> RewardAdapter:
+        if self.reward is None:
+            raise ConfigError(f"method {what!r} needs a reward model; pass reward=... or use method='greedy' or 'sc'")
+        return self.reward
+
+    def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats) -> list[float]:
+        """Rewards of full responses to one prompt, in one batched pass (counted in ``stats``)."""
+        reward = self.require_reward("scoring")
+        scores = reward.score([prompt] * len(responses), [list(r) for r in responses])
+        stats.count_reward(scores.passes, scores.tokens)
+        values = checked_scores(reward, scores, len(responses))
+        nonfinite = sum(not math.isfinite(v) for v in values)
+        if nonfinite:
+            name = type(reward).__name__
+            log.warning("%s gave %d of %d responses a NaN or infinite reward; they rank below every finite one", name, nonfinite, len(values))
+            stats.nonfinite_rewards += nonfinite
+        return values
+
+    # --- per request ----------------------------------------------------------------------
+    def budget(self, request: Request) -> int:
+        """Response tokens allowed: the request's or config's max, within the model's context."""
+        return min(wanted_tokens(request, self.config), self.policy.max_length - len(request.prompt_ids))
+
+    def stop(self, request: Request) -> tuple[str, ...]:
+        return request.stop if request.stop is not None else self.config.stop
+
+    def generator(self, request: Request, sample: int = 0) -> torch.Generator | None:
+        """A generator seeded by (seed, prompt, sample): the same input decodes the same way in any batch."""
+        seed = request.seed if request.seed is not None else self.config.seed
+        if seed is None:
+            return None
+        key = f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+    def text_stream(self, request: Request, index: int) -> TextStream:
+        """The stream of request ``index``'s committed text, reported to ``on_token``."""
+        on_token = self.on_token
+        emit = (lambda text: on_token(index, text)) if on_token is not None else None
+        return TextStream(self.policy.decode, self.stop(request), emit)
+
+    def result(
+        self,
+        stream: TextStream,
+        tokens: list[int],
+        finish_reason: str,
+        stats: Stats,
+        reward: float | None,
+        trace: list[PositionRecord],
+    ) -> Result:
+        text = stream.close()
+        reason = "length" if finish_reason == "length" and not stream.stopped else "stop"
+        stats.response_tokens = len(tokens)
+        return Result(text, tokens, reason, stats, reward, self.extract(text), trace)  # type: ignore[arg-type]
