@@ -25,6 +25,7 @@ from pydantic import ConfigDict, InstanceOf, SkipValidation, model_validator
 
 from .config import NablaConfig
 from .engine.types import Request, Result, TokenCallback
+from .loading import load_engine
 
 if TYPE_CHECKING:
     import dspy
@@ -142,24 +143,21 @@ class NablaReasonerLLM(BaseLLM):
         config: NablaConfig | None = None,
         device: str | None = None,
         dtype: "torch.dtype | None" = None,
+        vocab_bridge: bool = False,
+        trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> "NablaReasonerLLM":
-        """Load a policy and a reward and wrap a new engine.
+        """Load a policy and a reward and wrap a new engine (:func:`nabla_lc.loading.load_engine`).
 
-        ``reward`` is an adapter, or a name or path for :func:`nabla_lc.rewards.load.load_reward` ('judge',
-        'none', a LoRA reward file, a reward checkpoint directory). ``kwargs`` are this class's fields and
-        NablaConfig keywords.
+        ``reward`` is an adapter, or a name or path for :func:`nabla_lc.rewards.load.load_reward` ('default',
+        'judge', 'none', a LoRA reward file, a reward checkpoint directory). ``config`` defaults to the one
+        recommended for the reward. ``kwargs`` are this class's fields and NablaConfig keywords.
         """
-        from .facade import Engine
-        from .models import default_device, load_policy
-        from .rewards.load import load_reward
-
-        device = device or default_device()
-        model, tokenizer = load_policy(policy, device, dtype)
-        if isinstance(reward, str):
-            reward = load_reward(reward, model, tokenizer, dtype=dtype)
+        engine = load_engine(
+            policy, reward, config=config, device=device, dtype=dtype, vocab_bridge=vocab_bridge, trust_remote_code=trust_remote_code
+        )
         kwargs.setdefault("model_id", policy)
-        return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
+        return cls(engine=engine, **kwargs)
 
     @classmethod
     def embedded(
@@ -173,19 +171,8 @@ class NablaReasonerLLM(BaseLLM):
     ) -> "NablaReasonerLLM":
         """The embedded SmolLM2-135M-Instruct policy (installed with the package, no network), by default with
         the project's reward for it (``reward="default"``; any name :func:`~nabla_lc.rewards.load.load_reward` takes)."""
-        from .facade import Engine
-        from .models import load_embedded
-        from .rewards.load import load_reward
-
-        model, tokenizer = load_embedded(device, dtype)
-        if reward == "default" and config is None:
-            from .rewards.default import default_reward_config
-
-            config = default_reward_config()
-        if isinstance(reward, str):
-            reward = load_reward(reward, model, tokenizer)
         kwargs.setdefault("model_id", "embedded:SmolLM2-135M-Instruct")
-        return cls(engine=Engine(model, tokenizer, reward, config), **kwargs)
+        return cls.from_pretrained("embedded", reward=reward, config=config, device=device, dtype=dtype, **kwargs)
 
     def with_settings(self, **changes: Any) -> "NablaReasonerLLM":
         """A new LLM over the same engine with this one's settings, some changed: NablaConfig keywords or fields.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nabla_lc.bench import cli as bench_cli
+from nabla_lc.cli import bench as bench_cli
 from nabla_lc.bench.grading import Verdict, extract_answer
 from nabla_lc.bench.report import summarize, to_markdown, write_report
 from nabla_lc.bench.runner import (
@@ -216,7 +216,7 @@ def test_load_arith_task() -> None:
 
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    bench_cli.add_parser(parser.add_subparsers())
+    bench_cli.add_parsers(parser.add_subparsers())
     return parser
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nabla_lc import NablaConfig, cli, solve
+from nabla_lc import NablaConfig, cli
+from nabla_lc.cli import flags, solve, train
 from nabla_lc.bench import arith
 from nabla_lc.bench.runner import ARITH_DEFAULT_COUNT
 from nabla_lc.rewards import LoRAReward
@@ -91,10 +92,8 @@ def test_load_default_reward_rides_on_the_policy(tok, tmp_path: Path) -> None:
 def test_the_command_is_registered_and_writes_the_packaged_file_by_default() -> None:
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command")
-    assert "nabla_lc.bench.reward_recipe" in cli.COMMANDS
-    from nabla_lc.bench import reward_recipe
-
-    reward_recipe.add_parser(subparsers)
+    assert "nabla_lc.cli.train" in cli.COMMANDS
+    train.add_parsers(subparsers)
     args = parser.parse_args(["train-default-reward", "--rank", "16", "--target-modules", "q_proj,k_proj"])
     assert args.out == DEFAULT_REWARD_FILE and args.rank == 16 and args.records is None
     assert DEFAULT_REWARD_FILE.parent.name == "data" and DEFAULT_REWARD_FILE.parent.parent.name == "nabla_lc"
@@ -142,11 +141,11 @@ def test_real_shipped_reward_shares_the_policy_and_ranks_right_above_wrong() -> 
 
 def test_the_cli_starts_the_default_reward_from_its_config_and_flags_override_it() -> None:
     parser = argparse.ArgumentParser()
-    solve.add_parser(parser.add_subparsers(dest="command"))
-    embedded = solve.config_from_args(parser.parse_args(["solve", "q"]))
+    solve.add_parsers(parser.add_subparsers(dest="command"))
+    embedded = flags.config_from_args(parser.parse_args(["solve", "q"]))
     assert (embedded.grad_threshold, embedded.dto_positions, embedded.max_new_tokens) == (0.01, "first", 96)
     assert embedded.replace(grad_threshold=8.0, dto_positions="all", max_new_tokens=256) == NablaConfig()
-    paper = solve.config_from_args(parser.parse_args(["solve", "q", "--dto-positions", "all", "--max-new-tokens", "256"]))
+    paper = flags.config_from_args(parser.parse_args(["solve", "q", "--dto-positions", "all", "--max-new-tokens", "256"]))
     assert (paper.dto_positions, paper.max_new_tokens) == ("all", 256)
-    other = solve.config_from_args(parser.parse_args(["solve", "q", "--reward", "judge"]))
+    other = flags.config_from_args(parser.parse_args(["solve", "q", "--reward", "judge"]))
     assert other == NablaConfig()

@@ -208,7 +208,7 @@ def test_first_only_updates_one_position(tokenizer):
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_costs_times_steps_that_run_the_model(tokenizer, prefix_cache):
-    from nabla_lc.costs import measure
+    from nabla_lc.bench.costs import measure
 
     policy = Policy(make_policy(tokenizer), tokenizer)
     row = measure(policy, prompt_len=6, rollout_len=5, prefix_cache=prefix_cache, repeats=2)

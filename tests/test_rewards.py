@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from nabla_lc import cli
+from nabla_lc.cli import train as cli_train
 from nabla_lc.rewards import (
     LoRAReward,
     NoGradientError,
@@ -399,12 +400,12 @@ def test_read_records_rejects_bad_rows(tmp_path: Path) -> None:
 
 
 def test_train_reward_cli(tok: PreTrainedTokenizerFast, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "nabla_lc.rewards.train" in cli.COMMANDS
+    assert "nabla_lc.cli.train" in cli.COMMANDS
     write_records(tmp_path / "data.jsonl")
     llama_policy().save_pretrained(tmp_path / "policy")
     tok.save_pretrained(tmp_path / "policy")
     parser = argparse.ArgumentParser()
-    train_mod.add_parser(parser.add_subparsers())
+    cli_train.add_parsers(parser.add_subparsers())
     out = tmp_path / "reward.safetensors"
     args = parser.parse_args(
         ["train-reward", "--data", str(tmp_path / "data.jsonl"), "--policy", str(tmp_path / "policy"),

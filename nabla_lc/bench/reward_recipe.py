@@ -1,11 +1,11 @@
-"""The recipe of the embedded policy's default reward (:mod:`nabla_lc.rewards.default`), one command.
+"""The recipe of the embedded policy's default reward (:mod:`nabla_lc.rewards.default`); the command is ``nabla-lc train-default-reward``.
 
 Recipe (``nabla-lc train-default-reward``): the embedded SmolLM2-135M-Instruct answers ``arith`` training
 questions, several sampled responses each (half prompted as ``nabla-lc bench`` prompts it, with the
 step-by-step instruction as system message, half as a plain chat with no system message); every response
 is labeled correct or not by ``arith.check`` against the reference answer; ``train_reward`` fits a LoRA
 reward on the policy's own backbone with the Bradley-Terry objective and reports its pairwise accuracy on
-held-out questions; the adapter and head are written to :data:`DEFAULT_REWARD_FILE`. The reward itself never
+held-out questions; the adapter and head are written to :data:`~nabla_lc.rewards.default.DEFAULT_REWARD_FILE`. The reward itself never
 sees a reference answer: only the question and the response.
 
 Training questions come from the ``dev`` half of ``arith`` (the ``test`` half is never touched), drawn with
@@ -17,13 +17,11 @@ so that dev measurements of the reward stay honest (``docs/default-reward.md`` s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,9 +32,8 @@ from tqdm import tqdm
 from ..config import NablaConfig
 from ..engine.policy import Policy
 from ..facade import Engine
-from ..rewards.default import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REWARD_FILE
-from ..rewards.lora import LoRAReward
-from ..rewards.train import Record, SwapGroup, read_records, split, train_from_args
+from ..rewards.default import DEFAULT_MAX_NEW_TOKENS
+from ..rewards.train import Record, SwapGroup, read_records
 from . import arith
 from .grading import MATH_INSTRUCTION
 
@@ -161,76 +158,25 @@ def swap_groups(
     return groups
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train-default-reward",
-        help="generate labeled arith samples from the embedded policy and train its default LoRA reward",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help=f"training questions, split over levels {TRAIN_LEVELS}")
-    p.add_argument("--samples", type=int, default=8, help="sampled responses per question")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the responses")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens per response")
-    p.add_argument("--records", type=Path, default=None, help="JSONL of labeled responses: read if it exists, else written after generating")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per training step")
-    p.add_argument("--heldout", type=float, default=0.2, help="fraction of pairable questions held out for pairwise accuracy")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, the held-out split and training")
-    p.add_argument("--swap-steps", type=int, default=DEFAULT_SWAP_STEPS, help="steps of the second phase, Bradley-Terry plus swap consistency (0: none)")
-    p.add_argument("--swap-groups", type=int, default=80, help="one-token swap groups drawn from the training responses")
-    p.add_argument("--swap-k", type=int, default=4, help="alternative tokens per swap group")
-    p.add_argument("--swap-weight", type=float, default=1.0, help="weight of the swap-consistency term")
-    p.add_argument("--swap-batch-size", type=int, default=4, help="Bradley-Terry pairs per step of the second phase")
-    p.add_argument("--init", type=Path, default=None, help="start the second phase from this reward file instead of training the first")
-    p.add_argument("--out", type=Path, default=DEFAULT_REWARD_FILE, help="safetensors file to write (default: the packaged file)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..models import load_embedded  # why: imported on use, so the CLI starts without loading model code
-
-    model, tokenizer = load_embedded()
-    records, generate_s = _records(args, model, tokenizer)
-    summary: dict[str, Any] = {
-        "out": str(args.out),
-        "records": len(records),
-        "fraction_correct": round(sum(r.correct for r in records) / len(records), 4),
-        "generate_s": generate_s,
-    }
+def recipe_records(
+    model: nn.Module,
+    tokenizer: Any,
+    records_path: Path | None,
+    questions: int = DEFAULT_QUESTIONS,
+    samples: int = 8,
+    temperature: float = 0.7,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    seed: int = 0,
+) -> tuple[list[Record], float | None]:
+    """The labeled responses (read from ``records_path`` when it exists, else generated and written there when
+    it is given) and the seconds spent generating them (None when read)."""
+    if records_path is not None and records_path.is_file():
+        log.info("reading the labeled responses from %s", records_path)
+        return read_records(records_path), None
     start = time.perf_counter()
-    if args.init is not None:
-        reward = LoRAReward.load(args.init, model, tokenizer)
-    else:
-        reward, report = train_from_args(args, model, tokenizer, records, objective="bt")
-        summary.update(train_s=round(time.perf_counter() - start, 1), **asdict(report))
-    if args.swap_steps > 0:
-        start = time.perf_counter()
-        train, _ = split(records, args.heldout, args.seed)
-        answers = {p.problem: p.final_answer for p in training_problems(args.questions)}
-        groups = swap_groups(model, tokenizer, [r for r in train if r.prompt in answers], answers, args.swap_groups, args.swap_k, args.seed)
-        reward, report = train_from_args(
-            args, model, tokenizer, records, objective="bt", reward=reward, swaps=groups, swap_weight=args.swap_weight,
-            max_steps=args.swap_steps, batch_size=args.swap_batch_size, epochs=max(args.epochs, 1),
-        )
-        summary["swap_phase"] = {"train_s": round(time.perf_counter() - start, 1), **asdict(report)}
-    reward.save(args.out)
-    print(json.dumps(summary))
-    return 0
-
-
-def _records(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> tuple[list[Record], float | None]:
-    """The labeled responses (read from ``--records`` when it exists) and the seconds spent generating them."""
-    if args.records is not None and args.records.is_file():
-        log.info("reading the labeled responses from %s", args.records)
-        return read_records(args.records), None
-    start = time.perf_counter()
-    problems = training_problems(args.questions)
-    rows = generate_records(model, tokenizer, problems, args.samples, args.temperature, args.max_new_tokens, args.seed)
-    if args.records is not None:
-        args.records.parent.mkdir(parents=True, exist_ok=True)
-        args.records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = training_problems(questions)
+    rows = generate_records(model, tokenizer, problems, samples, temperature, max_new_tokens, seed)
+    if records_path is not None:
+        records_path.parent.mkdir(parents=True, exist_ok=True)
+        records_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [Record(r["prompt"], r["response"], r["correct"]) for r in rows], round(time.perf_counter() - start, 1)

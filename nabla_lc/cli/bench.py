@@ -8,16 +8,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_model_flags, base_config, load_engine
+from ..bench.grading import DEFAULT_TIMEOUT_S, Grader, require_bench_extra
+from ..bench.report import write_report
+from ..bench.runner import jobs, load_task, merge_results, parse_shard, run_bench
 from ..config import ConfigError
 from ..methods import method_names
-from .grading import DEFAULT_TIMEOUT_S, Grader, require_bench_extra
-from .report import write_report
-from .runner import jobs, load_task, merge_results, parse_shard, run_bench
+from .flags import add_model_flags, base_config, load_engine
 
 log = logging.getLogger(__name__)
 
-def add_parser(subparsers: Any) -> None:
+def add_parsers(subparsers: Any) -> None:
     """Register the ``bench`` subcommand."""
     p = subparsers.add_parser("bench", help="benchmark the decoding methods (greedy, BoN, SC, weighted BoN, ∇, ...) on a math dataset", description=__doc__)
     p.add_argument("--data", help="a JSONL file with problem/final_answer, or arith, arith:dev, arith:test")

@@ -3,55 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import time
-import typing
-from typing import Any, get_args, get_origin
 
-from .cli import add_model_flags, base_config, load_engine
-from .config import ConfigError, NablaConfig
-from .methods import method_names
+from ..config import ConfigError
+from .flags import add_config_flags, add_model_flags, config_from_args, load_engine
 
 log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 20_000
 
 
-def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
-    """One ``--field-name`` flag per NablaConfig field (but ``exclude``), typed from the dataclass; unset flags keep the default."""
-    group = parser.add_argument_group("decoding (NablaConfig fields)")
-    hints = typing.get_type_hints(NablaConfig)
-    for f in dataclasses.fields(NablaConfig):
-        if f.name in exclude:
-            continue
-        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f"default: {f.default!r}"}
-        if f.name == "method":
-            group.add_argument(flag, choices=method_names(), **kw)
-        elif hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif get_origin(hint) is typing.Literal:
-            group.add_argument(flag, choices=get_args(hint), **kw)
-        elif f.name == "stop":
-            group.add_argument(flag, action="append", metavar="STRING", **kw)
-        else:
-            base = next((t for t in (int, float, str) if t is hint or t in get_args(hint)), str)
-            group.add_argument(flag, type=base, **kw)
-    group.add_argument("--n-max", dest="n", type=int, default=None, help="N_max for method nabla (the same field as --n)")
-    # why: an excluded field's name may be another flag's (solve's --trace is a page), which must not reach the config
-    parser.set_defaults(config_fields=tuple(f.name for f in dataclasses.fields(NablaConfig) if f.name not in exclude))
-
-
-def config_from_args(args: argparse.Namespace) -> NablaConfig:
-    """The config with every flag of :func:`add_config_flags` that the user set applied."""
-    changes = {name: getattr(args, name) for name in args.config_fields if getattr(args, name) is not None}
-    return base_config(args).replace(**changes)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "solve",
         help="answer one question with ∇-Reasoner or a baseline",
@@ -95,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     stats = result.stats.to_dict()
     if args.trace:
-        from .trace_view import write_trace
+        from ..trace_view import write_trace
 
         write_trace(result, engine.policy.decode, args.trace, prompt=question, title=f"∇-Reasoner trace ({config.method})")
     if args.json:

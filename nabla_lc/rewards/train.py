@@ -1,8 +1,7 @@
-"""``nabla-lc train-reward``: fit a LoRA reward on the policy's own backbone from labeled responses."""
+"""Fitting a LoRA reward on the policy's own backbone from labeled responses (``nabla-lc train-reward``)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -248,48 +247,3 @@ def heldout_accuracy(reward: LoRAReward, tokenizer: Any, records: Sequence[Recor
         scores.update({id(r): float(v) for r, v in zip(chunk, values)})
     right = sum(scores[id(c)] > scores[id(i)] for c, i in held_pairs)
     return right / len(held_pairs), len(held_pairs)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train-reward",
-        help="train a LoRA reward on the policy's backbone",
-        description=__doc__,
-    )
-    p.add_argument("--data", required=True, type=Path, help='JSONL of {"prompt", "response", "correct"} records')
-    p.add_argument("--policy", default="embedded", help='policy checkpoint directory, GGUF file, or "embedded"')
-    p.add_argument("--out", required=True, type=Path, help="safetensors file for the adapter and head")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS), help="comma-separated module names")
-    p.add_argument("--objective", choices=("bt", "bce"), default="bt", help="Bradley-Terry pairs or per-record BCE")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs (bt) or records (bce) per step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout", type=float, default=0.2, help="fraction of prompts held out for pairwise accuracy")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    p.set_defaults(func=run)
-
-
-def train_from_args(
-    args: argparse.Namespace, model: nn.Module, tokenizer: Any, records: Sequence[Record], objective: str, **extra: Any
-) -> tuple[LoRAReward, TrainReport]:
-    """Train with the shared flags (--rank, --target-modules, --epochs, --lr, --batch-size, --seed, --heldout); ``extra``
-    goes to :func:`train_reward` as it is (and overrides a flag of the same name)."""
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
-    settings: dict[str, Any] = dict(
-        rank=args.rank, target_modules=targets, objective=objective, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, heldout=args.heldout,
-    )
-    return train_reward(model, tokenizer, records, **{**settings, **extra})
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..models import load_policy  # why: imported on use, so the CLI starts without loading model code
-
-    records = read_records(args.data)
-    model, tokenizer = load_policy(args.policy, device=args.device)
-    reward, report = train_from_args(args, model, tokenizer, records, args.objective)
-    reward.save(args.out)
-    print(json.dumps({"out": str(args.out), **asdict(report)}))
-    return 0

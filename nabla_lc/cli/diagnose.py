@@ -6,12 +6,11 @@ import argparse
 import json
 import sys
 
-from .cli import add_model_flags, load_engine
-from .config import ConfigError
-from .solve import add_config_flags, config_from_args
+from ..config import ConfigError
+from .flags import add_config_flags, add_model_flags, config_from_args, load_engine
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "diagnose",
         help="measure DTO's move and the reward gradient's swap test along first rollouts",
@@ -28,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench.runner import load_task
-    from .diagnose import diagnose
+    from ..bench.runner import load_task
+    from ..diagnose import diagnose
 
     try:
         config = config_from_args(args)
