@@ -4,7 +4,8 @@ DSPy owns caching, retries, history and the fan-out of ``n`` candidates (one ``c
 candidate). This module only translates one ``dspy.lm15.Request`` into one engine request and the
 engine's result into one ``dspy.lm15.Response``::
 
-    lm = NablaReasonerLLM(engine=engine, method="nabla").as_dspy_lm()
+    lm = dspy_lm(FrontEndSettings(engine, engine.config.replace(method="nabla"), "my-model"))
+    # or, from a LangChain LLM over the same engine: NablaReasonerLLM(engine=engine).as_dspy_lm()
     dspy.configure(lm=lm)
 
 Seeds: a request that sets ``seed`` decodes deterministically with it. A request without one gets the
@@ -24,6 +25,7 @@ import threading
 from typing import Any, AsyncIterator, Iterator
 
 import dspy
+from dspy.lm15 import TextDelta as DSPyTextDelta
 from dspy.lm15 import (
     Config,
     Message,
@@ -32,7 +34,6 @@ from dspy.lm15 import (
     StreamDeltaEvent,
     StreamEndEvent,
     StreamStartEvent,
-    TextDelta,
     TextPart,
     UnsupportedFeatureError,
     Usage,
@@ -40,8 +41,8 @@ from dspy.lm15 import (
 
 from nabla_lc.config import NablaConfig
 from nabla_lc.engine.types import Request as EngineRequest
-from nabla_lc.engine.types import Result
-from nabla_lc.langchain import NablaReasonerLLM, stream_engine
+from nabla_lc.engine.types import Result, TextDelta
+from nabla_lc.frontend import FrontEndSettings
 
 __all__ = ["AsyncNablaDSPyEngine", "NablaDSPyEngine", "dspy_lm"]
 
@@ -52,7 +53,7 @@ _ROLES = {"user": "user", "assistant": "assistant", "developer": "system"}
 
 
 class NablaDSPyEngine:
-    """DSPy's synchronous engine contract (``complete``, ``stream``, ``close``) over a :class:`NablaReasonerLLM`.
+    """DSPy's synchronous engine contract (``complete``, ``stream``, ``close``) over a nabla-lc engine and its settings.
 
     Thread-safe: the nabla engine's lock serializes decoding, and the seed generator has its own lock.
     """
@@ -60,15 +61,15 @@ class NablaDSPyEngine:
     supported_params: frozenset[str] = SUPPORTED_CONFIG
     """Read by DSPy's adapters as the engine's capability hints."""
 
-    def __init__(self, llm: NablaReasonerLLM) -> None:
-        self.llm = llm
-        self._seeds = random.Random(llm.config.seed)
+    def __init__(self, settings: FrontEndSettings) -> None:
+        self.settings = settings
+        self._seeds = random.Random(settings.config.seed)
         self._seed_lock = threading.Lock()
 
     def complete(self, request: Request) -> Response:
         """Decode one candidate."""
         engine_request, config, seed = self.translate(request)
-        [result] = self.llm.engine.generate([engine_request], config)
+        [result] = self.settings.engine.generate([engine_request], config)
         return Response(
             id=None,
             model=request.model,
@@ -82,14 +83,14 @@ class NablaDSPyEngine:
         """Stream one candidate: text as the decoder commits it, then the end event with usage and statistics."""
         engine_request, config, seed = self.translate(request)
         yield StreamStartEvent(model=request.model)
-        for item in stream_engine(self.llm.engine, engine_request, config):
-            if isinstance(item, str):
-                yield StreamDeltaEvent(delta=TextDelta(text=item))
+        for event in self.settings.engine.stream(engine_request, config):
+            if isinstance(event, TextDelta):
+                yield StreamDeltaEvent(delta=DSPyTextDelta(text=event.text))
             else:
                 yield StreamEndEvent(
-                    finish_reason=item.finish_reason,
-                    usage=usage(item),
-                    provider_data=self.provider_data(item, config, seed),
+                    finish_reason=event.result.finish_reason,
+                    usage=usage(event.result),
+                    provider_data=self.provider_data(event.result, config, seed),
                 )
 
     def close(self) -> None:
@@ -109,21 +110,22 @@ class NablaDSPyEngine:
         ]
         seed = options.seed if options.seed is not None else self._next_seed()
         changes = {k: v for k, v in (("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k)) if v is not None}
-        config = self.llm.config.replace(**changes) if changes else self.llm.config
-        engine_request = self.llm.engine.request_from_messages(
-            turns, seed=seed, max_new_tokens=options.max_tokens, stop=self.llm.stop_strings(options.stop)
+        config = self.settings.config.replace(**changes) if changes else self.settings.config
+        engine_request = self.settings.engine.request_from_messages(
+            turns, seed=seed, max_new_tokens=options.max_tokens, stop=self.settings.stop_strings(options.stop)
         )
         return engine_request, config, seed
 
     def provider_data(self, result: Result, config: NablaConfig, seed: int | None) -> dict[str, Any]:
         """The ∇ statistics under ``"nabla"``, with the method, seed, reward and (when asked) the trace."""
         data: dict[str, Any] = {"nabla": result.stats.to_dict(), "method": config.method, "seed": seed, "reward": result.reward}
-        if self.llm.return_trace:
-            data["trace"] = [record.to_dict() for record in result.trace]
+        trace = self.settings.trace(result)
+        if trace is not None:
+            data["trace"] = trace
         return json.loads(json.dumps(data))  # tuples become lists: provider_data must be plain JSON
 
     def _next_seed(self) -> int | None:
-        if self.llm.config.seed is None:
+        if self.settings.config.seed is None:
             return None
         with self._seed_lock:
             return self._seeds.randrange(2**31)
@@ -150,21 +152,21 @@ class AsyncNablaDSPyEngine:
         """Nothing to release: the engine is borrowed."""
 
 
-def dspy_lm(llm: NablaReasonerLLM, *, model: str | None = None, **kwargs: Any) -> dspy.LM:
-    """A ``dspy.LM`` that decodes with ``llm``'s engine and settings.
+def dspy_lm(settings: FrontEndSettings, *, model: str | None = None, **kwargs: Any) -> dspy.LM:
+    """A ``dspy.LM`` that decodes with ``settings``' engine and settings.
 
     ``model`` defaults to ``"nabla-lc/<model_id>@<settings hash>"``: DSPy's response cache keys on the
     model string and the request, so the hash keeps answers of different settings apart. ``kwargs``
     go to ``dspy.LM`` (``cache``, ``temperature``, ``max_tokens``, ``num_retries``, ...).
     """
-    sync = NablaDSPyEngine(llm)
-    return dspy.LM(model or default_model_name(llm), engine=sync, async_engine=AsyncNablaDSPyEngine(sync), **kwargs)
+    sync = NablaDSPyEngine(settings)
+    return dspy.LM(model or default_model_name(settings), engine=sync, async_engine=AsyncNablaDSPyEngine(sync), **kwargs)
 
 
-def default_model_name(llm: NablaReasonerLLM) -> str:
+def default_model_name(settings: FrontEndSettings) -> str:
     """``nabla-lc/<model_id>@<hash of every parameter that changes the output>``."""
-    digest = hashlib.sha256(json.dumps(llm.parameters, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"nabla-lc/{llm.model_id}@{digest}"
+    digest = hashlib.sha256(json.dumps(settings.parameters, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"nabla-lc/{settings.model_id}@{digest}"
 
 
 def usage(result: Result) -> Usage:

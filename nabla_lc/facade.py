@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -12,8 +12,9 @@ from torch import nn
 from .answers import find_answer
 from .config import ConfigError, NablaConfig
 from .engine.context import DecodingContext, wanted_tokens
+from .engine.events import astream_events, stream_events
 from .engine.policy import Policy
-from .engine.types import AnswerExtractor, Request, Result, TokenCallback
+from .engine.types import AnswerExtractor, Request, Result, StreamEvent, TokenCallback
 from .methods import get_method, method_names
 from .rewards.base import RewardAdapter
 from .strategies import SampleSet, draw, select
@@ -99,6 +100,15 @@ class Engine:
             return []
         with self.lock, torch.no_grad():
             return get_method(ctx.config.method).run(ctx, requests)
+
+    def stream(self, request: Request, config: NablaConfig | None = None) -> Iterator[StreamEvent]:
+        """Decode one request in a worker thread: :class:`~nabla_lc.engine.types.TextDelta` events as text is
+        committed, then :class:`~nabla_lc.engine.types.Finished` with the result."""
+        return stream_events(self.generate, request, config or self.config)
+
+    def astream(self, request: Request, config: NablaConfig | None = None) -> AsyncIterator[StreamEvent]:
+        """The async form of :meth:`stream` (decoding runs in the default executor)."""
+        return astream_events(self.generate, request, config or self.config)
 
     def sample(
         self, requests: Sequence[Request], config: NablaConfig, *, scored: bool, extract_answer: AnswerExtractor | None = None

@@ -8,12 +8,9 @@ the engine's lock serializes concurrent callers. The same object runs the baseli
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
-import threading
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping, Protocol, Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
@@ -24,7 +21,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, InstanceOf, SkipValidation, model_validator
 
 from .config import NablaConfig
-from .engine.types import Request, Result, TokenCallback
+from .engine.types import Request, Result, StreamEvent, TextDelta
+from .frontend import FrontEndEngine, FrontEndSettings, default_model_id
 from .loading import load_engine
 
 if TYPE_CHECKING:
@@ -37,47 +35,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in fields(NablaConfig))
 """Names accepted as constructor keywords and folded into ``config``."""
-
-
-class _Tokenizer(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-
-class _Policy(Protocol):
-    tokenizer: _Tokenizer
-    model: Any
-    """The policy model; its ``name_or_path`` (when it has one) names the LLM."""
-
-
-class FrontEndEngine(Protocol):
-    """What the front-ends use of :class:`nabla_lc.facade.Engine`."""
-
-    config: NablaConfig
-    policy: _Policy
-
-    def request(
-        self,
-        prompt: str,
-        *,
-        chat: bool = True,
-        system: str | None = None,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> Request: ...
-
-    def request_from_messages(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> Request: ...
-
-    def generate(
-        self, requests: list[Request], config: NablaConfig | None = None, on_token: TokenCallback | None = None
-    ) -> list[Result]: ...
 
 
 class NablaReasonerLLM(BaseLLM):
@@ -122,9 +79,7 @@ class NablaReasonerLLM(BaseLLM):
             base = engine.config if engine is not None else NablaConfig()
         data["config"] = base.replace(**changes) if changes else base
         if not data.get("model_id") and data.get("engine") is not None:
-            # transformers models carry name_or_path; other modules are named by their class
-            model = data["engine"].policy.model
-            data["model_id"] = getattr(model, "name_or_path", "") or type(model).__name__
+            data["model_id"] = default_model_id(data["engine"])
         return data
 
     @model_validator(mode="after")
@@ -183,11 +138,16 @@ class NablaReasonerLLM(BaseLLM):
         fields = {name: getattr(self, name) for name in ("engine", "config", "model_id", "chat", "system", "return_trace")}
         return type(self)(**{**fields, **changes})
 
+    @property
+    def settings(self) -> FrontEndSettings:
+        """This LLM's engine and settings, as every front-end takes them."""
+        return FrontEndSettings(self.engine, self.config, self.model_id, self.chat, self.system, self.return_trace)
+
     def as_dspy_lm(self, **kwargs: Any) -> "dspy.LM":
         """A ``dspy.LM`` decoding with this object's engine and settings (see :func:`nabla_lc.integrations.dspy.dspy_lm`)."""
         from nabla_lc.integrations.dspy import dspy_lm
 
-        return dspy_lm(self, **kwargs)
+        return dspy_lm(self.settings, **kwargs)
 
     # --- LangChain hooks -------------------------------------------------------------------
     @property
@@ -201,14 +161,7 @@ class NablaReasonerLLM(BaseLLM):
     @property
     def parameters(self) -> dict[str, Any]:
         """Everything that changes the output (LangChain's cache key and tracing are built from it)."""
-        return {
-            "model_id": self.model_id,
-            "reward": reward_name(self.engine),
-            "chat": self.chat,
-            "system": self.system,
-            "return_trace": self.return_trace,
-            **self.config.to_dict(),
-        }
+        return self.settings.parameters
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -246,11 +199,8 @@ class NablaReasonerLLM(BaseLLM):
     ) -> Iterator[GenerationChunk]:
         """Yield committed text as the decoder commits it; the last chunk carries ``generation_info``."""
         refuse_call_options(kwargs)
-        for item in stream_engine(self.engine, self._request(prompt, stop), self.config):
-            if isinstance(item, str):
-                chunk = GenerationChunk(text=item)
-            else:
-                chunk = GenerationChunk(text="", generation_info=self.generation_info(item))
+        for event in self.engine.stream(self._request(prompt, stop), self.config):
+            chunk = self._chunk(event)
             if run_manager is not None:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -264,11 +214,8 @@ class NablaReasonerLLM(BaseLLM):
     ) -> AsyncIterator[GenerationChunk]:
         """Like :meth:`_stream`; decoding runs in a worker thread, so the event loop stays free."""
         refuse_call_options(kwargs)
-        async for item in astream_engine(self.engine, self._request(prompt, stop), self.config):
-            if isinstance(item, str):
-                chunk = GenerationChunk(text=item)
-            else:
-                chunk = GenerationChunk(text="", generation_info=self.generation_info(item))
+        async for event in self.engine.astream(self._request(prompt, stop), self.config):
+            chunk = self._chunk(event)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -281,18 +228,18 @@ class NablaReasonerLLM(BaseLLM):
         info: dict[str, Any] = {"finish_reason": result.finish_reason, "nabla": result.stats.to_dict()}
         if result.reward is not None:
             info["reward"] = result.reward
-        if self.return_trace:
-            info["trace"] = [record.to_dict() for record in result.trace]
+        trace = self.settings.trace(result)
+        if trace is not None:
+            info["trace"] = trace
         return info
 
-    def stop_strings(self, stop: Sequence[str] | None) -> tuple[str, ...] | None:
-        """The config's stop strings plus the call's (None when the call adds none)."""
-        if not stop:
-            return None
-        return tuple(dict.fromkeys((*self.config.stop, *stop)))
+    def _chunk(self, event: StreamEvent) -> GenerationChunk:
+        if isinstance(event, TextDelta):
+            return GenerationChunk(text=event.text)
+        return GenerationChunk(text="", generation_info=self.generation_info(event.result))
 
     def _request(self, prompt: str, stop: Sequence[str] | None) -> Request:
-        return self.engine.request(prompt, chat=self.chat, system=self.system, stop=self.stop_strings(stop))
+        return self.engine.request(prompt, chat=self.chat, system=self.system, stop=self.settings.stop_strings(stop))
 
 
 class ChatNablaReasoner(BaseChatModel):
@@ -350,8 +297,8 @@ class ChatNablaReasoner(BaseChatModel):
         BaseChatModel fires ``on_llm_new_token`` for each chunk.
         """
         refuse_call_options(kwargs)
-        for item in stream_engine(self.llm.engine, self._request(messages, stop), self.llm.config):
-            yield self._chunk(item)
+        for event in self.llm.engine.stream(self._request(messages, stop), self.llm.config):
+            yield self._chunk(event)
 
     async def _astream(
         self,
@@ -361,26 +308,26 @@ class ChatNablaReasoner(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         refuse_call_options(kwargs)
-        async for item in astream_engine(self.llm.engine, self._request(messages, stop), self.llm.config):
-            yield self._chunk(item)
+        async for event in self.llm.engine.astream(self._request(messages, stop), self.llm.config):
+            yield self._chunk(event)
 
-    def _chunk(self, item: str | Result) -> ChatGenerationChunk:
-        if isinstance(item, str):
-            return ChatGenerationChunk(message=AIMessageChunk(content=item))
+    def _chunk(self, event: StreamEvent) -> ChatGenerationChunk:
+        if isinstance(event, TextDelta):
+            return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
         message = AIMessageChunk(
             content="",
-            usage_metadata=usage_metadata(item),
+            usage_metadata=usage_metadata(event.result),
             response_metadata={"model_name": self.llm.model_id},
             chunk_position="last",
         )
-        return ChatGenerationChunk(message=message, generation_info=self.llm.generation_info(item))
+        return ChatGenerationChunk(message=message, generation_info=self.llm.generation_info(event.result))
 
     def _request(self, messages: list[BaseMessage], stop: Sequence[str] | None) -> Request:
         roles = [_role(m) for m in messages]
         turns = [{"role": role, "content": m.text} for role, m in zip(roles, messages)]
         if self.llm.system and "system" not in roles:
             turns.insert(0, {"role": "system", "content": self.llm.system})
-        return self.llm.engine.request_from_messages(turns, stop=self.llm.stop_strings(stop))
+        return self.llm.engine.request_from_messages(turns, stop=self.llm.settings.stop_strings(stop))
 
 
 def _role(message: BaseMessage) -> str:
@@ -403,12 +350,6 @@ def refuse_call_options(kwargs: Mapping[str, Any]) -> None:
         )
 
 
-def reward_name(engine: FrontEndEngine) -> str | None:
-    """The reward's class name (part of the identity of an engine's outputs)."""
-    reward = getattr(engine, "reward", None)
-    return type(reward).__qualname__ if reward is not None else None
-
-
 def token_usage(results: Sequence[Result]) -> dict[str, int]:
     """OpenAI-style token counts summed over results."""
     prompt = sum(r.stats.prompt_tokens for r in results)
@@ -420,55 +361,3 @@ def usage_metadata(result: Result) -> UsageMetadata:
     """LangChain's usage record of one result."""
     prompt, completion = result.stats.prompt_tokens, result.stats.response_tokens
     return UsageMetadata(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion)
-
-
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException
-
-
-def _decode_into(engine: FrontEndEngine, request: Request, config: NablaConfig, put: Callable[[object], None]) -> None:
-    """Decode one request, passing each text delta, then the Result (or a _Failure), to ``put``."""
-
-    def on_token(_index: int, delta: str) -> None:
-        if delta:
-            put(delta)
-
-    try:
-        [result] = engine.generate([request], config, on_token=on_token)
-    except BaseException as error:  # handed to the consumer, which re-raises it
-        put(_Failure(error))
-    else:
-        put(result)
-
-
-def stream_engine(engine: FrontEndEngine, request: Request, config: NablaConfig) -> Iterator[str | Result]:
-    """Text deltas of one request as they are committed, then its :class:`Result`.
-
-    Decoding runs in a worker thread; if the consumer stops early, the request still runs to its end
-    (the engine cannot be interrupted) and its output is dropped.
-    """
-    items: queue.SimpleQueue[object] = queue.SimpleQueue()
-    threading.Thread(target=_decode_into, args=(engine, request, config, items.put), name="nabla-stream", daemon=True).start()
-    while True:
-        item = items.get()
-        if isinstance(item, _Failure):
-            raise item.error
-        yield item  # type: ignore[misc]
-        if isinstance(item, Result):
-            return
-
-
-async def astream_engine(engine: FrontEndEngine, request: Request, config: NablaConfig) -> AsyncIterator[str | Result]:
-    """The async form of :func:`stream_engine`: decoding runs in the default executor."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[object] = asyncio.Queue()
-    done = loop.run_in_executor(None, _decode_into, engine, request, config, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
-    while True:
-        item = await items.get()
-        if isinstance(item, _Failure):
-            raise item.error
-        yield item  # type: ignore[misc]
-        if isinstance(item, Result):
-            await done
-            return

@@ -11,13 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from nabla_lc.config import NablaConfig
 from nabla_lc.engine.accounting import Stats
+from nabla_lc.engine.events import astream_events, stream_events
 from nabla_lc.engine.stream import TextStream
 from nabla_lc.engine.trace import PositionRecord
-from nabla_lc.engine.types import Request, Result, TokenCallback
+from nabla_lc.engine.types import Request, Result, StreamEvent, TokenCallback
 from nabla_lc.methods import get_method
 
 Responder = Callable[[str, str, "int | None", int], str]
@@ -127,6 +128,12 @@ class FakeEngine:
                 return [self._decode(i, r, config, on_token) for i, r in enumerate(requests)]
             finally:
                 self.active -= 1
+
+    def stream(self, request: Request, config: NablaConfig | None = None) -> Iterator[StreamEvent]:
+        return stream_events(self.generate, request, config or self.config)
+
+    def astream(self, request: Request, config: NablaConfig | None = None) -> AsyncIterator[StreamEvent]:
+        return astream_events(self.generate, request, config or self.config)
 
     def _decode(self, index: int, request: Request, config: NablaConfig, on_token: TokenCallback | None) -> Result:
         start = time.perf_counter()

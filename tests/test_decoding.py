@@ -230,6 +230,18 @@ def test_streamed_deltas_join_to_the_text(tokenizer, method):
         assert len(chunks[0]) > 1  # committed tokens stream as they are decided
 
 
+@pytest.mark.parametrize("method", ["nabla", "greedy"])
+def test_engine_streams_typed_events_that_end_in_the_result(tokenizer, method):
+    from nabla_lc.engine.types import Finished, TextDelta
+
+    engine = _engine(tokenizer, method=method, n=3, **SEARCH)
+    request = engine.request(PROMPTS[0], seed=0)
+    events = list(engine.stream(request))
+    *deltas, last = events
+    assert isinstance(last, Finished) and all(isinstance(e, TextDelta) for e in deltas) and len(deltas) > 1
+    assert "".join(e.text for e in deltas) == last.result.text == engine.generate([request])[0].text
+
+
 class NanReward(LinearReward):
     def score_soft(self, prefix, y):
         out = super().score_soft(prefix, y)

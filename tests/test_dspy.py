@@ -80,14 +80,14 @@ def test_request_settings_reach_the_engine(lm: dspy.LM, engine: FakeEngine) -> N
 
 
 def test_unsupported_request_features_are_refused(engine: FakeEngine) -> None:
-    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine))
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine).settings)
     request = Request(model="m", messages=(Message.user("hi"),), config=Config(logprobs=2))
     with pytest.raises(UnsupportedFeatureError, match="logprobs"):
         sync.complete(request)
 
 
 def test_stream_events_match_complete(engine: FakeEngine) -> None:
-    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine))
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine).settings)
     request = Request(model="m", messages=(Message.user("[[ ## question ## ]]\nabc"),), system="S", config=Config(seed=3))
     events = list(sync.stream(request))
     assert [events[0].type, events[-1].type] == ["start", "end"]

@@ -362,6 +362,29 @@ def test_lora_save_load(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
         LoRAReward.load(path, other, tok)
 
 
+def test_lora_files_name_the_reward_by_path_and_content(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    # two LoRA files on the same policy must not share a cache key (they used to: both were "LoRAReward")
+    from nabla_lc import Engine
+    from nabla_lc.langchain import NablaReasonerLLM
+    from nabla_lc.rewards.load import load_reward
+
+    reward = LoRAReward(llama_policy(), tok, rank=2)
+    first = reward.save(tmp_path / "a.safetensors")
+    _randomize_adapter(reward)
+    second = reward.save(tmp_path / "b.safetensors")
+    same_content = tmp_path / "c.safetensors"
+    same_content.write_bytes(first.read_bytes())
+    names = [LoRAReward.load(p, llama_policy(), tok).identity for p in (first, second, same_content)]
+    assert len(set(names)) == 3 and all("@sha256:" in n for n in names)
+    assert names[0].split("@")[1] == names[2].split("@")[1] and str(first.resolve()) in names[0]
+    keys = [
+        NablaReasonerLLM(engine=Engine(policy, tok, load_reward(str(p), policy, tok)))._identifying_params["reward"]
+        for p, policy in ((first, llama_policy()), (second, llama_policy()))
+    ]
+    assert keys == names[:2]
+    assert load_reward("judge", llama_policy(), tok).identity == "judge"  # type: ignore[union-attr]
+
+
 # --- training ---------------------------------------------------------------------------------
 def write_records(path: Path) -> list[train_mod.Record]:
     rows = []

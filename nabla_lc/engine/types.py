@@ -63,6 +63,24 @@ TokenCallback = Callable[[int, str], None]
 AnswerExtractor = Callable[[str], "str | None"]
 
 
+@dataclass(frozen=True)
+class TextDelta:
+    """Streamed: text the decoder committed, safe from stop strings."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Streamed last: the request's result."""
+
+    result: Result
+
+
+StreamEvent = TextDelta | Finished
+"""What a stream yields: text deltas, then one :class:`Finished`."""
+
+
 def _check(ok: bool, name: str, expected: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"Request.{name} must be {expected}, got {value!r:.80}")

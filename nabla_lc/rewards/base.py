@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -61,6 +63,14 @@ class RewardAdapter(ABC):
 
     kind: RewardKind = "outcome"
     """``outcome`` (one score per response) or ``process`` (a score per step, aggregated)."""
+    name: str | None = None
+    """What names this reward where outputs are cached: a name (``judge``), a checkpoint path, or a file's path
+    with its content hash. Set by :func:`~nabla_lc.rewards.load.load_reward` and :meth:`LoRAReward.load`."""
+
+    @property
+    def identity(self) -> str:
+        """:attr:`name`; an adapter built in code without one is named by its class."""
+        return self.name or type(self).__qualname__
 
     @property
     def differentiable(self) -> bool:
@@ -117,3 +127,13 @@ def checked_soft(adapter: RewardAdapter, soft: SoftScore) -> SoftScore:
 def rank(reward: float) -> float:
     """The value rewards are compared by: a NaN or infinite reward ranks below every finite one."""
     return reward if math.isfinite(reward) else -math.inf
+
+
+def file_identity(path: str | Path) -> str:
+    """``<absolute path>@sha256:<first 16 hex digits of the content>``: a reward file's :attr:`RewardAdapter.name`."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path}@sha256:{digest.hexdigest()[:16]}"

@@ -25,7 +25,20 @@ def load_reward(
     vocab_bridge: bool = False,
     trust_remote_code: bool = False,
 ) -> RewardAdapter | None:
-    """A reward from its name or local path: see :data:`REWARD_CHOICES`. Reward checkpoints load next to the policy."""
+    """A reward from its name or local path: see :data:`REWARD_CHOICES`. Reward checkpoints load next to the policy.
+
+    The reward's :attr:`~nabla_lc.rewards.base.RewardAdapter.name` is ``judge``, a file's path and content hash, or
+    a checkpoint directory's path.
+    """
+    reward = _load(spec, policy_model, policy_tokenizer, dtype, vocab_bridge, trust_remote_code)
+    if reward is not None and reward.name is None:
+        reward.name = spec if spec == "judge" else str(Path(spec).expanduser().resolve())  # type: ignore[arg-type]
+    return reward
+
+
+def _load(
+    spec: str | None, policy_model: nn.Module, policy_tokenizer: Any, dtype: torch.dtype | None, vocab_bridge: bool, trust_remote_code: bool
+) -> RewardAdapter | None:
     if spec is None or spec == "none":
         return None
     if spec == "default":

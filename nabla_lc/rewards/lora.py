@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from .base import file_identity
 from .transformer import TransformerReward, exact_vocab, freeze, reply_frame
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class LoRAReward(TransformerReward):
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])
+        reward.name = file_identity(path)
         return reward
 
 
