@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import NablaConfig
 from ..engine.accounting import Stats
-from ..engine.dto import DTORun, encode_prefix, restore_cache
+from ..engine.dto import DTORun, encode_prefix
 from ..engine.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ def measure(policy: Policy, prompt_len: int, rollout_len: int, prefix_cache: boo
 
     @torch.no_grad()
     def forward() -> None:
-        assert cached.cache is not None
+        assert cached.snapshot is not None
         policy.model(input_ids=ids, position_ids=positions, cache=cached.cache, use_cache=True)
-        restore_cache(cached.cache, cached.saved)
+        cached.snapshot.restore()
 
     assert torch.equal(hard, torch.tensor(tokens))
     t_step, t_fwd = _median_time(run.optimize, repeats), _median_time(forward, repeats)

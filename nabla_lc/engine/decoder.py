@@ -11,7 +11,7 @@ import torch
 from ..config import NablaConfig
 from ..rewards.base import RewardAdapter, RewardPrefix, rank
 from .accounting import Stats
-from .dto import DTORun, NonFiniteGradient, PolicyPrefix, ProbePass, encode_prefix, extend_prefix, gradient_reward, kl_rows
+from .dto import DTORun, NonFiniteGradient, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
 from .policy import Policy
 from .rollout import Rollout, RolloutRow, Sampling, differ_chance, rollout, sample
 from .stream import TextStream
@@ -89,8 +89,7 @@ class Decoder:
         self.committed: list[int] = []
         self.trace: list[PositionRecord] = []
         self.reward_value: float | None = None
-        self.prefix: PolicyPrefix | None = None
-        self.reward_prefix: RewardPrefix | None = None
+        self.prefixes = PrefixEncoder(policy, reward, config, stats)
         self.probe_pass: ProbePass | None = None
 
     def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:
@@ -180,23 +179,8 @@ class Decoder:
         return z[0]
 
     def extend_prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
-        """The encoded prompt + committed tokens, encoding only the tokens committed since the last call.
-
-        With ``prefix_cache`` off, every call encodes (policy) or recomputes (reward) the prefix afresh.
-        """
-        ids = self.prompt_ids + self.committed
-        if self.prefix is None or not self.config.prefix_cache:
-            self.prefix = encode_prefix(self.policy, ids, self.stats, keep_cache=self.config.prefix_cache)
-        else:
-            self.prefix = extend_prefix(self.policy, self.prefix, ids, self.stats)
-        reward = gradient_reward(self.reward, self.config)
-        if reward is not None:
-            if self.reward_prefix is None or not self.config.prefix_cache:
-                self.reward_prefix = reward.prepare(self.reward_prompt, self.committed)
-            else:
-                self.reward_prefix = reward.extend(self.reward_prefix, self.reward_prompt, self.committed)
-            self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
-        return self.prefix, self.reward_prefix
+        """The encoded prompt + committed tokens, encoding only the tokens committed since the last call."""
+        return self.prefixes.encode(self.reward_prompt, self.prompt_ids + self.committed, self.committed)
 
     def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutRow, Rollout, Rollout]:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""

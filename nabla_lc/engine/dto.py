@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from transformers import DynamicCache
 from ..config import NablaConfig
 from ..numerics import upcast
 from ..rewards.base import RewardAdapter, RewardPrefix, checked_soft
+from ..tensors import CacheSnapshot
 from .accounting import Stats
 from .policy import Policy
 
@@ -66,19 +68,8 @@ class PolicyPrefix:
     """KV cache of ``ids`` (None when prefix reuse is off)."""
     next_logp: torch.Tensor
     """[V] fp32 log π(· | prefix), which scores the rollout's first token."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]]
-    """The prefix's key/value tensors per layer, put back after every step."""
-
-
-def snapshot_cache(cache: DynamicCache | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cache's per-layer key and value tensors."""
-    return [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
-
-
-def restore_cache(cache: DynamicCache, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Put back a snapshot: drops what a pass appended, and the autograd graph attached to it."""
-    for layer, (keys, values) in zip(cache.layers, saved):
-        layer.keys, layer.values = keys, values
+    snapshot: CacheSnapshot | None
+    """The prefix's entries of ``cache``, put back after every step."""
 
 
 @torch.no_grad()
@@ -88,7 +79,8 @@ def encode_prefix(policy: Policy, ids: Sequence[int], stats: Stats, keep_cache: 
     x = torch.tensor([list(ids)], device=policy.device)
     out = policy.model(input_ids=x, cache=cache, use_cache=keep_cache)
     stats.count_policy(1, len(ids))
-    return PolicyPrefix(list(ids), cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(cache))
+    snapshot = CacheSnapshot.take(cache) if cache is not None else None
+    return PolicyPrefix(list(ids), cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot)
 
 
 @torch.no_grad()
@@ -104,7 +96,7 @@ def extend_prefix(policy: Policy, prefix: PolicyPrefix, ids: Sequence[int], stat
     positions = torch.arange(P, len(ids), device=policy.device)[None]
     out = policy.model(input_ids=x, position_ids=positions, cache=prefix.cache, use_cache=True)
     stats.count_policy(1, len(ids) - P)
-    return PolicyPrefix(ids, prefix.cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot_cache(prefix.cache))
+    return PolicyPrefix(ids, prefix.cache, upcast(out.logits[0, -1]).log_softmax(-1), CacheSnapshot.take(prefix.cache))
 
 
 def gradient_reward(reward: RewardAdapter | None, config: NablaConfig) -> RewardAdapter | None:
@@ -112,20 +104,47 @@ def gradient_reward(reward: RewardAdapter | None, config: NablaConfig) -> Reward
     return reward if (reward is not None and reward.differentiable and config.reward_weight > 0) else None
 
 
+class PrefixEncoder:
+    """The prompt + committed tokens of one request, encoded for the policy and the gradient reward.
+
+    Each call encodes only the tokens committed since the last one (with ``prefix_cache`` off, everything afresh).
+    """
+
+    def __init__(self, policy: Policy, reward: RewardAdapter | None, config: NablaConfig, stats: Stats) -> None:
+        self.policy, self.config, self.stats = policy, config, stats
+        self.reward = gradient_reward(reward, config)
+        self.prefix: PolicyPrefix | None = None
+        self.reward_prefix: RewardPrefix | None = None
+
+    def encode(self, reward_prompt: str, prefix_ids: Sequence[int], committed: Sequence[int]) -> tuple[PolicyPrefix, RewardPrefix | None]:
+        """The prefixes for ``prefix_ids`` (prompt + ``committed``), extending the previous call's."""
+        if self.prefix is None or not self.config.prefix_cache:
+            self.prefix = encode_prefix(self.policy, prefix_ids, self.stats, keep_cache=self.config.prefix_cache)
+        else:
+            self.prefix = extend_prefix(self.policy, self.prefix, prefix_ids, self.stats)
+        if self.reward is not None:
+            if self.reward_prefix is None or not self.config.prefix_cache:
+                self.reward_prefix = self.reward.prepare(reward_prompt, committed)
+            else:
+                self.reward_prefix = self.reward.extend(self.reward_prefix, reward_prompt, committed)
+            self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
+        return self.prefix, self.reward_prefix
+
+
 def token_logprobs(policy: Policy, prefix: PolicyPrefix, y: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
     """y_t · log π(· | prefix, y_<t) per row, differentiable in y. y: [L, V] -> [L]; their sum is log π(y).
 
-    With a prefix cache the pass covers the L rollout tokens only; the cache is cropped back after.
+    With a prefix cache the pass covers the L rollout tokens only; the prefix's entries are put back after.
     """
     L = y.shape[0]
     emb = embed(y, policy.embedding, hard)[None]  # [1, L, H]
     P = len(prefix.ids)
-    if prefix.cache is not None:
+    if prefix.snapshot is not None:
         positions = torch.arange(P, P + L, device=policy.device)[None]
         try:
             out = policy.model(inputs_embeds=emb, position_ids=positions, cache=prefix.cache, use_cache=True)
         finally:
-            restore_cache(prefix.cache, prefix.saved)  # why: the next step reuses the prefix entries only, graph-free
+            prefix.snapshot.restore()  # why: the next step reuses the prefix entries only, graph-free
         logits = out.logits[0]
     else:
         prefix_emb = policy.embedding[torch.tensor(prefix.ids, device=policy.device)][None]
@@ -236,7 +255,7 @@ class DTORun:
         # encoded here when not given. Either way only when a pass needs them.
         self.policy, self.config, self.stats = policy, config, stats
         self.reward = gradient_reward(reward, config)
-        self.reward_prompt, self.prefix_ids, self.committed = reward_prompt, list(prefix_ids), list(committed)
+        self.prefix_ids, self.committed = list(prefix_ids), list(committed)
         self.tokens = torch.tensor(list(tokens), device=policy.device)
         rows = 1 if config.dto_positions == "first" else len(tokens)
         self.z0 = logits[:rows].detach().to(policy.device, torch.float32).clone()  # [rows, V] the rollout's logits
@@ -248,7 +267,7 @@ class DTORun:
         self.pin[self.pin <= PIN_MARGIN] = 0.0
         self.scale = 1.0 / config.reward_weight if config.reward_weight > 0 else 1.0
         stats.dto_runs += 1
-        self._prefixes = prefixes or self._encode_prefixes
+        self._prefixes = prefixes or partial(PrefixEncoder(policy, reward, config, stats).encode, reward_prompt, self.prefix_ids, self.committed)
         self._encoded: tuple[PolicyPrefix, RewardPrefix | None] | None = None
         self._cached: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self.probe_pass: ProbePass | None = None
@@ -256,14 +275,6 @@ class DTORun:
         self.loss_start: float | None = None
         self.loss_end: float | None = None
         self.cache_hits = 0
-
-    def _encode_prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
-        prefix = encode_prefix(self.policy, self.prefix_ids, self.stats, keep_cache=self.config.prefix_cache)
-        reward_prefix = None
-        if self.reward is not None:
-            reward_prefix = self.reward.prepare(self.reward_prompt, self.committed)
-            self.stats.count_reward(reward_prefix.passes, reward_prefix.tokens)
-        return prefix, reward_prefix
 
     def prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
         """The encoded prefixes of the policy and of the gradient reward, obtained on first use."""

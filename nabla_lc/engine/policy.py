@@ -8,15 +8,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..tensors import freeze
+
 log = logging.getLogger(__name__)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Put a model in eval mode with every parameter frozen (DTO differentiates inputs only)."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 class Policy:

@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Generic, Literal, Sequence, TypeVar
 
 import torch
 
@@ -44,18 +44,22 @@ class SoftScore:
     tokens: int
 
 
-@dataclass
-class RewardPrefix:
-    """The fixed part of a reward input (template, prompt, committed tokens), encoded once per DTO run."""
+State = TypeVar("State")
+"""An adapter's own prefix state (for example a KV cache)."""
 
-    state: Any
-    """Adapter-specific data (for example a KV cache)."""
+
+@dataclass
+class RewardPrefix(Generic[State]):
+    """The fixed part of a reward input (template, prompt, committed tokens), encoded once and extended as tokens are committed."""
+
+    state: State
+    """Adapter-specific data, typed by the adapter."""
     passes: int
     """Forward passes spent encoding it (0 when nothing was encoded)."""
     tokens: int
 
 
-class RewardAdapter(ABC):
+class RewardAdapter(ABC, Generic[State]):
     """A reward r(y|x) on policy token ids, differentiable on soft one-hots when it can be.
 
     Responses always arrive in the *policy's* vocabulary; adapters map them to their own.
@@ -81,18 +85,18 @@ class RewardAdapter(ABC):
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         """Rewards of responses (policy token ids) to prompts (the user's text), batched."""
 
-    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[State]:
         """Encode the fixed part of the input once; :meth:`score_soft` continues from it."""
         raise NoGradientError(f"{type(self).__name__} cannot take gradients")
 
-    def extend(self, prefix: RewardPrefix, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+    def extend(self, prefix: RewardPrefix[State], prompt: str, committed: Sequence[int]) -> RewardPrefix[State]:
         """The prefix for ``committed``, which extends the committed tokens of ``prefix``.
 
         ``passes``/``tokens`` of the result count only the new work. This default encodes it afresh.
         """
         return self.prepare(prompt, committed)
 
-    def score_soft(self, prefix: RewardPrefix, y: torch.Tensor) -> SoftScore:
+    def score_soft(self, prefix: RewardPrefix[State], y: torch.Tensor) -> SoftScore:
         """Differentiable reward of ``committed + y``.
 
         y: [L, V_policy] token vectors over the policy vocabulary (straight-through one-hots in DTO).

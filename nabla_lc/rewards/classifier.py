@@ -9,7 +9,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ..numerics import upcast
-from .transformer import TransformerReward, freeze, reply_frame
+from ..tensors import freeze
+from .transformer import TransformerReward, reply_frame
 
 
 class SequenceClassifierReward(TransformerReward):

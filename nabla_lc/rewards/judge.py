@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..numerics import upcast
-from .transformer import SENTINEL, TransformerReward, chat_frame, exact_vocab, freeze
+from ..tensors import freeze
+from .transformer import SENTINEL, TransformerReward, chat_frame, exact_vocab
 
 JUDGE_QUESTION = "Is this answer correct? Answer Yes or No."
 

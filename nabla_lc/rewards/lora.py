@@ -15,8 +15,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from ..tensors import freeze
 from .base import file_identity
-from .transformer import TransformerReward, exact_vocab, freeze, reply_frame
+from .transformer import TransformerReward, exact_vocab, reply_frame
 
 log = logging.getLogger(__name__)
 

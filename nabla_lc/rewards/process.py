@@ -11,7 +11,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
 
 from ..numerics import upcast
-from .transformer import TransformerReward, freeze, reply_frame
+from ..tensors import freeze
+from .transformer import TransformerReward, reply_frame
 
 Aggregation = Literal["sum", "min", "last", "mean"]
 AGGREGATIONS: tuple[str, ...] = ("sum", "min", "last", "mean")

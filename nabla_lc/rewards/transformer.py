@@ -12,19 +12,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..numerics import upcast
+from ..tensors import CacheSnapshot
 from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .vocab import VocabMap, VocabMismatchError, check_vocab
 
 SENTINEL = "NABLALCRESPONSESENTINEL"
 """Placeholder assistant message; the chat template is split around it into head and tail."""
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode, every parameter frozen: rewards take gradients with respect to inputs only."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def reply_frame(tokenizer: Any, system: str | None, prompt: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
@@ -86,17 +79,20 @@ class Layout:
 
 
 @dataclass
-class _Prefix:
-    """State of a DTO run: the encoded fixed part and the scores already read in it."""
+class TransformerPrefix:
+    """A reward prefix's state: the encoded fixed part and the scores already read in it."""
 
     prompt: str
     committed: list[int]
     length: int
-    cache: DynamicCache | None
-    values: torch.Tensor  # [R_prefix] scores read inside the prefix
+    """Slots encoded."""
+    snapshot: CacheSnapshot | None
+    """The KV cache of the encoded slots (None when there are none), put back after every soft pass."""
+    values: torch.Tensor
+    """[R_prefix] scores read inside the prefix."""
 
 
-class TransformerReward(RewardAdapter):
+class TransformerReward(RewardAdapter[TransformerPrefix]):
     """A reward read from a transformer's hidden states; subclasses choose the template, the reads and the head.
 
     Inputs are built as ``inputs_embeds``: response tokens (policy ids or soft vectors over the policy
@@ -224,29 +220,29 @@ class TransformerReward(RewardAdapter):
             values, tokens = self.values(prompts, responses)
         return Scores(values.cpu(), len(responses), tokens)
 
-    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix:
+    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
         lay = self.layout(prompt, list(committed), final=False)
         P = len(lay.ids)
         values = torch.zeros(0, device=self.embedding.device)
         if P == 0:
-            return RewardPrefix(_Prefix(prompt, list(committed), 0, None, values), 0, 0)
+            return RewardPrefix(TransformerPrefix(prompt, list(committed), 0, None, values), 0, 0)
         cache = DynamicCache(config=self.body.config)
         with torch.no_grad():
             vecs = self.vocab.embed_ids(torch.tensor(list(committed), dtype=torch.long), self.embedding)
             hidden = self.forward_hidden(self.embeds(lay.ids, lay.source, vecs)[None], cache=cache)
             if lay.reads:
                 values = self.read(hidden[0, lay.reads])
-        return RewardPrefix(_Prefix(prompt, list(committed), P, cache, values), 1, P)
+        return RewardPrefix(TransformerPrefix(prompt, list(committed), P, CacheSnapshot.take(cache), values), 1, P)
 
-    def extend(self, prefix: RewardPrefix, prompt: str, committed: Sequence[int]) -> RewardPrefix:
-        state: _Prefix = prefix.state
+    def extend(self, prefix: RewardPrefix[TransformerPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
+        state = prefix.state
         committed = list(committed)
         lay = self.layout(prompt, committed, final=False)
         P = state.length
         old = self.layout(prompt, state.committed, final=False)
         unchanged = (
             prompt == state.prompt
-            and state.cache is not None
+            and state.snapshot is not None
             and committed[: len(state.committed)] == state.committed
             and lay.ids[:P] == old.ids
             and lay.source[:P] == old.source
@@ -255,17 +251,18 @@ class TransformerReward(RewardAdapter):
         if not unchanged:  # why: a layout that is not append-only (a bridged vocabulary may re-split) is encoded afresh
             return self.prepare(prompt, committed)
         if len(lay.ids) == P:
-            return RewardPrefix(_Prefix(prompt, committed, P, state.cache, state.values), 0, 0)
+            return RewardPrefix(TransformerPrefix(prompt, committed, P, state.snapshot, state.values), 0, 0)
+        cache = state.snapshot.cache
         with torch.no_grad():
             vecs = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long), self.embedding)
-            hidden = self.forward_hidden(self.embeds(lay.ids[P:], lay.source[P:], vecs)[None], cache=state.cache, start=P)
+            hidden = self.forward_hidden(self.embeds(lay.ids[P:], lay.source[P:], vecs)[None], cache=cache, start=P)
             reads = [r - P for r in lay.reads if r >= P]
             values = torch.cat([state.values, self.read(hidden[0, reads])]) if reads else state.values
-        return RewardPrefix(_Prefix(prompt, committed, len(lay.ids), state.cache, values), 1, len(lay.ids) - P)
+        return RewardPrefix(TransformerPrefix(prompt, committed, len(lay.ids), CacheSnapshot.take(cache), values), 1, len(lay.ids) - P)
 
-    def score_soft(self, prefix: RewardPrefix, y: torch.Tensor) -> SoftScore:
+    def score_soft(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor) -> SoftScore:
         # y: [L, V_policy] soft token vectors; the response is committed + y
-        state: _Prefix = prefix.state
+        state = prefix.state
         c = len(state.committed)
         hard = y.detach().argmax(-1).tolist()
         lay = self.layout(state.prompt, state.committed + hard)
@@ -276,21 +273,13 @@ class TransformerReward(RewardAdapter):
         vecs = self.vocab.embed(y, self.embedding)  # [L, H]
         embeds = self.embeds(ids, src, vecs)[None]
         try:
-            hidden = self.forward_hidden(embeds, cache=state.cache, start=P)
+            hidden = self.forward_hidden(embeds, cache=state.snapshot.cache if state.snapshot is not None else None, start=P)
         finally:
-            if state.cache is not None:
-                _rewind(state.cache, P)
+            if state.snapshot is not None:
+                state.snapshot.restore()  # why: the next DTO step reuses the prefix entries only, graph-free
         reads = [r - P for r in lay.reads if r >= P]
         values = torch.cat([state.values, self.read(hidden[0, reads])])
         return SoftScore(upcast(self.combine(values)), 1, len(ids))
-
-
-def _rewind(cache: DynamicCache, length: int) -> None:
-    """Crop ``cache`` back to ``length`` tokens, cut from this step's graph, so the next DTO step reuses it."""
-    cache.crop(length - cache.get_seq_length())
-    for layer in cache.layers:
-        # why: after crop the prefix is a view of this step's concatenation, which carries its autograd history
-        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
 
 
 def exact_vocab(policy_tokenizer: Any, tokenizer: Any, owner: str) -> None:
