@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..config import ConfigError, NablaConfig
+from ..methods import get_method, method_names
 from ..rewards.base import RewardAdapter, checked_scores
 from .accounting import Stats
 from .policy import Policy
@@ -46,7 +47,8 @@ class DecodingContext:
 
     def require_reward(self, what: str) -> RewardAdapter:
         if self.reward is None:
-            raise ConfigError(f"method {what!r} needs a reward model; pass reward=... or use method='greedy' or 'sc'")
+            free = [name for name in method_names() if not get_method(name).needs_reward]
+            raise ConfigError(f"method {what!r} needs a reward model; pass reward=... or use a method without one: {free}")
         return self.reward
 
     def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats) -> list[float]:
