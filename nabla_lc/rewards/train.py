@@ -6,7 +6,7 @@ import json
 import logging
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
