@@ -1,1 +1,4 @@
-"""Rollout, DTO, decoder and accounting: the primitives every decoding method shares."""
+"""The primitives every decoding method shares: the decoding context, rollout, DTO, decoder, accounting, trace and streams.
+
+Nothing here imports the strategies, the facade, the front-ends, the CLI or the bench (``tests/test_layering.py``).
+"""
