@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from . import models
 from .config import NablaConfig
 from .facade import Engine
-from .models import load_policy
 from .rewards.base import RewardAdapter
 from .rewards.default import default_reward_config
 from .rewards.load import load_reward
@@ -38,7 +38,7 @@ def load_engine(
     ``config`` becomes the engine's config; by default :func:`recommended_config` for the reward.
     ``vocab_bridge`` and ``trust_remote_code`` apply to reward checkpoints.
     """
-    model, tokenizer = load_policy(policy, device=device, dtype=dtype)
+    model, tokenizer = models.load_policy(policy, device=device, dtype=dtype)
     adapter = (
         load_reward(reward, model, tokenizer, dtype=dtype, vocab_bridge=vocab_bridge, trust_remote_code=trust_remote_code)
         if isinstance(reward, str)
