@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from .config import NablaConfig
 from .engine.accounting import Stats
-from .engine.core import Engine
 from .engine.decoder import entropy, gate, proposal_sampling
 from .engine.dto import DTORun, NonFiniteGradient, kl_rows
-from .engine.rollout import Sampling, differ_chance, rollout
+from .engine.rollout import RolloutRow, Sampling, differ_chance, rollout
 from .engine.types import Request
+from .facade import Engine
 from .rewards.base import checked_soft
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,10 @@ def diagnose(
 def _diagnose_request(
     engine: Engine, request: Request, config: NablaConfig, q: int, positions: int, k: int, stats: Stats
 ) -> list[PositionDiagnosis]:
-    policy, prompt = engine.policy, list(request.prompt_ids)
+    policy, prompt, ctx = engine.policy, list(request.prompt_ids), engine.context(config)
     sampling = Sampling(config.temperature, config.top_p, config.top_k)
-    first = rollout(
-        policy, [prompt], sampling, [engine.generator(request, config)], [stats], [engine.budget(request, config)],
-        [engine.stop(request, config)], keep_logits=True,
-    )[0]
+    row = RolloutRow(prompt, [], ctx.budget(request), ctx.stop(request), ctx.generator(request), stats)
+    first = rollout(policy, [row], sampling, keep_logits=True)[0]
     stats.rollouts += 1
     assert first.logits is not None
     tokens, out = first.tokens, []
@@ -205,7 +203,7 @@ def _swap_test(
     logits[token] = -math.inf
     alternatives = [int(j) for j in logits.topk(min(k, int(torch.isfinite(logits).sum()))).indices]
     responses = [committed + rest] + [committed + [j] + rest[1:] for j in alternatives]
-    scores = engine.score(prompt, responses, stats)
+    scores = engine.context().score(prompt, responses, stats)
     found.swaps = [
         Swap(engine.policy.token_text(j), float(g[j] - g[token]), scores[n + 1] - scores[0]) for n, j in enumerate(alternatives)
     ]

@@ -10,7 +10,7 @@ from nabla_lc import Engine, NablaConfig, Stats
 from nabla_lc.diagnose import diagnose, pearson, spread
 from nabla_lc.engine.dto import DTORun, kl_rows, straight_through_grad, trust_region
 from nabla_lc.engine.policy import Policy
-from nabla_lc.engine.rollout import Sampling, differ_chance, rollout
+from nabla_lc.engine.rollout import RolloutRow, Sampling, differ_chance, rollout
 
 from .tiny import LinearReward, make_classifier_reward, make_policy
 
@@ -52,7 +52,7 @@ def _run(tokenizer, reward, **cfg):
     reward = reward(tokenizer, policy.vocab_size) if reward is DigitReward else reward
     config = NablaConfig(**{"max_new_tokens": 12, "dto_steps": 5, **cfg})
     prompt = policy.template("What is 3 + 4?")
-    r = rollout(policy, [prompt], Sampling(1.0), [torch.Generator().manual_seed(0)], [Stats()], [10], [()], keep_logits=True)[0]
+    r = rollout(policy, [RolloutRow(prompt, [], 10, (), torch.Generator().manual_seed(0), Stats())], Sampling(1.0), keep_logits=True)[0]
     return DTORun(policy, reward, config, "q", prompt, [], r.tokens, r.logits, Stats()), r
 
 

@@ -42,7 +42,7 @@ def test_swap_changes_are_the_diagnosis_swap_test(tok):
         g = reward_gradient(engine, group.prompt, response[:t], response[t:], Stats())
         expected = torch.stack([g[j] - g[response[t]] for j in group.alternatives])
         torch.testing.assert_close(predicted.detach(), expected, rtol=1e-3, atol=1e-5)
-        scores = engine.score(group.prompt, [response] + [group.swapped(j) for j in group.alternatives], Stats())
+        scores = engine.context().score(group.prompt, [response] + [group.swapped(j) for j in group.alternatives], Stats())
         torch.testing.assert_close(r0.detach(), torch.tensor(scores[0]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(r1.detach(), torch.tensor(scores[1:]), rtol=1e-4, atol=1e-5)
 
