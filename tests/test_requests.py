@@ -132,10 +132,10 @@ def test_config_errors_name_the_field_that_makes_another_invalid():
 def test_solve_s_trace_page_is_not_the_config_s_trace_switch(tmp_path):
     import argparse
 
-    from nabla_lc import solve
+    from nabla_lc.cli import flags, solve
 
     parser = argparse.ArgumentParser()
-    solve.add_parser(parser.add_subparsers())
+    solve.add_parsers(parser.add_subparsers())
     args = parser.parse_args(["solve", "q", "--trace", str(tmp_path / "page.html"), "--no-gradient-cache"])
-    config = solve.config_from_args(args)  # once NablaConfig(trace="…/page.html"), a str where a bool belongs
+    config = flags.config_from_args(args)  # once NablaConfig(trace="…/page.html"), a str where a bool belongs
     assert config.trace is True and config.gradient_cache is False

@@ -47,7 +47,7 @@ def _engine(tokenizer, reward, **cfg):
 def test_best_of_n_ranks_a_nonfinite_reward_last_with_a_warning_and_a_count(tokenizer, caplog, bad):
     engine = _engine(tokenizer, None)
     engine.reward = FixedReward(engine.policy.vocab_size, [bad, -0.198, -0.528, -0.767])
-    with caplog.at_level(logging.WARNING, logger="nabla_lc.engine.core"):
+    with caplog.at_level(logging.WARNING, logger="nabla_lc.engine.context"):
         [result] = engine.generate([engine.request("What is 2 + 3?")], NablaConfig(method="bon", n=4, max_new_tokens=8))
     assert result.reward == pytest.approx(-0.198)
     assert result.stats.nonfinite_rewards == 1
@@ -73,7 +73,7 @@ def test_selecting_fewer_samples_counts_only_their_nonfinite_rewards(tokenizer):
 def test_nabla_accepts_a_finite_proposal_over_a_nan_current_and_warns(tokenizer, caplog):
     engine = _engine(tokenizer, None, n=4, **SEARCH)
     engine.reward = FixedReward(engine.policy.vocab_size, [math.nan, -5.0])  # every comparison: current NaN, proposal finite
-    with caplog.at_level(logging.WARNING, logger="nabla_lc.engine.core"):
+    with caplog.at_level(logging.WARNING, logger="nabla_lc.engine.context"):
         [result] = engine.generate([engine.request("What is 2 + 3?", seed=0)])
     compared = [r for r in result.trace if r.accepted is not None]
     assert compared and all(r.accepted for r in compared)
