@@ -22,7 +22,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="answer one question with ∇-Reasoner or a baseline",
         description="Answer one question. The decoding flags' defaults are NablaConfig's (the paper's); with --reward default "
         "(the default) they start from default_reward_config() instead: --grad-threshold 0.01, --dto-positions first, "
-        "--max-new-tokens 96.",
+        "--max-new-tokens 96, --step trust_region, --target-kl 0.5.",
     )
     p.add_argument("question", help="the question (the chat template is applied)")
     p.add_argument("--json", action="store_true", help='print {"text", "answer", "stats", ...} as JSON')

@@ -25,18 +25,29 @@ question they ranged 0 to 0.046 with median 0.01 (README, "The embedded default"
 the uncertain positions to DTO."""
 DEFAULT_MAX_NEW_TOKENS = 96
 """Response length the reward was trained at (and ``arith``'s default level was calibrated at)."""
+DEFAULT_TARGET_KL = 0.5
+"""The trust-region step's KL for this policy, chosen on arith dev (BENCHMARKS.md, "DTO's step"): the paper's step
+moved its proposal distribution by KL 0.007 and the chance of a different token from 0.108 to 0.131; at 0.5 that
+chance reaches 0.384, with dev accuracy equal to plain rejection sampling's."""
 
 
 def default_reward_config() -> NablaConfig:
-    """The paper's settings with three changes for this policy and reward on a CPU.
+    """The paper's settings with four changes for this policy and reward on a CPU.
 
     ε_grad rescaled to this reward (:data:`DEFAULT_REWARD_GRAD_THRESHOLD`); DTO on the position being decided
     only (``dto_positions="first"``: with every rollout position optimized, one solve ran over 6 minutes for
     6 tokens on 2 cores, because the argmax somewhere in the rollout changes at almost every step and gradient
-    caching rarely hits); and at most :data:`DEFAULT_MAX_NEW_TOKENS` new tokens, the length the reward was
-    trained at and ``arith`` calibrated at. Any field can still be set.
+    caching rarely hits); at most :data:`DEFAULT_MAX_NEW_TOKENS` new tokens, the length the reward was
+    trained at and ``arith`` calibrated at; and the trust-region step at :data:`DEFAULT_TARGET_KL` (the paper's
+    AdamW step barely moves this policy). Any field can still be set (``step="adam"`` for the paper's step).
     """
-    return NablaConfig(grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD, dto_positions="first", max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    return NablaConfig(
+        grad_threshold=DEFAULT_REWARD_GRAD_THRESHOLD,
+        dto_positions="first",
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        step="trust_region",
+        target_kl=DEFAULT_TARGET_KL,
+    )
 
 
 def load_default_reward(policy_model: nn.Module, tokenizer: Any, path: str | Path = DEFAULT_REWARD_FILE) -> LoRAReward:
