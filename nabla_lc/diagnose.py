@@ -100,6 +100,12 @@ class Diagnosis:
         }
 
 
+def check_sizes(positions: int, k: int) -> None:
+    """Raise ValueError unless ``positions`` >= 1 and ``k`` >= 0."""
+    if positions < 1 or k < 0:
+        raise ValueError(f"positions must be >= 1 and k >= 0, got {positions} and {k}")
+
+
 def diagnose(
     engine: Engine,
     requests: Sequence[Request],
@@ -112,8 +118,7 @@ def diagnose(
     """Diagnose DTO on the first rollout of each request (see the module's docstring); ``k=0`` skips the swap
     test, ``progress`` shows a bar."""
     config = config or engine.config
-    if positions < 1 or k < 0:
-        raise ValueError(f"positions must be >= 1 and k >= 0, got {positions} and {k}")
+    check_sizes(positions, k)
     stats = Stats()
     found: list[PositionDiagnosis] = []
     start = time.perf_counter()

@@ -226,13 +226,13 @@ def run_bench(
         return rows
 
 
-def _requests(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> tuple[list[Any], list[int | None]]:
+def task_requests(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> tuple[list[Any], list[int | None]]:
     seeds = [None if config.seed is None else config.seed + i for i, _ in items]
     return [engine.request(p.problem, chat=True, system=task.system, seed=s) for (_, p), s in zip(items, seeds)], seeds
 
 
 def _run_batch(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> list[dict[str, Any]]:
-    requests, seeds = _requests(engine, task, config, items)
+    requests, seeds = task_requests(engine, task, config, items)
     results = engine.generate(requests, config, extract_answer=task.extract_answer)
     return [_row(task, config, index, problem, seed, result, len(items)) for (index, problem), seed, result in zip(items, seeds, results)]
 
@@ -249,7 +249,7 @@ def _run_shared(
     drawn = max(n for _, n in shared)
     scored = [m for m, _ in shared if get_method(m).needs_reward]
     config = base_config.replace(method=scored[0] if scored else shared[0][0], n=drawn)
-    requests, seeds = _requests(engine, task, config, items)
+    requests, seeds = task_requests(engine, task, config, items)
     sets = engine.sample(requests, config, scored=bool(scored), extract_answer=task.extract_answer)
     rows = []
     for method, n in shared:

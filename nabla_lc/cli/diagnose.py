@@ -27,20 +27,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.runner import load_task
-    from ..diagnose import diagnose
+    from ..bench.runner import load_task, task_requests
+    from ..diagnose import check_sizes, diagnose
 
     try:
         config = config_from_args(args)
         task = load_task(args.data, limit=args.limit)
-        if args.positions < 1 or args.k < 0:
-            raise ValueError("--positions must be >= 1 and --k >= 0")
+        check_sizes(args.positions, args.k)  # why: before the model loads
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"nabla-lc diagnose: {err}", file=sys.stderr)
         return 2
     engine = load_engine(args, config)
-    seeds = [None if config.seed is None else config.seed + i for i in range(len(task.problems))]  # as the bench seeds them
-    requests = [engine.request(p.problem, system=task.system, seed=s) for p, s in zip(task.problems, seeds)]
+    requests, _ = task_requests(engine, task, config, list(enumerate(task.problems)))  # seeded as the bench seeds them
     result = diagnose(engine, requests, config, positions=args.positions, k=args.k, progress=True)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -201,7 +201,11 @@ def cosine_lr(step: int, steps: int, lr: float, min_lr: float) -> float:
 
 def kl_rows(z: torch.Tensor, base: torch.Tensor, tau: float) -> torch.Tensor:
     """KL(softmax(z/τ) ‖ softmax(base/τ)) per row. z, base: [rows, V] -> [rows]."""
-    logp, logq = (z / tau).log_softmax(-1), (base / tau).log_softmax(-1)
+    return _kl_to(z, (base / tau).log_softmax(-1), tau)
+
+
+def _kl_to(z: torch.Tensor, logq: torch.Tensor, tau: float) -> torch.Tensor:
+    logp = (z / tau).log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
@@ -213,16 +217,21 @@ def trust_region(z0: torch.Tensor, z1: torch.Tensor, tau: float, target_kl: floa
     saturates on a point mass, or is zero) takes the largest α tried.
     """
     d = z1 - z0
+    logq = (z0 / tau).log_softmax(-1)  # why: the base distribution is the same at every trial α
+
+    def kl(alpha: torch.Tensor) -> torch.Tensor:
+        return _kl_to(z0 + alpha[:, None] * d, logq, tau)
+
     hi = torch.ones(z0.shape[0], device=z0.device)
     for _ in range(30):  # why: Adam moves each logit by about Σ lr ≈ 0.1, so α can be in the hundreds
-        short = kl_rows(z0 + hi[:, None] * d, z0, tau) < target_kl
+        short = kl(hi) < target_kl
         if not bool(short.any()):
             break
         hi = torch.where(short, hi * 2, hi)
     lo = torch.zeros_like(hi)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        over = kl_rows(z0 + mid[:, None] * d, z0, tau) > target_kl
+        over = kl(mid) > target_kl
         lo, hi = torch.where(over, lo, mid), torch.where(over, mid, hi)
     return z0 + ((lo + hi) / 2)[:, None] * d
 
