@@ -3,10 +3,10 @@ their outputs (LangChain's cache key, the DSPy model name). Front-ends translate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Protocol, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, AsyncIterator, Iterator, Mapping, Protocol, Sequence
 
-from .config import NablaConfig
+from .config import ConfigError, NablaConfig
 from .engine.types import Request, Result, StreamEvent, TokenCallback
 from .rewards.base import RewardAdapter
 
@@ -85,15 +85,55 @@ class FrontEndSettings:
             **self.config.to_dict(),
         }
 
-    def stop_strings(self, stop: Sequence[str] | None) -> tuple[str, ...] | None:
-        """The config's stop strings plus the call's (None when the call adds none)."""
-        if not stop:
+    def stop_strings(self, stop: str | Sequence[str] | None, config: NablaConfig | None = None) -> tuple[str, ...] | None:
+        """The config's stop strings plus the call's (None when the call adds none).
+
+        A string is one stop string (``stop="rare"`` stops at "rare", not at its letters); an empty one raises
+        ``ValueError``, because it would stop every response before its first token.
+        """
+        if stop is None:
             return None
-        return tuple(dict.fromkeys((*self.config.stop, *stop)))
+        calls = (stop,) if isinstance(stop, str) else tuple(stop)
+        bad = [s for s in calls if not isinstance(s, str) or not s]
+        if bad:
+            raise ValueError(f"stop strings must be non-empty strings, got {bad!r}")
+        if not calls:
+            return None
+        return tuple(dict.fromkeys((*(config or self.config).stop, *calls)))
 
     def trace(self, result: Result) -> list[dict[str, Any]] | None:
         """The result's trace as plain dicts when :attr:`return_trace`, else None."""
         return [record.to_dict() for record in result.trace] if self.return_trace else None
+
+
+CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in fields(NablaConfig))
+"""Names accepted as per-call options (and as front-end constructor keywords)."""
+
+OPTION_ALIASES: Mapping[str, str] = {"max_tokens": "max_new_tokens"}
+"""Per-call option names of other libraries (LangChain, OpenAI, DSPy) mapped to NablaConfig fields."""
+
+
+def is_call_option(name: str) -> bool:
+    """Whether ``name`` is a per-call option: a NablaConfig field or an alias of one."""
+    return name in CONFIG_FIELDS or name in OPTION_ALIASES
+
+
+def call_config(config: NablaConfig, options: Mapping[str, Any]) -> NablaConfig:
+    """``config`` with one call's options applied: NablaConfig fields, or their aliases (``max_tokens``).
+
+    An unknown name raises ``TypeError`` naming it; a bad value raises :class:`~nabla_lc.config.ConfigError`
+    naming the field; a field given under two names raises ``ConfigError``.
+    """
+    unknown = sorted(name for name in options if not is_call_option(name))
+    if unknown:
+        raise TypeError(f"unknown per-call option(s) {unknown}; accepted: NablaConfig fields and {sorted(OPTION_ALIASES)}")
+    changes: dict[str, Any] = {}
+    for name, value in options.items():
+        field = OPTION_ALIASES.get(name, name)
+        if field in changes:
+            raise ConfigError(f"NablaConfig.{field} is given twice in one call (as {field!r} and an alias)")
+        changes[field] = value
+    return config.replace(**changes) if changes else config
 
 
 def default_model_id(engine: FrontEndEngine) -> str:

@@ -9,7 +9,6 @@ the engine's lock serializes concurrent callers. The same object runs the baseli
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -22,7 +21,7 @@ from pydantic import ConfigDict, InstanceOf, SkipValidation, model_validator
 
 from .config import NablaConfig
 from .engine.types import Request, Result, StreamEvent, TextDelta
-from .frontend import FrontEndEngine, FrontEndSettings, default_model_id
+from .frontend import CONFIG_FIELDS, FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
 from .loading import load_engine
 
 if TYPE_CHECKING:
@@ -33,10 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONFIG_FIELDS: frozenset[str] = frozenset(f.name for f in fields(NablaConfig))
-"""Names accepted as constructor keywords and folded into ``config``."""
-
-
 class NablaReasonerLLM(BaseLLM):
     """∇-Reasoner (or a baseline) as a LangChain LLM over an already-built engine.
 
@@ -46,8 +41,9 @@ class NablaReasonerLLM(BaseLLM):
         llm = NablaReasonerLLM(engine=engine, method="bon", n=4, max_new_tokens=128)
         llm.invoke("What is 17 * 23?")
 
-    Per-call options other than ``stop`` are refused, because LangChain's cache key for an LLM holds
-    the instance's parameters and ``stop`` only; build another instance over the same engine instead.
+    Per-call options (``llm.invoke(p, temperature=0.2)``, ``llm.bind(max_tokens=64)``) are any NablaConfig field,
+    or LangChain's ``max_tokens`` for ``max_new_tokens``; they apply to that call only and are part of
+    LangChain's cache key (:meth:`generate` decodes them on a copy whose config holds them).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -165,10 +161,29 @@ class NablaReasonerLLM(BaseLLM):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_model_name"] = self.model_id
-        params["ls_temperature"] = self.config.temperature
-        params["ls_max_tokens"] = self.config.max_new_tokens
-        return params
+        return {**params, **ls_params(self.model_id, self.config, kwargs)}  # type: ignore[typeddict-item]
+
+    def generate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any) -> LLMResult:
+        """BaseLLM's ``generate``, with per-call options moved into a copy's config first.
+
+        Why: BaseLLM's cache key holds the instance's parameters and ``stop`` but not the call's other
+        options; on the copy they are parameters, so two calls that differ in an option never share an entry.
+        """
+        options = {k: kwargs.pop(k) for k in list(kwargs) if is_call_option(k)}
+        if options:
+            return self.with_call_options(options).generate(prompts, stop, callbacks, **kwargs)
+        return super().generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any) -> LLMResult:
+        """The async form of :meth:`generate`."""
+        options = {k: kwargs.pop(k) for k in list(kwargs) if is_call_option(k)}
+        if options:
+            return await self.with_call_options(options).agenerate(prompts, stop, callbacks, **kwargs)
+        return await super().agenerate(prompts, stop, callbacks, **kwargs)
+
+    def with_call_options(self, options: Mapping[str, Any]) -> "NablaReasonerLLM":
+        """A copy (callbacks, cache and tags kept) whose config holds one call's options."""
+        return self.model_copy(update={"config": call_config(self.config, options)})
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the policy's own vocabulary."""
@@ -182,9 +197,9 @@ class NablaReasonerLLM(BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         """Decode every prompt in one engine call."""
-        refuse_call_options(kwargs)
-        requests = [self._request(p, stop) for p in prompts]
-        results = self.engine.generate(requests, self.config)
+        config = call_config(self.config, kwargs)
+        requests = [self._request(p, stop, config) for p in prompts]
+        results = self.engine.generate(requests, config)
         return LLMResult(
             generations=[[Generation(text=r.text, generation_info=self.generation_info(r))] for r in results],
             llm_output={"token_usage": token_usage(results), "model_id": self.model_id},
@@ -198,8 +213,8 @@ class NablaReasonerLLM(BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         """Yield committed text as the decoder commits it; the last chunk carries ``generation_info``."""
-        refuse_call_options(kwargs)
-        for event in self.engine.stream(self._request(prompt, stop), self.config):
+        config = call_config(self.config, kwargs)
+        for event in self.engine.stream(self._request(prompt, stop, config), config):
             chunk = self._chunk(event)
             if run_manager is not None:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -213,8 +228,8 @@ class NablaReasonerLLM(BaseLLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         """Like :meth:`_stream`; decoding runs in a worker thread, so the event loop stays free."""
-        refuse_call_options(kwargs)
-        async for event in self.engine.astream(self._request(prompt, stop), self.config):
+        config = call_config(self.config, kwargs)
+        async for event in self.engine.astream(self._request(prompt, stop, config), config):
             chunk = self._chunk(event)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -238,8 +253,8 @@ class NablaReasonerLLM(BaseLLM):
             return GenerationChunk(text=event.text)
         return GenerationChunk(text="", generation_info=self.generation_info(event.result))
 
-    def _request(self, prompt: str, stop: Sequence[str] | None) -> Request:
-        return self.engine.request(prompt, chat=self.chat, system=self.system, stop=self.settings.stop_strings(stop))
+    def _request(self, prompt: str, stop: str | Sequence[str] | None, config: NablaConfig) -> Request:
+        return self.engine.request(prompt, chat=self.chat, system=self.system, stop=self.settings.stop_strings(stop, config))
 
 
 class ChatNablaReasoner(BaseChatModel):
@@ -247,12 +262,19 @@ class ChatNablaReasoner(BaseChatModel):
 
     System, human and AI messages map to the ``system``, ``user`` and ``assistant`` roles; other
     message types are refused. The LLM's ``system`` is prepended when the messages have no system message.
+    Per-call options are the LLM's (any NablaConfig field, ``max_tokens``); LangChain's cache key for a chat
+    model holds them.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     llm: NablaReasonerLLM
     """The LLM whose engine, config, ``system`` and ``return_trace`` this chat model uses."""
+
+    @classmethod
+    def embedded(cls, **kwargs: Any) -> "ChatNablaReasoner":
+        """A chat model over :meth:`NablaReasonerLLM.embedded` (same keywords: ``reward``, ``config``, NablaConfig fields)."""
+        return cls(llm=NablaReasonerLLM.embedded(**kwargs))
 
     @property
     def _llm_type(self) -> str:
@@ -261,6 +283,10 @@ class ChatNablaReasoner(BaseChatModel):
     @property
     def _identifying_params(self) -> Mapping[str, Any]:
         return self.llm.parameters
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        return {**params, **ls_params(self.llm.model_id, self.llm.config, kwargs)}  # type: ignore[typeddict-item]
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the policy's own vocabulary."""
@@ -273,8 +299,8 @@ class ChatNablaReasoner(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        refuse_call_options(kwargs)
-        [result] = self.llm.engine.generate([self._request(messages, stop)], self.llm.config)
+        request, config = self._call(messages, stop, kwargs)
+        [result] = self.llm.engine.generate([request], config)
         message = AIMessage(
             content=result.text,
             usage_metadata=usage_metadata(result),
@@ -296,8 +322,8 @@ class ChatNablaReasoner(BaseChatModel):
 
         BaseChatModel fires ``on_llm_new_token`` for each chunk.
         """
-        refuse_call_options(kwargs)
-        for event in self.llm.engine.stream(self._request(messages, stop), self.llm.config):
+        request, config = self._call(messages, stop, kwargs)
+        for event in self.llm.engine.stream(request, config):
             yield self._chunk(event)
 
     async def _astream(
@@ -307,8 +333,8 @@ class ChatNablaReasoner(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        refuse_call_options(kwargs)
-        async for event in self.llm.engine.astream(self._request(messages, stop), self.llm.config):
+        request, config = self._call(messages, stop, kwargs)
+        async for event in self.llm.engine.astream(request, config):
             yield self._chunk(event)
 
     def _chunk(self, event: StreamEvent) -> ChatGenerationChunk:
@@ -322,12 +348,14 @@ class ChatNablaReasoner(BaseChatModel):
         )
         return ChatGenerationChunk(message=message, generation_info=self.llm.generation_info(event.result))
 
-    def _request(self, messages: list[BaseMessage], stop: Sequence[str] | None) -> Request:
+    def _call(self, messages: list[BaseMessage], stop: str | Sequence[str] | None, options: Mapping[str, Any]) -> tuple[Request, NablaConfig]:
+        """The engine request and config of one call."""
+        config = call_config(self.llm.config, options)
         roles = [_role(m) for m in messages]
         turns = [{"role": role, "content": m.text} for role, m in zip(roles, messages)]
         if self.llm.system and "system" not in roles:
             turns.insert(0, {"role": "system", "content": self.llm.system})
-        return self.llm.engine.request_from_messages(turns, stop=self.llm.settings.stop_strings(stop))
+        return self.llm.engine.request_from_messages(turns, stop=self.llm.settings.stop_strings(stop, config)), config
 
 
 def _role(message: BaseMessage) -> str:
@@ -341,13 +369,11 @@ def _role(message: BaseMessage) -> str:
 
 
 # --- shared translation helpers -------------------------------------------------------------
-def refuse_call_options(kwargs: Mapping[str, Any]) -> None:
-    """Refuse per-call options: they would not reach LangChain's cache key (only ``stop`` does)."""
-    if kwargs:
-        raise TypeError(
-            f"per-call options {sorted(kwargs)} are not supported (only stop); "
-            "build another NablaReasonerLLM over the same engine with the settings you want"
-        )
+def ls_params(model_id: str, config: NablaConfig, options: Mapping[str, Any]) -> dict[str, Any]:
+    """LangSmith's model name, temperature and max tokens of a call (its options over the config)."""
+    temperature = options.get("temperature", config.temperature)
+    max_tokens = options.get("max_tokens", options.get("max_new_tokens", config.max_new_tokens))
+    return {"ls_model_name": model_id, "ls_temperature": temperature, "ls_max_tokens": max_tokens}
 
 
 def token_usage(results: Sequence[Result]) -> dict[str, int]:

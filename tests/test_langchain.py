@@ -128,9 +128,72 @@ def test_call_stop_adds_to_config_stop(engine: FakeEngine) -> None:
     assert engine.calls[-1].requests[0].stop == ("The end", "(seed")
 
 
-def test_per_call_options_are_refused(llm: NablaReasonerLLM) -> None:
-    with pytest.raises(TypeError, match="seed"):
-        llm.invoke("q", seed=3)
+def test_per_call_options_change_the_output_and_apply_to_that_call_only(llm: NablaReasonerLLM, engine: FakeEngine) -> None:
+    assert llm.invoke("q", seed=3).startswith("Answer to q (seed 3,")
+    assert engine.calls[-1].config.seed == 3
+    llm.invoke("q", temperature=0.2, top_k=5)
+    assert (engine.calls[-1].config.temperature, engine.calls[-1].config.top_k) == (0.2, 5)
+    assert llm.invoke("q").startswith("Answer to q (seed 0,")  # the instance's settings are untouched
+    assert llm.bind(max_tokens=6).invoke("q") == "Answer"  # LangChain's name for max_new_tokens
+    assert "".join(llm.stream("q", seed=4)).startswith("Answer to q (seed 4,")
+    assert asyncio.run(llm.ainvoke("q", seed=5)).startswith("Answer to q (seed 5,")
+
+
+def test_bad_per_call_options_name_the_field(llm: NablaReasonerLLM) -> None:
+    with pytest.raises(TypeError, match="frobnicate"):
+        llm.invoke("q", frobnicate=1)
+    with pytest.raises(ValueError, match="NablaConfig.temperature"):
+        llm.invoke("q", temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.invoke("q", max_tokens=4, max_new_tokens=5)
+    chat = ChatNablaReasoner(llm=llm)
+    with pytest.raises(TypeError, match="frobnicate"):
+        chat.invoke("q", frobnicate=1)
+
+
+def test_per_call_options_are_in_the_cache_key(engine: FakeEngine) -> None:
+    cache = InMemoryCache()
+    llm = NablaReasonerLLM(engine=engine, cache=cache)
+    three = llm.invoke("q", seed=3)
+    assert llm.invoke("q", seed=4) != three
+    assert len(engine.calls) == 2
+    assert llm.invoke("q", seed=3) == three and llm.bind(seed=3).invoke("q") == three
+    assert len(engine.calls) == 2  # repeats hit the cache
+    chat = ChatNablaReasoner(llm=NablaReasonerLLM(engine=engine), cache=cache)
+    first = chat.invoke("q", seed=3).content
+    assert chat.invoke("q", seed=4).content != first
+    assert chat.invoke("q", seed=3).content == first
+    assert len(engine.calls) == 4
+
+
+def test_a_string_stop_is_one_stop_string(llm: NablaReasonerLLM, engine: FakeEngine) -> None:
+    assert llm.invoke("q", stop="here") == "Answer to q (seed 0, sample 0). STOP "  # not cut at the 'e' of "Answer"
+    assert engine.calls[-1].requests[0].stop == ("here",)
+    chat = ChatNablaReasoner(llm=llm)
+    assert chat.invoke("q", stop="here").content == "Answer to q (seed 0, sample 0). STOP "
+
+
+def test_empty_stop_strings_are_refused(llm: NablaReasonerLLM) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        llm.invoke("q", stop=[""])
+    with pytest.raises(ValueError, match="non-empty"):
+        ChatNablaReasoner(llm=llm).invoke("q", stop=["x", ""])
+
+
+def test_front_ends_are_exported_by_the_package(engine: FakeEngine) -> None:
+    import nabla_lc
+
+    assert nabla_lc.NablaReasonerLLM is NablaReasonerLLM and nabla_lc.ChatNablaReasoner is ChatNablaReasoner
+    with pytest.raises(AttributeError, match="Nope"):
+        nabla_lc.Nope  # noqa: B018
+
+
+def test_langsmith_params_name_the_model_and_the_calls_options(llm: NablaReasonerLLM) -> None:
+    chat = ChatNablaReasoner(llm=llm)
+    for model in (llm, chat):
+        params = model._get_ls_params(temperature=0.1)
+        assert params["ls_model_name"] == "fake/char-model"
+        assert (params["ls_temperature"], params["ls_max_tokens"]) == (0.1, 200)
 
 
 def test_generation_info_and_token_usage(engine: FakeEngine) -> None:

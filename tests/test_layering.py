@@ -25,6 +25,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 FORBIDDEN: tuple[tuple[str, str], ...] = (("nabla_lc.integrations.dspy", "nabla_lc.langchain"),)
 """Pairs within a layer that must not import each other: DSPy sits beside LangChain, not on it."""
 
+LAZY_EXPORTS: tuple[tuple[str, str], ...] = (("nabla_lc", "nabla_lc.langchain"),)
+"""Upward imports allowed as lazy package attributes (PEP 562 ``__getattr__``): ``from nabla_lc import
+ChatNablaReasoner`` works, and :func:`test_importing_the_package_does_not_import_langchain` checks they stay lazy."""
+
 
 def layer_of(name: str) -> int | None:
     """The layer of a module (or of a name inside one), by the longest matching prefix; None when no layer holds it.
@@ -83,6 +87,8 @@ def violations(module: str, source: str, is_package: bool = False) -> list[str]:
     assert own is not None, f"{module} belongs to no layer; add it to LAYERS"
     out = []
     for line, names in imported(module, source, is_package):
+        if any(module == lower and all(n == upper or n.startswith(upper + ".") for n in names[1:] or names) for lower, upper in LAZY_EXPORTS):
+            continue
         top = max(names, key=lambda name: layer_of(name) or 0)
         if (layer_of(top) or 0) > own:
             out.append(f"{module}:{line} imports {top} (layer {layer_of(top)} above {own})")
@@ -115,3 +121,11 @@ def test_the_check_sees_upward_imports_anywhere(module: str, source: str) -> Non
 def test_the_check_allows_downward_and_sibling_imports() -> None:
     source = "from ..engine.context import DecodingContext\nfrom . import sampling\nfrom ..methods import MethodSpec\n"
     assert violations("nabla_lc.strategies.bon", source) == []
+
+
+def test_importing_the_package_does_not_import_langchain() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, nabla_lc; assert not [m for m in sys.modules if m.startswith('langchain')]; nabla_lc.ChatNablaReasoner; assert 'langchain_core' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
