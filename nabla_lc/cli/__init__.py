@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Sequence
 
-COMMANDS: tuple[str, ...] = ("nabla_lc.cli.solve", "nabla_lc.cli.diagnose", "nabla_lc.cli.costs", "nabla_lc.cli.bench", "nabla_lc.cli.train")
+COMMANDS: tuple[str, ...] = ("nabla_lc.cli.solve", "nabla_lc.cli.diagnose", "nabla_lc.cli.costs", "nabla_lc.cli.bench", "nabla_lc.cli.train", "nabla_lc.cli.serve")
 """Modules exposing ``add_parsers(subparsers)``; each registers its subcommands with ``func=run...``."""
 EXPECTED_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 """Errors of input, files and installation (a bad flag value, a missing model or package, an output in use): one line, exit 2."""

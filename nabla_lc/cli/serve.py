@@ -1,0 +1,82 @@
+"""``nabla-lc serve``: the OpenAI-compatible server (``/v1/chat/completions``, ``/v1/completions``) over one engine."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from .flags import add_config_flags, add_model_flags, config_from_args, load_engine
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "NABLA_LC_API_KEY"
+"""The environment variable holding the API key when ``--api-key-file`` is not given."""
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the engine over OpenAI-compatible endpoints (needs the 'serve' extra)",
+        description=__doc__ + " Requests choose the method and any NablaConfig field in the body's 'nabla' object; "
+        "the flags set the defaults. An API key is required unless --no-auth (loopback addresses only).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", type=Path, default=None, help=f"file holding the API key (default: the {API_KEY_ENV} environment variable)")
+    p.add_argument("--no-auth", action="store_true", help="accept requests without a key (only with a loopback --host)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the policy's name)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for (400 above)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    add_model_flags(p)
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key requests must send, or None with --no-auth; a missing key or --no-auth off loopback raises ValueError."""
+    if args.no_auth:
+        if not is_loopback(args.host):
+            raise ValueError(f"--no-auth is only allowed with a loopback --host (got {args.host!r})")
+        return None
+    if args.api_key_file is not None:
+        key = args.api_key_file.read_text().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        raise ValueError(f"no API key: pass --api-key-file, set {API_KEY_ENV}, or use --no-auth on a loopback address")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..server import ServerSettings, create_app
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"{err}; nabla-lc serve needs the 'serve' extra: pip install 'nabla-lc[serve]'") from None
+    key = api_key(args)  # why: before loading any model
+    settings = ServerSettings(
+        api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+        max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+    )
+    engine = load_engine(args, config_from_args(args))
+    app = create_app(engine, settings)
+    log.warning("serving %s on http://%s:%d/v1 (auth %s)", args.policy, args.host, args.port, "off" if key is None else "on")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,340 @@
+"""The OpenAI-compatible app over an already-built engine: :func:`create_app` (``nabla-lc serve`` runs it with uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Literal, TypeVar
+
+import anyio
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import NablaConfig
+from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta
+from ..frontend import FrontEndEngine, default_model_id
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_field, parse
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class ServerSettings(BaseModel):
+    """How the server admits and limits requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None
+    """The key every ``/v1`` and ``/metrics`` request must send as ``Authorization: Bearer KEY``; None turns auth off."""
+    model_name: str | None = None
+    """The name ``/v1/models`` lists and requests must use (default: the policy's ``name_or_path``)."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1)
+    """Largest request body; a larger one gets 413."""
+    max_tokens_cap: int = Field(default=1024, ge=1)
+    """Largest ``max_tokens`` a request may ask for (400 above it)."""
+    max_queue: int = Field(default=64, ge=1)
+    """Requests admitted at once (decoding or waiting to); one more gets 429 with ``Retry-After``."""
+    retry_after_s: int = Field(default=1, ge=0)
+    """The ``Retry-After`` of a 429."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Wall-time limit of one request; past it the request is cancelled (504, or an error event when streaming)."""
+
+
+@dataclass
+class _Admission:
+    """A request's place in the server: its id, start time and whether it saw text yet."""
+
+    id: str
+    created: int
+    start: float
+    first_text: bool = False
+
+
+def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
+    """The app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``.
+
+    ``engine`` is built and owned by the caller (the CLI, a test, a Ray Serve replica).
+    """
+    model_name = settings.model_name or default_model_id(engine)
+    app = FastAPI(title="nabla-lc", docs_url=None, redoc_url=None, openapi_url=None)
+    state = {"in_flight": 0}
+    metrics = Metrics(lambda: state["in_flight"])
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> Response:
+        headers = {"Retry-After": str(settings.retry_after_s)} if err.status == 429 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        return JSONResponse(APIError(err.status_code, str(err.detail), type="invalid_request_error").body(), status_code=err.status_code)
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, err: _ClientGone) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> Response:
+        log.exception("internal error")
+        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        # why: compare_digest takes time independent of where the keys differ, so timing leaks nothing of the key
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", param=None, code="invalid_api_key")
+
+    async def body_of(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            raise APIError(413, f"the body has {length} bytes; the limit is {settings.max_body_bytes}", code="body_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > settings.max_body_bytes:
+                raise APIError(413, f"the body is over the limit of {settings.max_body_bytes} bytes", code="body_too_large")
+        return bytes(body)
+
+    def admit() -> _Admission:
+        if state["in_flight"] >= settings.max_queue:
+            raise APIError(429, f"the server is busy ({state['in_flight']} requests in flight); retry later", type="rate_limit_error", code="queue_full")
+        state["in_flight"] += 1
+        return _Admission(uuid.uuid4().hex, int(time.time()), time.perf_counter())
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", param="model", code="model_not_found")
+
+    def check_budget(budget: int | None) -> int | None:
+        if budget is not None and budget > settings.max_tokens_cap:
+            raise bad_field("max_tokens", f"is {budget}; this server's cap is {settings.max_tokens_cap}")
+        return budget
+
+    def engine_request(make: Callable[[], EngineRequest], param: str) -> EngineRequest:
+        try:
+            return make()
+        except (ValueError, TypeError) as err:
+            raise bad_field(param, str(err)) from None
+
+    # --- routes ---------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_text(request: Request) -> Response:
+        authorize(request)
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        authorize(request)
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "nabla-lc"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(request, "text")
+
+    async def _serve(http: Request, kind: Literal["chat", "text"]) -> Response:
+        endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        try:
+            authorize(http)
+            body = await body_of(http)
+            if kind == "chat":
+                chat = parse(ChatCompletionRequest, body)
+                assert isinstance(chat, ChatCompletionRequest)
+                check_model(chat.model)
+                messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat.messages]
+                budget, stop = check_budget(chat.budget()), chat.stop_strings()
+                request = engine_request(lambda: engine.request_from_messages(messages, seed=chat.seed, max_new_tokens=budget, stop=stop), "messages")
+                parsed: ChatCompletionRequest | CompletionRequest = chat
+            else:
+                text = parse(CompletionRequest, body)
+                assert isinstance(text, CompletionRequest)
+                check_model(text.model)
+                budget, stop, prompt = check_budget(text.budget()), text.stop_strings(), text.text()
+                request = engine_request(lambda: engine.request(prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), "prompt")
+                parsed = text
+            config = parsed.config(engine.config)
+            admission = admit()
+        except APIError as err:
+            metrics.request(endpoint, err.status)
+            raise
+        events = _guarded(engine.astream(request, config), admission)
+        try:
+            first = await _first(events, http)
+        except BaseException as err:
+            state["in_flight"] -= 1
+            metrics.request(endpoint, _status(err))
+            raise
+        if parsed.stream:
+            usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
+            return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk), media_type="text/event-stream")
+        try:
+            result = first.result if isinstance(first, Finished) else await _until_finished(events, http)
+        except BaseException as err:
+            metrics.request(endpoint, _status(err))
+            raise
+        finally:
+            state["in_flight"] -= 1
+        _record(result, admission)
+        metrics.request(endpoint, 200)
+        return JSONResponse(_response(kind, result, admission, config))
+
+    # --- decoding -------------------------------------------------------------------------
+    async def _guarded(events: AsyncIterator[StreamEvent], admission: _Admission) -> AsyncIterator[StreamEvent]:
+        """``events`` within the time limit; engine input errors become 400s; closing this closes (cancels) the decoding."""
+        deadline = admission.start + settings.request_timeout_s
+        iterator = events.__aiter__()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(iterator.__anext__(), max(deadline - time.perf_counter(), 0.0))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise APIError(504, f"the request ran past the server's limit of {settings.request_timeout_s:g} s", type="timeout", code="timeout") from None
+                except ValueError as err:  # the engine's input checks (a prompt that fills the context, ...)
+                    raise APIError(400, str(err), code="invalid_value") from None
+                if isinstance(event, TextDelta) and not admission.first_text:
+                    admission.first_text = True
+                    metrics.first_token(time.perf_counter() - admission.start)
+                yield event
+        finally:
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _first(events: AsyncIterator[StreamEvent], http: Request) -> StreamEvent:
+        """The first event (so that input errors are answered as errors, not as a broken stream)."""
+        return await _watched(events.__anext__(), http)
+
+    async def _until_finished(events: AsyncIterator[StreamEvent], http: Request) -> Result:
+        async def last() -> Result:
+            async for event in events:
+                if isinstance(event, Finished):
+                    return event.result
+            raise RuntimeError("the decoding ended without a result")
+
+        return await _watched(last(), http)
+
+    async def _watched(work: Awaitable[T], http: Request) -> T:
+        """Await ``work``; if the client disconnects first, cancel it (which cancels its decoding)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if await http.is_disconnected():
+                    raise _ClientGone()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _sse(
+        kind: Literal["chat", "text"], first: StreamEvent, events: AsyncIterator[StreamEvent], admission: _Admission,
+        config: NablaConfig, endpoint: str, usage_chunk: bool,
+    ) -> AsyncIterator[str]:
+        status = 499
+        try:
+            if kind == "chat":
+                yield _data(_chunk(kind, admission, {"role": "assistant", "content": ""}, None, usage_chunk))
+            event = first
+            while True:
+                if isinstance(event, TextDelta):
+                    yield _data(_chunk(kind, admission, event.text, None, usage_chunk))
+                else:
+                    result = event.result
+                    last = _chunk(kind, admission, "", result.finish_reason, usage_chunk)
+                    last["nabla"] = _nabla(result, config)
+                    yield _data(last)
+                    if usage_chunk:
+                        yield _data({**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage(result), "nabla": _nabla(result, config)})
+                    yield "data: [DONE]\n\n"
+                    _record(result, admission)
+                    status = 200
+                    return
+                event = await events.__anext__()
+        except APIError as err:  # headers are sent: the error goes into the stream, as OpenAI does
+            status = err.status
+            yield _data(err.body())
+        finally:
+            state["in_flight"] -= 1
+            metrics.request(endpoint, status)
+            with anyio.CancelScope(shield=True):  # why: a disconnect cancels this task; closing must still cancel the decoding
+                await events.aclose()  # type: ignore[attr-defined]
+
+    def _record(result: Result, admission: _Admission) -> None:
+        metrics.finished(result.stats.prompt_tokens, len(result.token_ids), result.stats.model_calls, time.perf_counter() - admission.start)
+
+    def _chunk(kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, str] | None", finish: str | None, usage_field: bool) -> dict[str, object]:
+        if kind == "chat":
+            delta = text if isinstance(text, dict) else ({"content": text} if text else {})
+            choice: dict[str, object] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion.chunk"}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            head = {"id": f"cmpl-{admission.id}", "object": "text_completion"}
+        chunk: dict[str, object] = {**head, "created": admission.created, "model": model_name, "choices": [choice]}
+        if usage_field:
+            chunk["usage"] = None
+        return chunk
+
+    def _response(kind: Literal["chat", "text"], result: Result, admission: _Admission, config: NablaConfig) -> dict[str, object]:
+        if kind == "chat":
+            choice: dict[str, object] = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None, "finish_reason": result.finish_reason}
+            head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion"}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            head = {"id": f"cmpl-{admission.id}", "object": "text_completion"}
+        return {**head, "created": admission.created, "model": model_name, "choices": [choice], "usage": _usage(result), "nabla": _nabla(result, config)}
+
+    return app
+
+
+def _status(err: BaseException) -> int:
+    """The status a request that failed with ``err`` is counted under (499: the client went away)."""
+    if isinstance(err, APIError):
+        return err.status
+    return 499 if isinstance(err, (_ClientGone, asyncio.CancelledError)) else 500
+
+
+def _usage(result: Result) -> dict[str, int]:
+    prompt, completion = result.stats.prompt_tokens, len(result.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _nabla(result: Result, config: NablaConfig) -> dict[str, object]:
+    """The ∇ extension of a response: the method, the reward, the extracted answer and the request's statistics."""
+    stats = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.stats.to_dict().items()}
+    reward = result.reward if result.reward is None or math.isfinite(result.reward) else None
+    return {"method": config.method, "n": config.n, "reward": reward, "answer": result.answer, "stats": stats}
+
+
+def _data(payload: dict[str, object]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

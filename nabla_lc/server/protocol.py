@@ -1,0 +1,222 @@
+"""The OpenAI request bodies the server accepts, and the errors it answers with (OpenAI's error format)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import ConfigError, NablaConfig
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_field(param: str, message: str) -> APIError:
+    """A 400 naming the request field ``param``."""
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    """Send a last chunk with ``usage`` (and the ∇ statistics) and no choices."""
+    continuous_usage_stats: bool = False
+    """Refused when true (vLLM's extension: usage on every chunk)."""
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    """Only text parts are supported."""
+    text: str
+    """The part's text."""
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    """Who speaks; ``developer`` is read as ``system``. Tool messages are refused (the engine has no tools)."""
+    content: str | list[TextPart]
+    """The text, or a list of text parts (joined)."""
+    name: str | None = None
+    """Accepted and not used (it does not change the templated prompt)."""
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class _Common(BaseModel):
+    """The fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    """The served model's name (``GET /v1/models``)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most response tokens (default: the engine config's ``max_new_tokens``), at most the server's cap."""
+    temperature: float | None = Field(default=None, ge=0)
+    """Rollout sampling temperature (NablaConfig.temperature)."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus mass (NablaConfig.top_p)."""
+    seed: int | None = None
+    """The request's seed: the same request with the same seed decodes the same text."""
+    stop: str | list[str] | None = None
+    """Stop strings (at most 4, non-empty)."""
+    stream: bool = False
+    """Answer with server-sent events in OpenAI's chunk format."""
+    stream_options: StreamOptions | None = None
+    """Only with ``stream``."""
+    user: str | None = None
+    """Accepted and not used (an end-user id for the caller's own records)."""
+    nabla: dict[str, object] | None = None
+    """The extension: ``method`` and any other NablaConfig field (the OpenAI client passes it as ``extra_body``)."""
+
+    # Fields the server does not support: accepted only at their neutral value, else a 400 naming them.
+    n: int | None = None
+    """Choices per request: only 1."""
+    logprobs: bool | int | None = None
+    """Not supported (false or absent only)."""
+    top_logprobs: int | None = None
+    """Not supported (absent or 0 only)."""
+    presence_penalty: float | None = None
+    """Not supported (absent or 0 only)."""
+    frequency_penalty: float | None = None
+    """Not supported (absent or 0 only)."""
+    logit_bias: dict[str, float] | None = None
+    """Not supported (absent or empty only)."""
+    tools: list[dict[str, object]] | None = None
+    """Not supported yet (absent or empty only)."""
+    tool_choice: str | dict[str, object] | None = None
+    """Not supported yet (absent or "none" only)."""
+    response_format: dict[str, object] | None = None
+    """Not supported yet (absent or ``{"type": "text"}`` only)."""
+
+    def check_unsupported(self) -> None:
+        """A 400 naming the first field set to something the server cannot do."""
+        refused = {
+            "n": self.n not in (None, 1),
+            "logprobs": self.logprobs not in (None, False, 0),
+            "top_logprobs": self.top_logprobs not in (None, 0),
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "logit_bias": bool(self.logit_bias),
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+        }
+        for name, bad in refused.items():
+            if bad:
+                raise bad_field(name, f"is not supported by this server (got {getattr(self, name)!r})")
+        if self.stream_options is not None and not self.stream:
+            raise bad_field("stream_options", "is only allowed with stream: true")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise bad_field("stream_options.continuous_usage_stats", "is not supported by this server")
+
+    def stop_strings(self) -> tuple[str, ...] | None:
+        if self.stop is None:
+            return None
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if len(stop) > 4 or not all(stop):
+            raise bad_field("stop", "must be at most 4 non-empty strings")
+        return tuple(stop)
+
+    def config(self, base: NablaConfig) -> NablaConfig:
+        """``base`` with the ``nabla`` object's fields, then ``temperature`` and ``top_p``, applied; a bad value is a 400 naming it."""
+        changes = dict(self.nabla or {})
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name in changes and changes[name] != value:
+                raise bad_field(f"nabla.{name}", f"disagrees with the request's {name} ({changes[name]!r} != {value!r})")
+            changes[name] = value
+        for name in ("max_new_tokens", "seed", "stop"):
+            if name in changes:
+                raise bad_field(f"nabla.{name}", f"is set by the request's own field ({'max_tokens' if name == 'max_new_tokens' else name})")
+        try:
+            return base.replace(**changes)
+        except ConfigError as err:
+            field = str(err).split()[0].removeprefix("NablaConfig.")
+            param = f"nabla.{field}" if field in changes and field in (self.nabla or {}) else field
+            if str(err).startswith("unknown NablaConfig"):
+                param = "nabla"
+            raise APIError(400, f"{param}: {err}", param=param, code="invalid_value") from None
+        except TypeError as err:
+            raise APIError(400, f"nabla: {err}", param="nabla", code="invalid_value") from None
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[Message] = Field(min_length=1)
+    """The conversation; the reward sees the last user message."""
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """The newer name of ``max_tokens`` (give one of them)."""
+
+    def budget(self) -> int | None:
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise bad_field("max_completion_tokens", "disagrees with max_tokens; give one of them")
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``: a plain continuation of ``prompt`` (no chat template)."""
+
+    prompt: str | list[str]
+    """The text to continue (a list of one string is accepted)."""
+    echo: bool = False
+    """Not supported (false only)."""
+    suffix: str | None = None
+    """Not supported (absent only)."""
+    best_of: int | None = None
+    """Not supported (absent or 1 only); use ``nabla: {"method": "bon", "n": N}``."""
+
+    def budget(self) -> int | None:
+        return self.max_tokens
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise bad_field("prompt", f"must be one string (got a list of {len(self.prompt)}); send one request per prompt")
+        return self.prompt[0]
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        for name, bad in (("echo", self.echo), ("suffix", self.suffix is not None), ("best_of", self.best_of not in (None, 1))):
+            if bad:
+                raise bad_field(name, f"is not supported by this server (got {getattr(self, name)!r})")
+
+
+def parse(model: type[_Common], body: bytes) -> _Common:
+    """The validated request, or a 400 naming the first bad field."""
+    try:
+        request = model.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            raise APIError(400, f"{param}: unsupported field", param=param, code="unsupported_field") from None
+        if first["type"] == "json_invalid":
+            raise APIError(400, f"the body is not valid JSON: {first['msg']}", code="invalid_json") from None
+        raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+    request.check_unsupported()
+    return request

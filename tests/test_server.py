@@ -1,0 +1,182 @@
+"""The OpenAI-compatible server, over a tiny model, through real clients: openai, LangChain's ChatOpenAI, dspy.LM."""
+
+from __future__ import annotations
+
+import json
+
+import dspy
+import httpx
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+
+from nabla_lc import Engine, NablaConfig
+from nabla_lc.cli import main
+
+from .fake_engine import FakeEngine
+from .server_harness import API_KEY, running_server
+from .test_dspy import chat_adapter_responder
+
+GREEDY = {"nabla": {"method": "greedy"}}
+
+
+@pytest.fixture(scope="module")
+def url(tiny_engine: Engine):
+    with running_server(tiny_engine) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def alone(engine: Engine, prompt: str, *, chat: bool = True, seed: int | None = None, max_new_tokens: int | None = None, **config: object):
+    """The result of the same request decoded in-process."""
+    request = engine.request(prompt, chat=chat, seed=seed, max_new_tokens=max_new_tokens)
+    [result] = engine.generate([request], engine.config.replace(**config))
+    return result
+
+
+def test_chat_completion_matches_the_engine(client: openai.OpenAI, tiny_engine: Engine) -> None:
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=12, seed=3, extra_body=GREEDY)
+    expected = alone(tiny_engine, "2+2?", seed=3, max_new_tokens=12, method="greedy")
+    assert out.object == "chat.completion" and out.model == "tiny"
+    assert out.choices[0].message.content == expected.text and out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == expected.stats.prompt_tokens and out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    nabla = out.model_extra["nabla"]
+    assert nabla["method"] == "greedy" and nabla["stats"]["model_calls"] == expected.stats.model_calls
+
+
+def test_nabla_request_carries_its_statistics(client: openai.OpenAI, tiny_engine: Engine) -> None:
+    options = {"method": "nabla", "n": 2, "dto_steps": 2, "grad_threshold": 0.0, "entropy_threshold": 0.0}
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1+3?"}], max_tokens=8, seed=5, extra_body={"nabla": options})
+    expected = alone(tiny_engine, "1+3?", seed=5, max_new_tokens=8, **options)
+    assert out.choices[0].message.content == expected.text
+    stats = out.model_extra["nabla"]["stats"]
+    assert stats["rollouts"] == expected.stats.rollouts <= 2 and stats["dto_runs"] == expected.stats.dto_runs
+    assert stats["model_calls"] == expected.stats.model_calls and out.model_extra["nabla"]["n"] == 2
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI, tiny_engine: Engine) -> None:
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16, seed=1, stream=True,
+        stream_options={"include_usage": True}, extra_body=GREEDY,
+    ))
+    expected = alone(tiny_engine, "hi", seed=1, max_new_tokens=16, method="greedy")
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [expected.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].model_extra["nabla"]["stats"]["response_tokens"] == len(expected.token_ids)
+
+
+def test_text_completion_and_stream(client: openai.OpenAI, tiny_engine: Engine) -> None:
+    expected = alone(tiny_engine, "abc", chat=False, seed=2, max_new_tokens=10, method="bon", n=2)
+    body = {"nabla": {"method": "bon", "n": 2}}
+    out = client.completions.create(model="tiny", prompt="abc", max_tokens=10, seed=2, extra_body=body)
+    assert out.object == "text_completion" and out.choices[0].text == expected.text
+    assert out.model_extra["nabla"]["reward"] == pytest.approx(expected.reward)
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=10, seed=2, stream=True, extra_body=body))
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_wrong_key_is_401(url: str) -> None:
+    bad = openai.OpenAI(base_url=url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert httpx.get(url + "/models").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"n": 2}, "n"),
+        ({"extra_body": {"nabla": {"tau": -1}}}, "nabla.tau"),
+        ({"extra_body": {"nabla": {"methd": "bon"}}}, "nabla"),
+        ({"extra_body": {"guided_json": {}}}, "guided_json"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"stop": ["a", ""]}, "stop"),
+    ],
+)
+def test_bad_field_is_400_naming_it(client: openai.OpenAI, kwargs: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], **{"max_tokens": 2, **kwargs})
+    error = caught.value.body
+    assert error["param"] == param and param in error["message"]
+
+
+def test_limits_and_plain_endpoints(url: str, tiny_engine: Engine) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    base = url.removesuffix("/v1")
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/models", headers=auth).json()["data"][0]["id"] == "tiny"
+    wrong_model = httpx.post(url + "/chat/completions", headers=auth, json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
+    big = httpx.post(url + "/completions", headers=auth, content=b"{" + b" " * (2 << 20) + b"}")
+    assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
+    broken = httpx.post(url + "/completions", headers=auth, content=b"{not json")
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+    metrics = httpx.get(base + "/metrics", headers=auth).text
+    assert 'nabla_requests_total{endpoint="/v1/chat/completions",status="404"}' in metrics
+    assert "nabla_requests_in_flight 0" in metrics and "nabla_request_latency_seconds_bucket" in metrics
+
+
+def test_full_queue_is_429_with_retry_after() -> None:
+    engine = FakeEngine(delay_s=0.05)
+    with running_server(engine, max_queue=1, retry_after_s=7) as url:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "slow"}], "stream": True}
+        with httpx.stream("POST", url + "/chat/completions", headers=auth, json=body, timeout=30) as first:
+            assert first.status_code == 200
+            second = httpx.post(url + "/chat/completions", headers=auth, json={**body, "stream": False})
+            assert second.status_code == 429 and second.headers["retry-after"] == "7"
+            assert second.json()["error"]["type"] == "rate_limit_error"
+            lines = [line for line in first.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert httpx.post(url + "/chat/completions", headers=auth, json={**body, "stream": False}).status_code == 200
+
+
+def test_time_limit_is_504() -> None:
+    with running_server(FakeEngine(delay_s=0.2), request_timeout_s=0.3) as url:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        out = httpx.post(url + "/chat/completions", headers=auth, json={"model": "tiny", "messages": [{"role": "user", "content": "slow"}]}, timeout=30)
+    assert out.status_code == 504 and out.json()["error"]["type"] == "timeout"
+
+
+def test_langchain_chat_openai(url: str, tiny_engine: Engine) -> None:
+    llm = ChatOpenAI(base_url=url, api_key=API_KEY, model="tiny", max_tokens=10, seed=4, max_retries=0, extra_body=GREEDY)
+    result = alone(tiny_engine, "hello", seed=4, max_new_tokens=10, method="greedy")
+    expected = result.text
+    message = llm.invoke("hello")
+    assert message.content == expected and message.usage_metadata["output_tokens"] == len(result.token_ids)
+    assert "".join(chunk.content for chunk in llm.stream("hello")) == expected
+    outs = llm.batch(["hello", "world", "hello"])
+    assert outs[0].content == outs[2].content == expected
+    assert outs[1].content == alone(tiny_engine, "world", seed=4, max_new_tokens=10, method="greedy").text
+
+
+def test_dspy_lm_predict_and_evaluate() -> None:
+    engine = FakeEngine(responder=chat_adapter_responder)
+    with running_server(engine) as url:
+        lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, max_tokens=200, cache=False, num_retries=0)
+        with dspy.context(lm=lm):
+            assert dspy.Predict("question -> answer")(question="abc").answer == "ABC"
+            devset = [dspy.Example(question=f"q{i}", answer=f"Q{i}").with_inputs("question") for i in range(16)]
+            evaluate = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer, num_threads=8)
+            assert evaluate(dspy.Predict("question -> answer")).score == 100.0
+    assert len(engine.calls) == 17
+
+
+def test_serve_refuses_no_auth_off_loopback_and_a_missing_key(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["serve", "--no-auth", "--host", "0.0.0.0"]) == 2
+    assert "--no-auth is only allowed with a loopback" in capsys.readouterr().err
+    monkeypatch.delenv("NABLA_LC_API_KEY", raising=False)
+    assert main(["serve"]) == 2
+    assert "no API key" in capsys.readouterr().err
