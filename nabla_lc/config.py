@@ -26,9 +26,10 @@ class NablaConfig:
 
     method: str = "nabla"
     """Decoding method, a registered name (:mod:`nabla_lc.methods`): ``nabla``, ``bon`` (Best-of-N), ``sc``
-    (self-consistency), ``weighted_bon`` or ``greedy`` built in."""
+    (self-consistency), ``weighted_bon``, ``greedy``, ``pf`` (particle filtering) or ``beam`` (reward-guided beam search) built in."""
     n: int = 8
-    """Budget of rollouts: N for ``bon``/``sc``/``weighted_bon``, N_max for ``nabla`` (the first rollout counts)."""
+    """Budget of rollouts: N for ``bon``/``sc``/``weighted_bon``, N_max for ``nabla`` (the first rollout counts),
+    the particles of ``pf`` and the partial responses ``beam`` extends at each step."""
     max_new_tokens: int = 256
     """Most response tokens per request."""
     temperature: float = 0.5
@@ -81,6 +82,22 @@ class NablaConfig:
     trace: bool = True
     """Record a per-position trace of each request."""
 
+    step_separator: str = "\n\n"
+    """Step-level search (``pf``, ``beam``): a step ends after the token that completes this text ("" for none)."""
+    step_tokens: int = 0
+    """Step-level search: a step also ends after this many tokens (0: at the separator only), for models that do not
+    write steps."""
+    resample_temperature: float = 1.0
+    """``pf``: particles are resampled with probabilities softmax(reward / resample_temperature)."""
+    beam_width: int = 2
+    """``beam``: M, the partial responses kept at each step; each is extended n / M times (n must be a multiple of M;
+    an M above n counts as n)."""
+    dvts: bool = False
+    """``beam``: diverse verifier tree search, M independent subtrees that each keep their own best extension."""
+    search_answer: Literal["best", "weighted_majority"] = "best"
+    """``pf``/``beam``: the answer is the finished response with the highest reward (``best``) or the answer with the
+    largest summed weight (softmax(reward / resample_temperature) over the finished responses), and its best response."""
+
     def __post_init__(self) -> None:
         _check(self.method in method_names(), "method", f"must be one of {method_names()}, got {self.method!r}")
         _check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
@@ -119,6 +136,29 @@ class NablaConfig:
             self.no_gradient_reward in ("likelihood", "error"),
             "no_gradient_reward",
             f"must be 'likelihood' or 'error', got {self.no_gradient_reward!r}",
+        )
+        _check(isinstance(self.step_separator, str), "step_separator", f"must be a string, got {self.step_separator!r}")
+        _check(_is_int(self.step_tokens) and self.step_tokens >= 0, "step_tokens", f"must be an integer >= 0, got {self.step_tokens!r}")
+        _check(
+            bool(self.step_separator) or self.step_tokens > 0,
+            "step_separator",
+            "is empty and step_tokens is 0: step-level search would have no step boundary",
+        )
+        _check(
+            _finite(self.resample_temperature) and self.resample_temperature > 0,
+            "resample_temperature",
+            f"must be > 0, got {self.resample_temperature!r}",
+        )
+        _check(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", f"must be an integer >= 1, got {self.beam_width!r}")
+        _check(
+            self.method != "beam" or self.n % min(self.beam_width, self.n) == 0,
+            "beam_width",
+            f"must divide NablaConfig.n = {self.n!r} (or exceed it) for method 'beam', got {self.beam_width!r}",
+        )
+        _check(
+            self.search_answer in ("best", "weighted_majority"),
+            "search_answer",
+            f"must be 'best' or 'weighted_majority', got {self.search_answer!r}",
         )
         for f in fields(self):
             if f.type == "bool":  # every switch, including ones added later (annotations are strings here)

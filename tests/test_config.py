@@ -12,7 +12,7 @@ def test_paper_defaults():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("n", 0), ("lr", -1.0), ("min_lr", 0.5), ("top_p", 0.0), ("temperature", float("nan")), ("method", "beam"),
+    [("n", 0), ("lr", -1.0), ("min_lr", 0.5), ("top_p", 0.0), ("temperature", float("nan")), ("method", "mcts"), ("beam_width", 0), ("step_tokens", -1), ("resample_temperature", 0.0),
      ("dto_positions", "last"), ("max_new_tokens", 0), ("tau", 0), ("seed", 1.5), ("stop", ("",)), ("n", True)],
 )
 def test_bad_values_name_the_field(field, value):

@@ -51,10 +51,14 @@ class DecodingContext:
             raise ConfigError(f"method {what!r} needs a reward model; pass reward=... or use a method without one: {free}")
         return self.reward
 
-    def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats) -> list[float]:
-        """Rewards of full responses to one prompt, in one batched pass (counted in ``stats``)."""
+    def score(self, prompt: str, responses: Sequence[Sequence[int]], stats: Stats, partial: bool = False) -> list[float]:
+        """Rewards of responses to one prompt, in one batched pass (counted in ``stats``).
+
+        ``partial``: the responses are unfinished (step-level search), scored by :meth:`RewardAdapter.score_partial`.
+        """
         reward = self.require_reward("scoring")
-        scores = reward.score([prompt] * len(responses), [list(r) for r in responses])
+        score = reward.score_partial if partial else reward.score
+        scores = score([prompt] * len(responses), [list(r) for r in responses])
         stats.count_reward(scores.passes, scores.tokens)
         values = checked_scores(reward, scores, len(responses))
         nonfinite = sum(not math.isfinite(v) for v in values)

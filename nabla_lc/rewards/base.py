@@ -85,6 +85,16 @@ class RewardAdapter(ABC, Generic[State]):
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         """Rewards of responses (policy token ids) to prompts (the user's text), batched."""
 
+    def score_partial(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
+        """Rewards of partial responses (the response so far, as step-level search scores it), batched.
+
+        This default scores each partial response as if it were complete: exact for a process reward that reads
+        a score at the end of every step (a causal model's reads do not see what follows them), an approximation
+        for an outcome reward, which was trained on finished responses. Adapters with a better partial score
+        override it.
+        """
+        return self.score(prompts, responses)
+
     def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[State]:
         """Encode the fixed part of the input once; :meth:`score_soft` continues from it."""
         raise NoGradientError(f"{type(self).__name__} cannot take gradients")
