@@ -79,7 +79,7 @@ def strip_batch(rows: list[dict]) -> list[dict]:
 def test_jobs_run_greedy_once() -> None:
     assert jobs(["greedy", "bon", "nabla"], [1, 4]) == [("greedy", 1), ("bon", 1), ("bon", 4), ("nabla", 1), ("nabla", 4)]
     with pytest.raises(ValueError, match="unknown method"):
-        jobs(["beam"], [1])
+        jobs(["mcts"], [1])
     with pytest.raises(ValueError, match=">= 1"):
         jobs(["bon"], [0])
 

@@ -30,7 +30,7 @@ def throwaway() -> Iterator[MethodSpec]:
 
 
 def test_built_in_methods_are_registered_once_in_order() -> None:
-    assert method_names()[: len(BUILT_IN)] == ("greedy", "bon", "sc", "weighted_bon", "nabla")
+    assert method_names()[: len(BUILT_IN)] == ("greedy", "bon", "sc", "weighted_bon", "nabla", "pf", "beam")
     assert [get_method(s.name) for s in BUILT_IN] == list(BUILT_IN)
     with pytest.raises(ValueError, match="already registered"):
         register(BUILT_IN[0])

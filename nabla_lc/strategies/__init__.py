@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 from ..engine.context import DecodingContext
 from ..engine.types import Request, Result
 from ..methods import MethodSpec, register
-from . import bon, greedy, nabla, sc, weighted_bon
+from . import beam, bon, greedy, nabla, pf, sc, weighted_bon
 from .sampling import SampleSet, draw, select
 
 Run = Callable[[DecodingContext, Sequence[Request]], "list[Result]"]
 """How a method decodes a batch of requests."""
 
-BUILT_IN: tuple[MethodSpec, ...] = (greedy.SPEC, bon.SPEC, sc.SPEC, weighted_bon.SPEC, nabla.SPEC)
+BUILT_IN: tuple[MethodSpec, ...] = (greedy.SPEC, bon.SPEC, sc.SPEC, weighted_bon.SPEC, nabla.SPEC, pf.SPEC, beam.SPEC)
 """The registry's built-in entries, in the order the CLI and the benchmark list them."""
 
 for _spec in BUILT_IN:
