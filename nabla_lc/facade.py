@@ -11,6 +11,7 @@ from torch import nn
 
 from .answers import find_answer
 from .config import ConfigError, NablaConfig
+from .engine.constraints import compile_constraint
 from .engine.context import DecodingContext, wanted_tokens
 from .engine.events import astream_events, stream_events
 from .engine.policy import Policy
@@ -144,6 +145,8 @@ class Engine:
             raise ValueError(
                 f"the prompt has {len(request.prompt_ids)} tokens, which fills the model's context of {self.policy.max_length}"
             )
+        if request.constraint is not None:  # a bad grammar fails here, before any decoding
+            compile_constraint(self.policy, request.constraint)
         if wanted_tokens(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
 

@@ -16,6 +16,7 @@ from ..config import ConfigError, NablaConfig
 from ..methods import get_method, method_names
 from ..rewards.base import RewardAdapter, checked_scores
 from .accounting import Stats
+from .constraints import Grammar
 from .policy import Policy
 from .stream import TextStream
 from .trace import PositionRecord
@@ -83,6 +84,10 @@ class DecodingContext:
             return None
         key = f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+    def grammar(self, request: Request) -> Grammar | None:
+        """A fresh parse state of the request's constraint (None without one)."""
+        return Grammar.start(self.policy, request.constraint) if request.constraint is not None else None
 
     def text_stream(self, request: Request, index: int) -> TextStream:
         """The stream of request ``index``'s committed text, reported to ``on_token``."""

@@ -11,6 +11,7 @@ import torch
 from ..config import NablaConfig
 from ..rewards.base import RewardAdapter, RewardPrefix, rank
 from .accounting import Stats
+from .constraints import Grammar, masked
 from .dto import DTORun, NonFiniteGradient, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
 from .policy import Policy
 from .rollout import Rollout, RolloutRow, Sampling, differ_chance, rollout, sample
@@ -83,9 +84,12 @@ class Decoder:
         stats: Stats,
         generator: torch.Generator | None,
         stream: TextStream,
+        grammar: Grammar | None = None,
     ) -> None:
         self.policy, self.reward, self.score, self.config = policy, reward, score, config
         self.stats, self.generator, self.stream = stats, generator, stream
+        self.grammar = grammar
+        """The constraint's parse state after the committed tokens (None: free text)."""
         self.committed: list[int] = []
         self.trace: list[PositionRecord] = []
         self.reward_value: float | None = None
@@ -107,15 +111,17 @@ class Decoder:
         """The rollout of prefix + ``head`` to wait on (counted against the budget)."""
         self.stats.rollouts += 1
         done = self.committed + head
-        return RolloutRow(self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats)
+        grammar = self.grammar.fork(head) if self.grammar is not None else None
+        return RolloutRow(self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats, grammar)
 
     def commit(self, current: Rollout, k: int) -> Rollout:
         """Commit the rollout's first k tokens; its suffix is reused from the next position."""
-        head, rest = current.tokens[:k], current.tokens[k:]
+        head = current.tokens[:k]
         self.committed.extend(head)
         self.stream.push(head)
-        assert current.logits is not None
-        return Rollout(rest, current.logits[k:], current.finish_reason)
+        if self.grammar is not None:
+            self.grammar.accept(head)
+        return current.drop(k)
 
     def position(self, current: Rollout) -> Generator[RolloutRow, Rollout, Rollout]:
         """One position: select, optimize, propose, accept; commits exactly one token."""
@@ -123,8 +129,10 @@ class Decoder:
         self.stats.positions += 1
         index = len(self.committed)
         z1, original = current.logits[0], current.tokens[0]
-        h = entropy(z1)
-        skip = gate(z1, original, h, self.config)
+        allowed = current.allowed[0] if current.allowed is not None else None  # the grammar's mask here: [V] or None
+        within = masked(z1, allowed) if allowed is not None else z1  # why: a token the grammar forces has entropy 0
+        h = entropy(within)
+        skip = gate(within, original, h, self.config)
         if skip == "entropy":
             self.stats.skipped_entropy += 1
             return self.commit(current, 1)
@@ -139,8 +147,8 @@ class Decoder:
             if optimized is None:
                 return self.commit(current, 1)
             record.kl = float(kl_rows(optimized[None], z1[None].float(), self.config.tau)[0])
-            z1 = optimized
-        proposal = int(sample(z1[None], proposal_sampling(self.config), [self.generator])[0])
+            within = masked(optimized, allowed) if allowed is not None else optimized
+        proposal = int(sample(within[None], proposal_sampling(self.config), [self.generator])[0])  # under the grammar's mask
         if proposal == original:
             return self.commit(current, 1)
         return self.commit((yield from self.compare(current, proposal, record)), 1)
@@ -188,11 +196,12 @@ class Decoder:
         self.stats.proposals += 1
         record.proposed_token, record.proposed_text = proposal, self.policy.token_text(proposal)
         if proposal in self.policy.eos_ids:  # the proposal ends the response: nothing to roll out
-            candidate = Rollout([], current.logits[:0], "eos")
+            candidate = Rollout([], current.logits[:0], "eos", current.allowed[:0] if current.allowed is not None else None)
         else:
             new = yield self.rollout([proposal])
             assert new.logits is not None
-            candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason)
+            allowed = torch.cat([current.allowed[:1], new.allowed]) if current.allowed is not None and new.allowed is not None else None
+            candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason, allowed)
         # why: both full responses go through one batched pass, so they are scored identically
         r_current, r_proposal = self.score(self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
         record.reward_current, record.reward_proposal = r_current, r_proposal

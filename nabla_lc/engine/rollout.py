@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from .accounting import Stats
+from .constraints import Grammar, masked
 from .policy import Policy
 from .stream import cut_at_stop
 
@@ -32,6 +33,14 @@ class Rollout:
     """[L, V] fp32 raw policy logits that produced each token (None unless asked for)."""
     finish_reason: str
     """``eos``, ``stop`` (a stop string appeared) or ``length``."""
+    allowed: torch.Tensor | None = None
+    """[L, V] bool: the grammar's mask at each sampled position (None without a constraint or without logits)."""
+
+    def drop(self, k: int) -> "Rollout":
+        """The rollout without its first k tokens (their logits and masks too)."""
+        assert self.logits is not None
+        allowed = self.allowed[k:] if self.allowed is not None else None
+        return Rollout(self.tokens[k:], self.logits[k:], self.finish_reason, allowed)
 
 
 def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -90,6 +99,9 @@ class RolloutRow:
     """The row's own generator (None: the global one)."""
     stats: Stats
     """Where the row's policy passes are counted."""
+    grammar: Grammar | None = None
+    """The constraint's parse state after ``committed`` (None: free text); the rollout samples under its mask
+    and advances it in place, so pass a fork (:meth:`~nabla_lc.engine.constraints.Grammar.fork`)."""
 
 
 @torch.no_grad()
@@ -103,15 +115,18 @@ def rollout(
     """Sample one continuation per row, all in one batch.
 
     Finished rows leave the batch (their KV rows are dropped), so every counted pass is real work.
-    ``on_token(row, token)`` sees each kept token as it is sampled.
+    ``on_token(row, token)`` sees each kept token as it is sampled. A row with a grammar samples under its
+    mask (the kept logits stay the policy's own; the masks are kept beside them).
     """
     B = len(rows)
     results: list[Rollout | None] = [None] * B
     tokens: list[list[int]] = [[] for _ in range(B)]
     kept: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    kept_allowed: list[list[torch.Tensor]] = [[] for _ in range(B)]
     for b in range(B):
         if rows[b].budget <= 0:
-            results[b] = Rollout([], torch.empty(0, policy.vocab_size) if keep_logits else None, "length")
+            masks = torch.empty(0, policy.vocab_size, dtype=torch.bool) if keep_logits and rows[b].grammar is not None else None
+            results[b] = Rollout([], torch.empty(0, policy.vocab_size) if keep_logits else None, "length", masks)
     active = [b for b in range(B) if results[b] is None]
     if not active:
         return [r for r in results if r is not None]
@@ -124,10 +139,14 @@ def rollout(
         rows[b].stats.count_policy(1, len(rows[b].prefix))
     logits = out.logits[:, -1].float()  # [B_active, V]
     while True:
-        step = sample(logits, sampling, [rows[b].generator for b in active])
+        allowed = [rows[b].grammar.allowed() if rows[b].grammar is not None else None for b in active]  # per row: [V] or None
+        step = sample(_masked_rows(logits, allowed), sampling, [rows[b].generator for b in active])
         keep_rows: list[int] = []
         for row, b in enumerate(active):
             token = int(step[row])
+            grammar = rows[b].grammar
+            if grammar is not None:
+                grammar.accept([token])
             reason = _finish(policy, token, tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
             if reason != "eos":
                 tokens[b].append(token)
@@ -136,11 +155,16 @@ def rollout(
                     on_token(b, token)
                 if keep_logits:
                     kept[b].append(logits[row])
+                    if allowed[row] is not None:
+                        kept_allowed[b].append(allowed[row])
             if reason is None:
                 keep_rows.append(row)
             else:
                 stacked = torch.stack(kept[b]) if kept[b] else torch.empty(0, policy.vocab_size)
-                results[b] = Rollout(tokens[b], stacked if keep_logits else None, reason)
+                masks = None
+                if keep_logits and grammar is not None:
+                    masks = torch.stack(kept_allowed[b]) if kept_allowed[b] else torch.empty(0, policy.vocab_size, dtype=torch.bool)
+                results[b] = Rollout(tokens[b], stacked if keep_logits else None, reason, masks)
         if not keep_rows:
             break
         if len(keep_rows) < len(active):  # drop finished rows from the batch and the cache
@@ -157,6 +181,14 @@ def rollout(
             rows[b].stats.count_policy(1, 1)
         logits = out.logits[:, -1].float()
     return [r for r in results if r is not None]
+
+
+def _masked_rows(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The logits to sample from: each row with a grammar mask under it. logits: [B, V]."""
+    if all(a is None for a in allowed):
+        return logits
+    rows = [masked(logits[i], a.to(logits.device)) if a is not None else logits[i] for i, a in enumerate(allowed)]
+    return torch.stack(rows)
 
 
 def _finish(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -9,6 +10,43 @@ from .accounting import Stats
 from .trace import PositionRecord
 
 FinishReason = Literal["stop", "length"]
+
+ConstraintKind = Literal["json_schema", "regex", "ebnf"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A grammar every response token must follow (:mod:`nabla_lc.engine.constraints` masks the logits with it).
+
+    Build one with :meth:`json_schema`, :meth:`regex` or :meth:`ebnf`; a grammar that does not compile fails
+    before decoding, with ``ValueError`` naming ``Request.constraint``.
+    """
+
+    kind: ConstraintKind
+    """``json_schema``, ``regex``, or ``ebnf`` (the GBNF dialect of llama.cpp, root rule ``root``)."""
+    spec: str
+    """The schema as JSON text, the regular expression, or the grammar."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_schema", "regex", "ebnf"):
+            raise ValueError(f"Constraint.kind must be 'json_schema', 'regex' or 'ebnf', got {self.kind!r}")
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise ValueError(f"Constraint.spec must be a non-empty string, got {self.spec!r:.80}")
+
+    @classmethod
+    def json_schema(cls, schema: "dict[str, Any] | str") -> "Constraint":
+        """Responses that are JSON documents valid under ``schema`` (a dict or its JSON text)."""
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Constraint":
+        """Responses that match ``pattern`` in full."""
+        return cls("regex", pattern)
+
+    @classmethod
+    def ebnf(cls, grammar: str) -> "Constraint":
+        """Responses derived from the grammar's ``root`` rule."""
+        return cls("ebnf", grammar)
 
 
 @dataclass(frozen=True)
@@ -25,6 +63,8 @@ class Request:
     """Overrides the config's max_new_tokens for this request."""
     stop: tuple[str, ...] | None = None
     """Overrides the config's stop strings for this request."""
+    constraint: Constraint | None = None
+    """A grammar the response follows (every method samples every token under its mask); None: free text."""
 
     def __post_init__(self) -> None:
         ids_ok = isinstance(self.prompt_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.prompt_ids)
@@ -35,6 +75,7 @@ class Request:
         _check(budget_ok, "max_new_tokens", "None (the config's) or an integer >= 1", self.max_new_tokens)
         stop_ok = self.stop is None or (isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop))
         _check(stop_ok, "stop", "None (the config's) or a tuple of non-empty strings", self.stop)
+        _check(self.constraint is None or isinstance(self.constraint, Constraint), "constraint", "None or a Constraint", self.constraint)
 
 
 @dataclass

@@ -31,7 +31,9 @@ def nabla(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
     stats = [Stats(prompt_tokens=len(r.prompt_ids)) for r in requests]
     streams = [ctx.text_stream(r, i) for i, r in enumerate(requests)]
     decodings = [
-        Decoder(ctx.policy, reward, ctx.score, config, s, ctx.generator(r), stream).steps(r.prompt_ids, r.reward_prompt, ctx.budget(r))
+        Decoder(ctx.policy, reward, ctx.score, config, s, ctx.generator(r), stream, ctx.grammar(r)).steps(
+            r.prompt_ids, r.reward_prompt, ctx.budget(r)
+        )
         for r, s, stream in zip(requests, stats, streams)
     ]
     decoded = decode_together(ctx.policy, Sampling(config.temperature, config.top_p, config.top_k), decodings)

@@ -55,7 +55,9 @@ def draw(
     n = config.n
     start = time.perf_counter()
     rows = [
-        RolloutRow(list(request.prompt_ids), [], ctx.budget(request), ctx.stop(request), ctx.generator(request, sample=j), Stats())
+        RolloutRow(
+            list(request.prompt_ids), [], ctx.budget(request), ctx.stop(request), ctx.generator(request, sample=j), Stats(), ctx.grammar(request)
+        )
         for request in requests
         for j in range(n)
     ]
