@@ -145,7 +145,10 @@ class Engine:
             raise ValueError(
                 f"the prompt has {len(request.prompt_ids)} tokens, which fills the model's context of {self.policy.max_length}"
             )
-        if request.constraint is not None:  # a bad grammar fails here, before any decoding
+        if request.constraint is not None:  # a bad grammar, or a method that would ignore it, fails here, before any decoding
+            if not get_method(config.method).constrained:
+                honour = [name for name in method_names() if get_method(name).constrained]
+                raise ConfigError(f"method {config.method!r} does not decode under Request.constraint; use one of {honour}")
             compile_constraint(self.policy, request.constraint)
         if wanted_tokens(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)

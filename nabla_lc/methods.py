@@ -36,6 +36,9 @@ class MethodSpec:
     """Whether ``n`` does not matter to it: the benchmark runs it once, at N = 1."""
     shares_samples: bool = False
     """Whether ``nabla-lc bench --share-samples`` serves it at every N from one sample set per problem."""
+    constrained: bool = False
+    """Whether it decodes under a request's grammar constraint (``Request.constraint``); the engine refuses a
+    constrained request for a method that would ignore it."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -123,3 +123,14 @@ def test_an_ebnf_grammar_constrains_sampling(tiny_engine: Engine) -> None:
     for seed in range(4):
         [result] = tiny_engine.generate([constrained(tiny_engine, Constraint.ebnf(grammar), seed)], NablaConfig(method="bon", n=2, temperature=1.5))
         assert re.fullmatch(r"a[bc]*!", result.text) or (result.finish_reason == "length" and re.fullmatch(r"a[bc]*", result.text))
+
+
+def test_a_method_that_would_ignore_the_constraint_refuses_it(tiny_engine: Engine) -> None:
+    from nabla_lc.methods import MethodSpec, register, unregister
+
+    register(MethodSpec("unconstrained_test", lambda ctx, requests: [], needs_reward=False))
+    try:
+        with pytest.raises(ValueError, match="'unconstrained_test' does not decode under Request.constraint"):
+            tiny_engine.generate([constrained(tiny_engine, Constraint.regex("a"), 0)], NablaConfig(method="unconstrained_test"))
+    finally:
+        unregister("unconstrained_test")

@@ -19,4 +19,4 @@ def only_sample(answers: Sequence[str | None], rewards: Sequence[float] | None) 
     return 0
 
 
-SPEC = MethodSpec("greedy", greedy, needs_reward=False, chooser=only_sample, streams_live=True, runs_once=True)
+SPEC = MethodSpec("greedy", greedy, needs_reward=False, chooser=only_sample, streams_live=True, runs_once=True, constrained=True)

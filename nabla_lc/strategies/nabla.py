@@ -45,4 +45,4 @@ def nabla(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
     return results
 
 
-SPEC = MethodSpec("nabla", nabla, needs_reward=True)
+SPEC = MethodSpec("nabla", nabla, needs_reward=True, constrained=True)
