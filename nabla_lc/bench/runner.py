@@ -1,6 +1,8 @@
 """The benchmark runner: problems × methods × N through ``engine.generate``, graded, one JSON line each.
 
-Results go to ``results.jsonl`` (or ``results.shard-i-of-n.jsonl`` for a shard), appended after every
+A run is planned as jobs (:class:`BenchJob`: one engine call each), decoded by an :data:`Executor` (this
+process's engine, or Ray workers: :mod:`nabla_lc.bench.ray_pipeline`), then graded and written here, by one
+process. Results go to ``results.jsonl`` (or ``results.shard-i-of-n.jsonl`` for a shard), appended after every
 batch, so an interrupted run resumes where it stopped: a (problem, method, N) already in the file is
 never decoded again. Every write goes through :mod:`nabla_lc.bench.output` (atomic replacements, synced
 appends, one writer per results file).
@@ -14,7 +16,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from tqdm import tqdm
 
@@ -166,6 +168,58 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class BenchJob:
+    """One engine call's work: a (method, N) over a batch of problems, or one shared sample set.
+
+    A job is the unit a worker decodes and the writer writes whole: its rows are appended together or not at all.
+    """
+
+    config: NablaConfig
+    """The decoding config (method and N set; for a shared set, the method that scores it at max(N))."""
+    items: tuple[tuple[int, BenchProblem], ...]
+    """(task index, problem) pairs; the index sets the request seed."""
+    shared: tuple[tuple[str, int], ...] = ()
+    """For a shared sample set: the (method, N) rows selected from it; empty for a plain batch."""
+    skip: frozenset[tuple[str, str, int]] = frozenset()
+    """For a shared sample set: its (problem, method, N) rows already in the results file."""
+
+    @property
+    def label(self) -> str:
+        """The job's methods and N, for the progress bar."""
+        if self.shared:
+            return f"{'+'.join(dict.fromkeys(m for m, _ in self.shared))} n={self.config.n} (shared)"
+        return f"{self.config.method} n={self.config.n}"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One (problem, method, N) as the engine answered it, before grading (what a worker sends back)."""
+
+    config: NablaConfig
+    """The row's method and N (for a shared set, the selecting config)."""
+    index: int
+    problem: BenchProblem
+    seed: int | None
+    result: Any
+    """The engine's :class:`~nabla_lc.engine.types.Result`."""
+    shared_samples: int | None = None
+    """The size of the shared sample set the row was selected from, if any."""
+
+
+Executor = Callable[[Sequence[BenchJob]], Iterator[tuple[BenchJob, list[Decoded]]]]
+"""Decodes jobs and yields each with its outcomes as it completes, in any order, each job exactly once."""
+
+
+def local_executor(engine: BenchEngine, task: Task) -> Executor:
+    """Decode the jobs one after another with ``engine``, in this process."""
+
+    def execute(jobs: Sequence[BenchJob]) -> Iterator[tuple[BenchJob, list[Decoded]]]:
+        return ((job, decode_job(engine, job, task.system, task.extract_answer)) for job in jobs)
+
+    return execute
+
+
 def run_bench(
     engine: BenchEngine,
     task: Task,
@@ -179,7 +233,7 @@ def run_bench(
     run_info: dict[str, Any] | None = None,
     share_samples: bool = False,
 ) -> list[dict[str, Any]]:
-    """Decode and grade every (problem, method, N) not yet in the results file; return all its rows.
+    """Decode and grade every (problem, method, N) not yet in the results file with ``engine``; return all its rows.
 
     Problem ``i`` of the task belongs to shard ``(i mod n)``; its request seed is ``base_config.seed + i``
     (so a shard, a batch size or a resume never changes a problem's seed). ``batch_size`` problems go to
@@ -191,6 +245,30 @@ def run_bench(
     scored once (the engine's ``sample``/``select``). Answers and model calls are those of separate runs;
     wall time below the largest N is the set's time scaled by N / max(N), and such rows say ``shared_samples``.
     """
+    return run_jobs(
+        local_executor(engine, task), task, methods, ns, base_config, out_dir,
+        batch_size=batch_size, shard=shard, run_info=run_info, share_samples=share_samples,
+    )
+
+
+def run_jobs(
+    execute: Executor,
+    task: Task,
+    methods: Sequence[str],
+    ns: Sequence[int],
+    base_config: NablaConfig,
+    out_dir: Path | str,
+    *,
+    batch_size: int = 1,
+    shard: tuple[int, int] | None = None,
+    run_info: dict[str, Any] | None = None,
+    share_samples: bool = False,
+) -> list[dict[str, Any]]:
+    """:func:`run_bench` with the decoding done by ``execute`` (in this process, or by Ray workers).
+
+    This process alone grades and writes: each completed job's rows are appended at once, so a job
+    decoded twice (a worker that died after starting it) is still written once.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
@@ -200,76 +278,104 @@ def run_bench(
         _check_run_info(out_dir, {"task": task.info, "config": _base_dict(base_config), **(run_info or {})})
         rows = read_results(path)
         done = {(r["id"], r["method"], r["n"]) for r in rows}
-        indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
-        pairs = jobs(methods, ns)
-        shared = [(m, n) for m, n in pairs if share_samples and get_method(m).shares_samples]
-        todo = [(m, n, [(i, p) for i, p in indexed if (p.id, m, n) not in done]) for m, n in pairs if (m, n) not in shared]
-        shared_items = [(i, p) for i, p in indexed if any((p.id, m, n) not in done for m, n in shared)]
-        total = sum(len(items) for _, _, items in todo) + sum((p.id, m, n) not in done for _, p in indexed for m, n in shared)
-        log.info("%s: %d of %d (problem, method, N) items to run", path, total, len(indexed) * len(pairs))
+        planned = plan_jobs(task, methods, ns, base_config, done, batch_size=batch_size, shard=shard, share_samples=share_samples)
+        total = sum(_row_count(job) for job in planned)
+        log.info("%s: %d (problem, method, N) items to run in %d jobs", path, total, len(planned))
         with path.open("a", encoding="utf-8") as out, tqdm(total=total, desc=task.name, unit="item") as bar:
-
-            def write(new: list[dict[str, Any]]) -> None:
+            for job, decoded in execute(planned):
+                new = job_rows(task, job, decoded)
                 append_jsonl(out, new)
                 rows.extend(new)
+                bar.set_postfix_str(job.label)
                 bar.update(len(new))
-
-            for method, n, items in todo:
-                config = base_config.replace(method=method, n=n)
-                bar.set_postfix(method=method, n=n)
-                for start in range(0, len(items), batch_size):
-                    write(_run_batch(engine, task, config, items[start : start + batch_size]))
-            if shared_items:
-                bar.set_postfix(methods="+".join(dict.fromkeys(m for m, _ in shared)), n=max(n for _, n in shared))
-                for start in range(0, len(shared_items), batch_size):
-                    write(_run_shared(engine, task, base_config, shared, done, shared_items[start : start + batch_size]))
         return rows
 
 
-def task_requests(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> tuple[list[Any], list[int | None]]:
-    seeds = [None if config.seed is None else config.seed + i for i, _ in items]
-    return [engine.request(p.problem, chat=True, system=task.system, seed=s) for (_, p), s in zip(items, seeds)], seeds
-
-
-def _run_batch(engine: BenchEngine, task: Task, config: NablaConfig, items: list[tuple[int, BenchProblem]]) -> list[dict[str, Any]]:
-    requests, seeds = task_requests(engine, task, config, items)
-    results = engine.generate(requests, config, extract_answer=task.extract_answer)
-    return [_row(task, config, index, problem, seed, result, len(items)) for (index, problem), seed, result in zip(items, seeds, results)]
-
-
-def _run_shared(
-    engine: BenchEngine,
+def plan_jobs(
     task: Task,
+    methods: Sequence[str],
+    ns: Sequence[int],
     base_config: NablaConfig,
-    shared: list[tuple[str, int]],
     done: set[tuple[str, str, int]],
-    items: list[tuple[int, BenchProblem]],
-) -> list[dict[str, Any]]:
-    """One sample set per problem at max(N), then a row for every shared (method, N) not yet done."""
-    drawn = max(n for _, n in shared)
-    scored = [m for m, _ in shared if get_method(m).needs_reward]
-    config = base_config.replace(method=scored[0] if scored else shared[0][0], n=drawn)
-    requests, seeds = task_requests(engine, task, config, items)
-    sets = engine.sample(requests, config, scored=bool(scored), extract_answer=task.extract_answer)
-    rows = []
-    for method, n in shared:
-        select_config = base_config.replace(method=method, n=n)
-        for (index, problem), seed, sample_set in zip(items, seeds, sets):
-            if (problem.id, method, n) not in done:
-                result = engine.select(sample_set, select_config, task.extract_answer)
-                rows.append({**_row(task, select_config, index, problem, seed, result, len(items)), "shared_samples": drawn})
-    return rows
+    *,
+    batch_size: int = 1,
+    shard: tuple[int, int] | None = None,
+    share_samples: bool = False,
+) -> list[BenchJob]:
+    """The jobs that decode every (problem, method, N) of the shard not in ``done``, in the order a single process runs them."""
+    indexed = [(i, p) for i, p in enumerate(task.problems) if shard is None or i % shard[1] == shard[0]]
+    pairs = jobs(methods, ns)
+    shared = tuple((m, n) for m, n in pairs if share_samples and get_method(m).shares_samples)
+    planned = []
+    for method, n in pairs:
+        if (method, n) in shared:
+            continue
+        items = [(i, p) for i, p in indexed if (p.id, method, n) not in done]
+        config = base_config.replace(method=method, n=n)
+        planned += [BenchJob(config, tuple(items[s : s + batch_size])) for s in range(0, len(items), batch_size)]
+    if shared:
+        items = [(i, p) for i, p in indexed if any((p.id, m, n) not in done for m, n in shared)]
+        drawn = max(n for _, n in shared)
+        scored = [m for m, _ in shared if get_method(m).needs_reward]
+        config = base_config.replace(method=scored[0] if scored else shared[0][0], n=drawn)
+        for s in range(0, len(items), batch_size):
+            batch = tuple(items[s : s + batch_size])
+            skip = frozenset((p.id, m, n) for _, p in batch for m, n in shared if (p.id, m, n) in done)
+            planned.append(BenchJob(config, batch, shared, skip))
+    return planned
 
 
-def _row(task: Task, config: NablaConfig, index: int, problem: BenchProblem, seed: int | None, result: Any, batch: int) -> dict[str, Any]:
+def _row_count(job: BenchJob) -> int:
+    if not job.shared:
+        return len(job.items)
+    return sum((p.id, m, n) not in job.skip for _, p in job.items for m, n in job.shared)
+
+
+def task_requests(engine: BenchEngine, system: str | None, config: NablaConfig, items: Sequence[tuple[int, BenchProblem]]) -> tuple[list[Any], list[int | None]]:
+    """The chat requests for ``items`` (under the task's ``system`` message), problem ``i`` seeded ``config.seed + i``."""
+    seeds = [None if config.seed is None else config.seed + i for i, _ in items]
+    return [engine.request(p.problem, chat=True, system=system, seed=s) for (_, p), s in zip(items, seeds)], seeds
+
+
+def decode_job(engine: BenchEngine, job: BenchJob, system: str | None, extract_answer: Callable[[str], "str | None"]) -> list[Decoded]:
+    """Decode one job (a worker's whole part: no grading, no writing)."""
+    if job.shared:
+        return _decode_shared(engine, job, system, extract_answer)
+    requests, seeds = task_requests(engine, system, job.config, job.items)
+    results = engine.generate(requests, job.config, extract_answer=extract_answer)
+    return [Decoded(job.config, index, problem, seed, result) for (index, problem), seed, result in zip(job.items, seeds, results)]
+
+
+def _decode_shared(engine: BenchEngine, job: BenchJob, system: str | None, extract_answer: Callable[[str], "str | None"]) -> list[Decoded]:
+    """One sample set per problem at max(N) (scored when the job's method needs the reward), then a selection for every
+    shared (method, N) not yet done."""
+    requests, seeds = task_requests(engine, system, job.config, job.items)
+    sets = engine.sample(requests, job.config, scored=get_method(job.config.method).needs_reward, extract_answer=extract_answer)
+    decoded = []
+    for method, n in job.shared:
+        select_config = job.config.replace(method=method, n=n)
+        for (index, problem), seed, sample_set in zip(job.items, seeds, sets):
+            if (problem.id, method, n) not in job.skip:
+                result = engine.select(sample_set, select_config, extract_answer)
+                decoded.append(Decoded(select_config, index, problem, seed, result, shared_samples=job.config.n))
+    return decoded
+
+
+def job_rows(task: Task, job: BenchJob, decoded: Sequence[Decoded]) -> list[dict[str, Any]]:
+    """The graded rows of a decoded job."""
+    return [_row(task, d, len(job.items)) for d in decoded]
+
+
+def _row(task: Task, decoded: Decoded, batch: int) -> dict[str, Any]:
+    result, problem = decoded.result, decoded.problem
     answer = result.answer if result.answer is not None else task.extract_answer(result.text)
     verdict = task.grade(answer, problem.final_answer)
-    return {
+    row = {
         "id": problem.id,
-        "index": index,
-        "method": config.method,
-        "n": config.n,
-        "seed": seed,
+        "index": decoded.index,
+        "method": decoded.config.method,
+        "n": decoded.config.n,
+        "seed": decoded.seed,
         "answer": answer,
         "final_answer": problem.final_answer,
         "correct": verdict.correct,
@@ -283,6 +389,7 @@ def _row(task: Task, config: NablaConfig, index: int, problem: BenchProblem, see
         "stats": result.stats.to_dict(),
         "text": result.text,
     }
+    return row if decoded.shared_samples is None else {**row, "shared_samples": decoded.shared_samples}
 
 
 def merge_results(out_dir: Path | str) -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
-"""``nabla-lc bench``: run methods × N over a benchmark, or merge shard results (``--merge DIR``)."""
+"""``nabla-lc bench``: run methods × N over a benchmark (in this process, or on a Ray cluster with ``--ray``), or merge shard results (``--merge DIR``)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -10,8 +12,8 @@ from typing import Any
 
 from ..bench.grading import DEFAULT_TIMEOUT_S, Grader, require_bench_extra
 from ..bench.report import write_report
-from ..bench.runner import jobs, load_task, merge_results, parse_shard, run_bench
-from ..config import ConfigError
+from ..bench.runner import Task, jobs, load_task, merge_results, parse_shard, run_bench, run_jobs
+from ..config import ConfigError, NablaConfig
 from ..methods import method_names
 from .flags import add_model_flags, base_config, load_engine
 
@@ -38,6 +40,10 @@ def add_parsers(subparsers: Any) -> None:
     )
     p.add_argument("--grade-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per grading call")
     p.add_argument("--merge", type=Path, metavar="DIR", help="join DIR's shard results and write its summary and plots; runs no model")
+    ray = p.add_argument_group("Ray (pip install 'nabla-lc[ray]')")
+    ray.add_argument("--ray", action="store_true", help="decode on a Ray cluster's workers, one engine each; this process grades and writes the rows")
+    ray.add_argument("--address", help="the Ray cluster to join ('auto': the one `ray start` runs on this machine; default: start a local one)")
+    ray.add_argument("--workers", type=int, help="Ray workers (default: one per GPU in the cluster, else one per CPU)")
     p.set_defaults(func=run)
 
 
@@ -73,17 +79,43 @@ def run(args: argparse.Namespace) -> int:
     methods, ns = parse_list(args.methods), parse_list(args.n, int)
     jobs(methods, ns)  # why: reject bad methods or N before loading any model
     shard = parse_shard(args.shard) if args.shard else None
+    _check_ray_flags(args)
     require_bench_extra()  # why: before loading any model, not when the first answer is graded or plotted
     with Grader(args.grade_timeout) as grader:
         task = load_task(args.data, limit=args.limit, grader=grader)
-        engine = load_engine(args, config)
         run_info = {"policy": args.policy, "reward": args.reward}
-        rows = run_bench(
-            engine, task, methods, ns, config, args.out, batch_size=args.batch_size, shard=shard, run_info=run_info,
-            share_samples=args.share_samples,
-        )
+        if args.ray:
+            rows = _run_on_ray(args, task, methods, ns, config, run_info)
+        else:
+            engine = load_engine(args, config)
+            rows = run_bench(
+                engine, task, methods, ns, config, args.out, batch_size=args.batch_size, shard=shard, run_info=run_info,
+                share_samples=args.share_samples,
+            )
     if shard is None:
         write_report(args.out, rows, title=f"{task.name}: {args.policy} with reward {args.reward}")
     else:
         log.info("shard %d/%d done; when every shard is, run: nabla-lc bench --merge %s", shard[0], shard[1], args.out)
     return 0
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    if not args.ray:
+        if args.address is not None or args.workers is not None:
+            raise ValueError("--address and --workers need --ray")
+        return
+    if args.shard:
+        raise ValueError("--shard and --ray exclude each other: Ray spreads the whole run over its workers")
+    if importlib.util.find_spec("ray") is None:
+        raise ModuleNotFoundError("--ray needs Ray, not installed here; install the ray extra: pip install 'nabla-lc[ray]'")
+
+
+def _run_on_ray(args: argparse.Namespace, task: Task, methods: list[str], ns: list[int], config: NablaConfig, run_info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run on a Ray cluster: each worker loads the engine the model flags name (so the model files must be on every node)."""
+    from ..bench.ray_pipeline import ray_cluster, ray_executor
+
+    with ray_cluster(args.address) as resources:
+        execute = ray_executor(functools.partial(load_engine, args, config), task, resources, args.workers)
+        return run_jobs(
+            execute, task, methods, ns, config, args.out, batch_size=args.batch_size, run_info=run_info, share_samples=args.share_samples
+        )

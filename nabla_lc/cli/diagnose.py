@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nabla-lc diagnose: {err}", file=sys.stderr)
         return 2
     engine = load_engine(args, config)
-    requests, _ = task_requests(engine, task, config, list(enumerate(task.problems)))  # seeded as the bench seeds them
+    requests, _ = task_requests(engine, task.system, config, list(enumerate(task.problems)))  # seeded as the bench seeds them
     result = diagnose(engine, requests, config, positions=args.positions, k=args.k, progress=True)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
