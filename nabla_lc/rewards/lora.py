@@ -17,7 +17,8 @@ from torch import nn
 
 from ..tensors import freeze
 from .base import file_identity
-from .transformer import TransformerReward, exact_vocab, reply_frame
+from .process import AGGREGATIONS, Aggregation, aggregate, step_ends
+from .transformer import Layout, TransformerReward, exact_vocab, reply_frame
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,13 @@ class LoRAReward(TransformerReward):
     The adapter is injected in place into ``policy_model`` (it stays the same object and class), so the
     backbone weights are held once. The adapter is off except inside :meth:`adapter`, which every reward
     pass enters: policy passes see exactly the original model.
-    """
 
-    kind = "outcome"
+    An outcome reward reads the head once, after the chat template's end of turn. With ``step_separator`` it is
+    a process reward: the head is read at the last token of every step (the token that completes a separator)
+    and at the response's last token, each read the logit of P(the response will be judged correct) given the
+    response up to there, and the reads are aggregated (``aggregation``). The reads sit on response tokens, so
+    a partial response is scored natively and every token's gradient reaches the reward.
+    """
 
     def __init__(
         self,
@@ -46,11 +51,22 @@ class LoRAReward(TransformerReward):
         alpha: float | None = None,
         target_modules: Sequence[str] = DEFAULT_TARGETS,
         system: str | None = None,
+        step_separator: str | None = None,
+        aggregation: Aggregation = "last",
     ) -> None:
         if any(ADAPTER in getattr(m, "lora_A", {}) for m in policy_model.modules()):
             raise ValueError("the policy model already carries a LoRA reward adapter")
+        if step_separator is not None and not step_separator:
+            raise ValueError("step_separator is empty (None makes an outcome reward)")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.rank, self.alpha, self.target_modules = rank, float(alpha or 2 * rank), tuple(target_modules)
         self.system = system
+        self.step_separator = step_separator
+        self.aggregation: Aggregation = aggregation
+        self.kind = "process" if step_separator is not None else "outcome"
+        self.read_last = step_separator is None
+        self._texts: dict[int, str] = {}
         freeze(policy_model)
         config = LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=list(self.target_modules), lora_dropout=0.0)
         inject_adapter_in_model(config, policy_model, adapter_name=ADAPTER)
@@ -108,13 +124,39 @@ class LoRAReward(TransformerReward):
     def read(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.float())[:, 0]
 
+    def response_slots(self, response: Sequence[int], final: bool) -> tuple[list[int], list[int], list[int]]:
+        ids, src, reads = super().response_slots(response, final)
+        if self.step_separator is None:
+            return ids, src, reads
+        ends = step_ends((self._token_text(int(t)) for t in response), self.step_separator)
+        reads = [j for j, end in enumerate(ends) if end]
+        if final and ends and not ends[-1]:
+            reads.append(len(ends) - 1)
+        return ids, src, reads
+
+    def layout(self, prompt: str, response: Sequence[int], final: bool = True) -> Layout:
+        lay = super().layout(prompt, response, final)
+        if final and not lay.reads:  # why: an empty response has no step; read it as an outcome reward would
+            return Layout(lay.ids, lay.source, [len(lay.ids) - 1])
+        return lay
+
+    def combine(self, values: torch.Tensor) -> torch.Tensor:
+        return values[-1] if self.step_separator is None else aggregate(values, self.aggregation)
+
+    def _token_text(self, token: int) -> str:
+        if token not in self._texts:  # padded embedding rows have no text
+            self._texts[token] = self.tokenizer.decode([token]) if token < len(self.tokenizer) else ""
+        return self._texts[token]
+
     # --- files ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the adapter and head to one safetensors file."""
         path = Path(path)
         tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if f".{ADAPTER}." in n}
         tensors.update({f"head.{n}": p.detach().cpu().contiguous() for n, p in self.head.named_parameters()})
-        settings = {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "system": self.system}
+        settings: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "system": self.system}
+        if self.step_separator is not None:
+            settings.update(step_separator=self.step_separator, aggregation=self.aggregation)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"format": FORMAT, "settings": json.dumps(settings)})
         log.info("saved the LoRA reward (%d tensors) to %s", len(tensors), path)
@@ -155,8 +197,13 @@ def _checked_settings(path: str | Path, text: str | None, shapes: dict[str, tupl
         settings = json.loads(text or "")
     except json.JSONDecodeError:
         raise bad("its settings are not JSON") from None
-    if not isinstance(settings, dict) or not set(settings) <= {"rank", "alpha", "target_modules", "system"}:
+    if not isinstance(settings, dict) or not set(settings) <= {"rank", "alpha", "target_modules", "system", "step_separator", "aggregation"}:
         raise bad(f"unexpected settings {settings!r:.200}")
+    separator, aggregation = settings.get("step_separator"), settings.get("aggregation", "last")
+    if separator is not None and (not isinstance(separator, str) or not separator):
+        raise bad(f"step_separator must be a non-empty string, got {separator!r:.50}")
+    if aggregation not in AGGREGATIONS:
+        raise bad(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r:.50}")
     rank, alpha, targets, system = (settings.get(k) for k in ("rank", "alpha", "target_modules", "system"))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise bad(f"rank must be an integer >= 1, got {rank!r:.50}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,19 @@ from .transformer import TransformerReward, reply_frame
 
 Aggregation = Literal["sum", "min", "last", "mean"]
 AGGREGATIONS: tuple[str, ...] = ("sum", "min", "last", "mean")
+
+
+def step_ends(texts: Iterable[str], separator: str) -> list[bool]:
+    """Whether each token (given as its text) completes an occurrence of ``separator`` in the joined text."""
+    pending, ends = "", []
+    for text in texts:
+        pending += text
+        found = pending.find(separator)
+        ends.append(found >= 0)
+        while found >= 0:  # why: keep only the text after the last separator, so the scan stays linear
+            pending = pending[found + len(separator) :]
+            found = pending.find(separator)
+    return ends
 
 
 def aggregate(step_scores: torch.Tensor, how: Aggregation) -> torch.Tensor:
@@ -116,15 +129,7 @@ class ProcessReward(TransformerReward):
 
     def step_ends(self, response: Sequence[int]) -> list[bool]:
         """Whether each response token (policy id) completes an occurrence of the step separator."""
-        sep, pending, ends = self.step_separator, "", []
-        for t in response:
-            pending += self._token_text(int(t))
-            found = pending.find(sep)
-            ends.append(found >= 0)
-            while found >= 0:  # why: keep only the text after the last separator, so the scan stays linear
-                pending = pending[found + len(sep) :]
-                found = pending.find(sep)
-        return ends
+        return step_ends((self._token_text(int(t)) for t in response), self.step_separator)
 
     def response_slots(self, response: Sequence[int], final: bool) -> tuple[list[int], list[int], list[int]]:
         ids: list[int] = []

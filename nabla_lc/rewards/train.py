@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from .base import RewardAdapter
+from .base import rank as reward_rank
 from .lora import DEFAULT_TARGETS, LoRAReward
 
 log = logging.getLogger(__name__)
@@ -247,3 +249,137 @@ def heldout_accuracy(reward: LoRAReward, tokenizer: Any, records: Sequence[Recor
         scores.update({id(r): float(v) for r, v in zip(chunk, values)})
     right = sum(scores[id(c)] > scores[id(i)] for c, i in held_pairs)
     return right / len(held_pairs), len(held_pairs)
+
+
+@dataclass(frozen=True)
+class ProcessReport:
+    """What process-reward training did, and how its step scores and its Best-of-N pick do on held-out questions."""
+
+    steps: int
+    final_loss: float
+    train_records: int
+    heldout_records: int
+    heldout_steps: int
+    """Steps (reads) in the held-out responses."""
+    step_positive_fraction: float | None
+    """Fraction of held-out steps whose label is positive (the accuracy of always answering "incorrect" is 1 minus it)."""
+    step_accuracy: float | None
+    """Held-out steps whose P(correct) > 0.5 agrees with the label (the final answer's correctness, propagated)."""
+    step_balanced_accuracy: float | None
+    """The mean of the step accuracies on positive and on negative steps."""
+    heldout_pairs: int
+    heldout_accuracy: float | None
+    """Fraction of held-out (correct, incorrect) pairs of one prompt ranked correctly by the aggregated reward."""
+
+
+def train_process_reward(
+    policy_model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    step_separator: str = "\n\n",
+    aggregation: str = "last",
+    rank: int = 8,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    epochs: int = 1,
+    lr: float = 2e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    heldout: float = 0.2,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> tuple[LoRAReward, ProcessReport]:
+    """Inject a LoRA process reward into ``policy_model`` and fit its step reads by binary cross-entropy.
+
+    Every step of a response is labeled with the response's own correctness (final correctness propagated: the
+    step score estimates P(correct | the response so far)). A response's loss is the mean over its steps, so long
+    responses do not outweigh short ones. Held-out prompts are those :func:`split` holds out.
+    """
+    if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
+        raise ValueError("epochs, batch_size and max_steps must be >= 1")
+    torch.manual_seed(seed)
+    train, held = split(records, heldout, seed)
+    if not train:
+        raise ValueError(f"no training records (records: {len(records)})")
+    reward = LoRAReward(policy_model, tokenizer, rank=rank, target_modules=target_modules, step_separator=step_separator, aggregation=aggregation)  # type: ignore[arg-type]
+    reward.trainable(True)
+    optimizer = torch.optim.AdamW([*reward.adapter_parameters(), *reward.head.parameters()], lr=lr)
+    items, order = list(train), random.Random(seed)
+    total = epochs * ((len(items) + batch_size - 1) // batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
+    loss_value, step = float("nan"), 0
+    with tqdm(total=total, desc="train-process-reward", disable=not progress) as bar:
+        for _ in range(epochs):
+            order.shuffle(items)
+            for start in range(0, len(items), batch_size):
+                if step == total:
+                    break
+                batch = items[start : start + batch_size]
+                with reward.adapter():  # why: keep the adapter on through backward
+                    reads = reward.reads([r.prompt for r in batch], [_ids(tokenizer, r.response) for r in batch])
+                    losses = [
+                        F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(r.correct))) for logits, r in zip(reads, batch)
+                    ]
+                    loss = torch.stack(losses).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                optimizer.step()
+                step += 1
+                loss_value = float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+    reward.trainable(False)
+    labels, predicted = _step_predictions(reward, tokenizer, held, batch_size)
+    accuracy, pairs_count = heldout_accuracy(reward, tokenizer, held, batch_size)
+    report = ProcessReport(
+        step, loss_value, len(train), len(held), len(labels),
+        _mean([float(y) for y in labels]), _mean([float(p == y) for p, y in zip(predicted, labels)]),
+        _balanced(labels, predicted), pairs_count, accuracy,
+    )  # fmt: skip
+    log.info("trained the LoRA process reward: %s", report)
+    return reward, report
+
+
+@torch.no_grad()
+def _step_predictions(reward: LoRAReward, tokenizer: Any, records: Sequence[Record], batch_size: int) -> tuple[list[bool], list[bool]]:
+    """(label, P(correct) > 0.5) of every step of every record."""
+    labels: list[bool] = []
+    predicted: list[bool] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        with reward.adapter():
+            reads = reward.reads([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk])
+        for logits, r in zip(reads, chunk):
+            labels += [r.correct] * len(logits)
+            predicted += [bool(v > 0) for v in logits.tolist()]
+    return labels, predicted
+
+
+def best_of_n(reward: RewardAdapter, tokenizer: Any, records: Sequence[Record], batch_size: int = 8) -> tuple[float | None, float | None, int]:
+    """On the prompts of ``records`` (each with its sampled responses): the accuracy of the highest-reward response,
+    the mean accuracy of a response (a random pick), and the number of prompts."""
+    by_prompt: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_prompt[r.prompt].append(r)
+    if not by_prompt:
+        return None, None, 0
+    picked, mean = [], []
+    for group in by_prompt.values():
+        values: list[float] = []
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            values += [float(v) for v in reward.score([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk]).values]
+        best = max(range(len(group)), key=lambda j: (reward_rank(values[j]), -j))
+        picked.append(float(group[best].correct))
+        mean.append(sum(r.correct for r in group) / len(group))
+    return _mean(picked), _mean(mean), len(by_prompt)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _balanced(labels: Sequence[bool], predicted: Sequence[bool]) -> float | None:
+    per_class = [_mean([float(p == y) for p, y in zip(predicted, labels) if y == cls]) for cls in (True, False)]
+    known = [a for a in per_class if a is not None]
+    return sum(known) / len(known) if known else None

@@ -198,6 +198,14 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
     # --- the RewardAdapter interface ------------------------------------------------------
     def values(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
         """Rewards [B] (with whatever gradients are enabled) and the tokens processed."""
+        reads, tokens = self._reads(prompts, responses)
+        return upcast(torch.stack([self.combine(r) for r in reads])), tokens
+
+    def reads(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The scores at each response's reads ([R_b] each, before :meth:`combine`), with whatever gradients are enabled."""
+        return self._reads(prompts, responses)[0]
+
+    def _reads(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], int]:
         layouts = [self.layout(p, r) for p, r in zip(prompts, responses)]
         dev = self.embedding.device
         T = max(len(lay.ids) for lay in layouts)
@@ -208,8 +216,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             rows.append(torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]))  # right padding: reads never see it
             mask[b, : e.shape[0]] = 1
         hidden = self.forward_hidden(torch.stack(rows), mask)
-        values = [self.combine(self.read(hidden[b, lay.reads])) for b, lay in enumerate(layouts)]
-        return upcast(torch.stack(values)), sum(len(lay.ids) for lay in layouts)
+        return [self.read(hidden[b, lay.reads]) for b, lay in enumerate(layouts)], sum(len(lay.ids) for lay in layouts)
 
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         if len(prompts) != len(responses):
