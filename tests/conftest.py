@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nabla_lc import Engine, NablaConfig
+from nabla_lc import Engine
 
-from .tiny import make_classifier_reward, make_policy, make_tokenizer
+from .tiny import make_engine, make_tokenizer
 
 torch.set_num_threads(1)  # why: tiny models gain nothing from threads, and oversubscribed cores lose a lot
 
@@ -20,5 +20,21 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_engine(tokenizer) -> Engine:
     """A tiny llama policy with a tiny sequence-classifier reward over the same vocabulary; short responses."""
-    model = make_policy(tokenizer, "llama")
-    return Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=24))
+    return make_engine(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The resources of a local Ray cluster shared by the Ray tests: 2 CPUs, no GPU, no dashboard, a small object store.
+
+    Started on first use and shut down at the end of the session (Ray starts slowly on busy cores, so once).
+    """
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'nabla-lc[ray]')")
+    from nabla_lc.cluster import joined
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=80 * 1024**2)
+    try:
+        with joined() as resources:  # joins the cluster above, as the CLI would, and leaves it running
+            yield resources
+    finally:
+        ray.shutdown()

@@ -1,4 +1,4 @@
-"""``nabla-lc bench --ray``: a local Ray cluster (2 CPUs, started here) decodes the bench's jobs on tiny engines.
+"""``nabla-lc bench --ray``: a local Ray cluster (2 CPUs, conftest's ``ray_cluster``) decodes the bench's jobs on tiny engines.
 
 The rows must be those of a single-process run, and a worker killed in the middle of a job must cost a retry,
 never a lost or a duplicated row.
@@ -17,23 +17,18 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'nabla-lc[ray]')")
 
-from nabla_lc import Engine, NablaConfig  # noqa: E402
-from nabla_lc.bench.ray_pipeline import WORKER_NAME, WorkerShape, ray_cluster, ray_executor, worker_shape  # noqa: E402
+from nabla_lc import NablaConfig  # noqa: E402
+from nabla_lc.bench.ray_pipeline import WORKER_NAME, ray_executor  # noqa: E402
+from nabla_lc.cluster import WorkerShape, worker_shape  # noqa: E402
 from nabla_lc.bench.runner import load_task, read_results, results_path, run_bench, run_jobs  # noqa: E402
 from nabla_lc.cli import bench as bench_cli  # noqa: E402
 
 from .test_bench import bench_parser  # noqa: E402
-from .tiny import make_classifier_reward, make_policy, make_tokenizer  # noqa: E402
+from .tiny import make_engine  # noqa: E402
 
 METHODS, NS = ["greedy", "bon"], [2]
 CONFIG = NablaConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, seed=100)
 VICTIM_SEED = CONFIG.seed + 5  # problem 5's request seed: the job the killed worker is decoding
-
-
-def tiny_engine() -> Engine:
-    """Built inside each Ray worker: the seeded tiny policy and reward of conftest's ``tiny_engine``."""
-    tokenizer = make_tokenizer()
-    return Engine(make_policy(tokenizer, "llama"), tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=24))
 
 
 class StallingEngine:
@@ -41,7 +36,7 @@ class StallingEngine:
     ``gate/victim`` and stalls there (at most a minute) until the test kills it."""
 
     def __init__(self, gate: Path) -> None:
-        self.engine, self.gate = tiny_engine(), gate
+        self.engine, self.gate = make_engine(), gate
 
     def __getattr__(self, name: str):  # request, sample, select: the tiny engine's
         return getattr(self.engine, name)
@@ -72,26 +67,15 @@ def comparable(rows: list[dict]) -> dict[tuple, dict]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local Ray cluster for the module: 2 CPUs, no dashboard, a small object store; shut down at the end."""
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=80 * 1024**2)
-    try:
-        with ray_cluster() as resources:  # joins the cluster above (and leaves it running)
-            yield resources
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def single_process(tmp_path_factory) -> list[dict]:
     task = load_task("arith:test", limit=8)
-    return run_bench(tiny_engine(), task, METHODS, NS, CONFIG, tmp_path_factory.mktemp("single"), batch_size=2)
+    return run_bench(make_engine(), task, METHODS, NS, CONFIG, tmp_path_factory.mktemp("single"), batch_size=2)
 
 
-def test_ray_rows_equal_the_single_process_run_though_a_worker_is_killed(cluster, single_process, tmp_path: Path, caplog) -> None:
+def test_ray_rows_equal_the_single_process_run_though_a_worker_is_killed(ray_cluster, single_process, tmp_path: Path, caplog) -> None:
     # one run checks both (Ray workers start slowly on 2 busy cores): the rows of 2 workers, one killed mid-job, are the single process's
     task = load_task("arith:test", limit=8)
-    assert worker_shape(cluster, 2) == WorkerShape(2, 1, 0.0)
+    assert worker_shape(ray_cluster, 2) == WorkerShape(2, 1, 0.0)
     gate = tmp_path / "gate"
     gate.mkdir()
     killed: list[str] = []
@@ -107,7 +91,7 @@ def test_ray_rows_equal_the_single_process_run_though_a_worker_is_killed(cluster
 
     killer = threading.Thread(target=kill_the_victim, daemon=True)
     killer.start()
-    execute = ray_executor(functools.partial(stalling_engine, gate), task, cluster, workers=2)
+    execute = ray_executor(functools.partial(stalling_engine, gate), task, ray_cluster, workers=2)
     with caplog.at_level(logging.WARNING, logger="nabla_lc.bench.ray_pipeline"):
         rows = run_jobs(execute, task, METHODS, NS, CONFIG, tmp_path / "out", batch_size=2)
     killer.join(timeout=5)
@@ -118,7 +102,7 @@ def test_ray_rows_equal_the_single_process_run_though_a_worker_is_killed(cluster
     assert len(written) == len({(r["id"], r["method"], r["n"]) for r in written}) == 8 * 2  # every row, exactly once
     assert comparable(written) == comparable(single_process)  # texts, answers, rewards, counts, seeds, batch sizes
     # a rerun resumes: nothing left to decode, so no worker is even started
-    assert run_jobs(ray_executor(tiny_engine, task, cluster, workers=2), task, METHODS, NS, CONFIG, tmp_path / "out", batch_size=2) == rows
+    assert run_jobs(ray_executor(make_engine, task, ray_cluster, workers=2), task, METHODS, NS, CONFIG, tmp_path / "out", batch_size=2) == rows
 
 
 def test_worker_shape() -> None:

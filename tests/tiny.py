@@ -93,3 +93,14 @@ def make_classifier_reward(tokenizer: PreTrainedTokenizerFast, arch: str = "llam
     cls, config = (LlamaForSequenceClassification, LlamaConfig) if arch == "llama" else (Qwen2ForSequenceClassification, Qwen2Config)
     model = cls(config(**common)).to(dtype).eval()
     return SequenceClassifierReward(model, tokenizer, tokenizer)
+
+
+def make_engine(tokenizer: PreTrainedTokenizerFast | None = None):
+    """A tiny llama policy with a tiny sequence-classifier reward over the same vocabulary; short responses.
+
+    The same engine in every process (seeded weights), so Ray workers and replicas can build it themselves.
+    """
+    from nabla_lc import Engine, NablaConfig
+
+    tokenizer = tokenizer or make_tokenizer()
+    return Engine(make_policy(tokenizer, "llama"), tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=24))

@@ -15,16 +15,15 @@ job is written once. A job is tried at most ``max_attempts`` times; an error rai
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import ray
 import torch
 from ray.exceptions import RayActorError
 
+from ..cluster import WorkerShape, worker_shape
 from .runner import BenchEngine, BenchJob, Decoded, Executor, Task, decode_job
 
 log = logging.getLogger(__name__)
@@ -34,37 +33,6 @@ EngineFactory = Callable[[], BenchEngine]
 function or a ``functools.partial`` of one)."""
 WORKER_NAME = "nabla-bench-worker"
 """Workers are named ``nabla-bench-worker-<slot>.<generation>`` (visible in ``ray list actors`` and the dashboard)."""
-
-
-@dataclass(frozen=True)
-class WorkerShape:
-    """How many workers, and what each one reserves."""
-
-    count: int
-    cpus: int
-    """CPUs reserved per worker, also its torch thread count."""
-    gpus: float
-    """GPUs reserved per worker (0 on a CPU-only cluster)."""
-
-
-def worker_shape(resources: dict[str, float], workers: int | None = None) -> WorkerShape:
-    """One worker per GPU where the cluster has GPUs, else one per CPU; ``workers`` overrides the count.
-
-    CPU workers split the cluster's CPUs evenly (at least one each); more workers than CPUs (or, with GPUs,
-    than GPUs) is refused, because the extra workers could never be placed and their jobs would wait forever.
-    """
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-    if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    if gpus:
-        count = workers or gpus
-        if count > gpus:
-            raise ValueError(f"--workers {count} exceeds the cluster's {gpus} GPU(s); use at most one worker per GPU")
-        return WorkerShape(count, 1, 1.0)
-    count = workers or cpus
-    if count < 1 or count > cpus:
-        raise ValueError(f"--workers {count} exceeds the cluster's {cpus} CPU(s); use at most one worker per CPU")
-    return WorkerShape(count, cpus // count, 0.0)
 
 
 class BenchWorker:
@@ -125,24 +93,6 @@ class RayExecutor:
         finally:
             for worker in workers:  # why: an error or an interrupt must not leave engines holding the cluster's CPUs and GPUs
                 ray.kill(worker)
-
-
-@contextlib.contextmanager
-def ray_cluster(address: str | None = None) -> Iterator[dict[str, float]]:
-    """Connect to the Ray cluster at ``address`` (``auto``: the one ``ray start`` runs here; None: a new local one),
-    or use the one this process already joined; yield its resources. A cluster started here is shut down at the end."""
-    started = not ray.is_initialized()
-    if started and address is None:
-        ray.init(include_dashboard=False)  # why no dashboard: a throwaway local cluster, and its processes cost CPU
-    elif started:
-        ray.init(address=address)
-    elif address is not None:
-        log.warning("this process already joined a Ray cluster; --address %s is not used", address)
-    try:
-        yield ray.cluster_resources()
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def ray_executor(factory: EngineFactory, task: Task, resources: dict[str, float], workers: int | None = None) -> Executor:

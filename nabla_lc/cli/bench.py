@@ -112,9 +112,10 @@ def _check_ray_flags(args: argparse.Namespace) -> None:
 
 def _run_on_ray(args: argparse.Namespace, task: Task, methods: list[str], ns: list[int], config: NablaConfig, run_info: dict[str, Any]) -> list[dict[str, Any]]:
     """The run on a Ray cluster: each worker loads the engine the model flags name (so the model files must be on every node)."""
-    from ..bench.ray_pipeline import ray_cluster, ray_executor
+    from ..bench.ray_pipeline import ray_executor
+    from ..cluster import joined
 
-    with ray_cluster(args.address) as resources:
+    with joined(args.address) as resources:
         execute = ray_executor(functools.partial(load_engine, args, config), task, resources, args.workers)
         return run_jobs(
             execute, task, methods, ns, config, args.out, batch_size=args.batch_size, run_info=run_info, share_samples=args.share_samples

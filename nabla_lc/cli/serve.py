@@ -1,14 +1,20 @@
-"""``nabla-lc serve``: the OpenAI-compatible server (``/v1/chat/completions``, ``/v1/completions``) over one engine."""
+"""``nabla-lc serve``: the OpenAI-compatible server (``/v1/chat/completions``, ``/v1/completions``) over one engine,
+or over K engines as Ray Serve replicas (``--ray --replicas K``)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .flags import add_config_flags, add_model_flags, config_from_args, load_engine
+
+if TYPE_CHECKING:
+    from ..server import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for (400 above)")
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    ray = p.add_argument_group("Ray Serve (pip install 'nabla-lc[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas, each with its own engine, behind Ray's HTTP proxy on --host:--port")
+    ray.add_argument("--replicas", type=int, help="replicas (default: one per GPU in the cluster, else one per CPU); the minimum with --max-replicas")
+    ray.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many, aiming at 2 requests in progress per replica")
+    ray.add_argument("--address", help="the Ray cluster to join ('auto': the one `ray start` runs on this machine; default: start a local one)")
     add_model_flags(p)
     add_config_flags(p)
     p.set_defaults(func=run)
@@ -75,8 +86,28 @@ def run(args: argparse.Namespace) -> int:
         api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout,
     )
+    if args.ray:
+        return serve_on_ray(args, settings)
+    if args.replicas is not None or args.max_replicas is not None or args.address is not None:
+        raise ValueError("--replicas, --max-replicas and --address need --ray")
     engine = load_engine(args, config_from_args(args))
     app = create_app(engine, settings)
     log.warning("serving %s on http://%s:%d/v1 (auth %s)", args.policy, args.host, args.port, "off" if key is None else "on")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
+    """``serve --ray``: the app on Ray Serve replicas, each loading the engine the model flags name."""
+    try:
+        from ..cluster import joined, worker_shape
+        from ..server.ray_serve import application, serve_forever
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"{err}; nabla-lc serve --ray needs the 'ray' extra: pip install 'nabla-lc[ray]'") from None
+    factory = functools.partial(load_engine, args, config_from_args(args))
+    with joined(args.address) as resources:
+        shape = worker_shape(resources, args.replicas, flag="--replicas")
+        app = application(factory, settings, shape, max_replicas=args.max_replicas)
+        log.warning("Ray Serve: %d replica(s) of %s, each %d CPU(s) / thread(s) and %g GPU(s)", shape.count, args.policy, shape.cpus, shape.gpus)
+        serve_forever(app, args.host, args.port)
     return 0
