@@ -15,7 +15,7 @@ from .engine.constraints import compile_constraint
 from .engine.context import DecodingContext, wanted_tokens
 from .engine.events import astream_events, stream_events
 from .engine.policy import Policy
-from .engine.types import AnswerExtractor, Request, Result, StreamEvent, TokenCallback
+from .engine.types import AnswerExtractor, Constraint, Request, Result, StreamEvent, TokenCallback
 from .methods import get_method, method_names
 from .rewards.base import RewardAdapter
 from .strategies import SampleSet, draw, select
@@ -48,6 +48,7 @@ class Engine:
         seed: int | None = None,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
         """A request for a user prompt, templated with the chat template when ``chat``.
 
@@ -58,27 +59,31 @@ class Engine:
         if system is not None:
             checked_text("system", system)
         ids = self.policy.template(prompt, system=system, chat=chat)
-        return Request(tuple(ids), prompt, seed, max_new_tokens, tuple(stop) if stop is not None else None)
+        return Request(tuple(ids), prompt, seed, max_new_tokens, tuple(stop) if stop is not None else None, constraint)
 
     def request_from_messages(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         *,
         seed: int | None = None,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
         """A request for a conversation (role/content dicts); the reward sees the last user message.
 
-        Contents are checked as :meth:`request` checks a prompt.
+        Contents are checked as :meth:`request` checks a prompt. Assistant messages may carry ``tool_calls`` and
+        ``tool`` messages answer them, as the chat template takes them; ``tools`` (OpenAI-style function
+        definitions) go to the chat template too.
         """
         for i, m in enumerate(messages):
             checked_text(f"messages[{i}]['content']", m["content"])
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users or not any(m["content"].strip() for m in messages):
             raise ValueError("the conversation has no user message")
-        ids = self.policy.template_messages(messages)
-        return Request(tuple(ids), users[-1], seed, max_new_tokens, tuple(stop) if stop is not None else None)
+        ids = self.policy.template_messages(messages, tools)
+        return Request(tuple(ids), users[-1], seed, max_new_tokens, tuple(stop) if stop is not None else None, constraint)
 
     def context(
         self, config: NablaConfig | None = None, on_token: TokenCallback | None = None, extract_answer: AnswerExtractor | None = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator, Iterator, Mapping, Protocol, Sequence
 
 from .config import ConfigError, NablaConfig
-from .engine.types import Request, Result, StreamEvent, TokenCallback
+from .engine.types import Constraint, Request, Result, StreamEvent, TokenCallback
 from .rewards.base import RewardAdapter
 
 
@@ -37,15 +37,18 @@ class FrontEndEngine(Protocol):
         seed: int | None = None,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        constraint: Constraint | None = None,
     ) -> Request: ...
 
     def request_from_messages(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         *,
         seed: int | None = None,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        constraint: Constraint | None = None,
     ) -> Request: ...
 
     def generate(

@@ -11,14 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from nabla_lc.config import NablaConfig
 from nabla_lc.engine.accounting import Stats
 from nabla_lc.engine.events import astream_events, stream_events
 from nabla_lc.engine.stream import TextStream
 from nabla_lc.engine.trace import PositionRecord
-from nabla_lc.engine.types import Request, Result, StreamEvent, TokenCallback
+from nabla_lc.engine.types import Constraint, Request, Result, StreamEvent, TokenCallback
 from nabla_lc.methods import get_method
 
 Responder = Callable[[str, str, "int | None", int], str]
@@ -90,27 +90,32 @@ class FakeEngine:
         seed: int | None = None,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         text = self.template(messages) if chat else prompt
-        return Request(tuple(self.policy.tokenizer.encode(text)), prompt, seed, max_new_tokens, _stop(stop))
+        return Request(tuple(self.policy.tokenizer.encode(text)), prompt, seed, max_new_tokens, _stop(stop), constraint)
 
     def request_from_messages(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         *,
         seed: int | None = None,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
+        """Tools are refused: the fake's template has no tool section (front-ends render them into a system message)."""
+        assert not tools, "the fake chat template renders no tools"
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
             raise ValueError("the conversation has no user message")
         ids = self.policy.tokenizer.encode(self.template(messages))
-        return Request(tuple(ids), users[-1], seed, max_new_tokens, _stop(stop))
+        return Request(tuple(ids), users[-1], seed, max_new_tokens, _stop(stop), constraint)
 
-    def template(self, messages: Sequence[dict[str, str]]) -> str:
-        return "".join(CharTokenizer.chat_template.format(**m) for m in messages) + "<assistant>"
+    def template(self, messages: Sequence[dict[str, Any]]) -> str:
+        return "".join(CharTokenizer.chat_template.format(role=m["role"], content=m["content"]) for m in messages) + "<assistant>"
 
     # --- decoding ------------------------------------------------------------------------
     def generate(

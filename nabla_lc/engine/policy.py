@@ -38,9 +38,14 @@ class Policy:
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return list(ids)
 
-    def template_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation under the tokenizer's chat template, ready for the assistant's turn."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    def template_messages(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation under the tokenizer's chat template, ready for the assistant's turn.
+
+        ``tools`` (OpenAI-style function definitions) are passed to the template, which renders them if it has a
+        tool section (:func:`template_renders_tools`).
+        """
+        extra = {"tools": list(tools)} if tools else {}
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True, **extra)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -61,3 +66,14 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     if not ids:
         log.warning("the policy defines no end-of-sequence token; decoding stops on length and stop strings only")
     return ids
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders the ``tools`` it is given (Qwen2.5's and Llama 3.1's do;
+    SmolLM2's ignores them). Checked by rendering a probe tool, not by reading the template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    name = "nabla_lc_probe_tool"
+    tool = {"type": "function", "function": {"name": name, "description": "probe", "parameters": {"type": "object", "properties": {}}}}
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=[tool], tokenize=False, add_generation_prompt=True)
+    return name in text
