@@ -8,21 +8,33 @@ the engine's lock serializes concurrent callers. The same object runs the baseli
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.language_models.base import LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolCallChunk, ToolMessage
+from langchain_core.messages import InvalidToolCall as LCInvalidToolCall
+from langchain_core.messages import ToolCall as LCToolCall
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
-from pydantic import ConfigDict, InstanceOf, SkipValidation, model_validator
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, ConfigDict, InstanceOf, SkipValidation, model_validator
 
 from .config import NablaConfig
-from .engine.types import Request, Result, StreamEvent, TextDelta
+from .engine.policy import template_renders_tools
+from .engine.types import Constraint, Finished, Request, Result, StreamEvent, TextDelta
 from .frontend import CONFIG_FIELDS, FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
 from .loading import load_engine
+from .tool_calls import InvalidToolCall, Reply, ToolCall, check_tool_choice, conversation, json_schema_of, parse_tool_calls, tool_call_constraint
 
 if TYPE_CHECKING:
     import dspy
@@ -260,10 +272,14 @@ class NablaReasonerLLM(BaseLLM):
 class ChatNablaReasoner(BaseChatModel):
     """A chat model over a :class:`NablaReasonerLLM`: messages go through the tokenizer's chat template.
 
-    System, human and AI messages map to the ``system``, ``user`` and ``assistant`` roles; other
-    message types are refused. The LLM's ``system`` is prepended when the messages have no system message.
-    Per-call options are the LLM's (any NablaConfig field, ``max_tokens``); LangChain's cache key for a chat
-    model holds them.
+    System, human, AI and tool messages map to the ``system``, ``user``, ``assistant`` and ``tool`` roles (an
+    AI message's tool calls and the tool results go into the next turn); other message types are refused. The
+    LLM's ``system`` is prepended when the messages have no system message. Per-call options are the LLM's
+    (any NablaConfig field, ``max_tokens``); LangChain's cache key for a chat model holds them.
+
+    Tools (:meth:`bind_tools`) and structured output (:meth:`with_structured_output`) work as
+    :mod:`nabla_lc.tool_calls` describes: a forced tool choice and a schema are grammar constraints, so the reply
+    always parses (unless ``max_new_tokens`` cuts it).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -292,6 +308,64 @@ class ChatNablaReasoner(BaseChatModel):
         """Token ids of ``text`` in the policy's own vocabulary."""
         return self.llm.get_token_ids(text)
 
+    # --- tools and structured output ---------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """This model with tools (LangChain tools, functions, pydantic models, TypedDicts or OpenAI tool dicts).
+
+        ``tool_choice``: None or ``"auto"`` (the model decides), ``"none"``, ``"any"``/``"required"`` (some tool)
+        or a tool's name (that tool); the last two are enforced by a grammar. ``kwargs``: per-call options.
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        choice = check_tool_choice(formatted, tool_choice)  # type: ignore[arg-type]
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable that returns ``schema``'s object (a pydantic instance, or a dict for a TypedDict or JSON schema).
+
+        ``json_schema``: the reply is constrained to the schema's JSON; ``function_calling``: to a call of a tool
+        whose parameters are the schema (read back from the tool call); ``json_mode``: to a JSON object (parsed,
+        and validated when ``schema`` is a pydantic model). ``strict`` is accepted for compatibility: the grammar
+        is always strict. With ``include_raw`` the result is ``{"raw", "parsed", "parsing_error"}``.
+        """
+        if kwargs:
+            raise TypeError(f"with_structured_output got unknown arguments {sorted(kwargs)}")
+        pydantic_schema = isinstance(schema, type) and issubclass(schema, BaseModel)
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            bound = self.bind_tools([tool], tool_choice=name, ls_structured_output_format={"kwargs": {"method": method}, "schema": tool})
+            parser: Runnable[Any, Any] = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if pydantic_schema
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            json_schema = json_schema_of(schema) if method == "json_schema" else {"type": "object"}
+            bound = self.bind(response_format=json_schema, ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema})
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic_schema else JsonOutputParser()  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
+        if not include_raw:
+            return bound | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=bound) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
+    # --- decoding ---------------------------------------------------------------------------
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -299,17 +373,9 @@ class ChatNablaReasoner(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        request, config = self._call(messages, stop, kwargs)
+        request, config, tools = self._call(messages, stop, kwargs)
         [result] = self.llm.engine.generate([request], config)
-        message = AIMessage(
-            content=result.text,
-            usage_metadata=usage_metadata(result),
-            response_metadata={"model_name": self.llm.model_id},
-        )
-        return ChatResult(
-            generations=[ChatGeneration(message=message, generation_info=self.llm.generation_info(result))],
-            llm_output={"token_usage": token_usage([result]), "model_id": self.llm.model_id},
-        )
+        return self._chat_result(result, tools)
 
     def _stream(
         self,
@@ -320,9 +386,14 @@ class ChatNablaReasoner(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         """Yield committed text as it is committed; the last chunk carries usage and statistics.
 
-        BaseChatModel fires ``on_llm_new_token`` for each chunk.
+        With tools bound the reply is read whole, then yielded as one chunk with its tool calls (a partial
+        ``<tool_call>`` block is not text for the user). BaseChatModel fires ``on_llm_new_token`` for each chunk.
         """
-        request, config = self._call(messages, stop, kwargs)
+        request, config, tools = self._call(messages, stop, kwargs)
+        if tools:
+            [result] = self.llm.engine.generate([request], config)
+            yield self._whole_chunk(result, tools)
+            return
         for event in self.llm.engine.stream(request, config):
             yield self._chunk(event)
 
@@ -333,9 +404,44 @@ class ChatNablaReasoner(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        request, config = self._call(messages, stop, kwargs)
+        request, config, tools = self._call(messages, stop, kwargs)
         async for event in self.llm.engine.astream(request, config):
-            yield self._chunk(event)
+            if not tools:
+                yield self._chunk(event)
+            elif isinstance(event, Finished):
+                yield self._whole_chunk(event.result, tools)
+
+    def _chat_result(self, result: Result, tools: list[dict[str, Any]]) -> ChatResult:
+        reply = parse_tool_calls(result.text, tools) if tools else Reply(result.text)
+        message = AIMessage(
+            content=reply.content,
+            tool_calls=[lc_tool_call(c) for c in reply.calls],
+            invalid_tool_calls=[lc_invalid_tool_call(c) for c in reply.invalid],
+            usage_metadata=usage_metadata(result),
+            response_metadata={"model_name": self.llm.model_id, "finish_reason": result.finish_reason},
+        )
+        return ChatResult(
+            generations=[ChatGeneration(message=message, generation_info=self.llm.generation_info(result))],
+            llm_output={"token_usage": token_usage([result]), "model_id": self.llm.model_id},
+        )
+
+    def _whole_chunk(self, result: Result, tools: list[dict[str, Any]]) -> ChatGenerationChunk:
+        """A whole reply as one chunk, its tool calls as complete tool-call chunks."""
+        [generation] = self._chat_result(result, tools).generations
+        message = generation.message
+        assert isinstance(message, AIMessage)
+        calls = [(c["name"], json.dumps(c["args"]), c["id"]) for c in message.tool_calls]
+        calls += [(c["name"], c["args"], c["id"]) for c in message.invalid_tool_calls]
+        chunk = AIMessageChunk(
+            content=message.content,
+            tool_call_chunks=[
+                ToolCallChunk(name=name, args=args, id=call_id, index=i, type="tool_call_chunk") for i, (name, args, call_id) in enumerate(calls)
+            ],
+            usage_metadata=message.usage_metadata,
+            response_metadata=message.response_metadata,
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
 
     def _chunk(self, event: StreamEvent) -> ChatGenerationChunk:
         if isinstance(event, TextDelta):
@@ -343,29 +449,59 @@ class ChatNablaReasoner(BaseChatModel):
         message = AIMessageChunk(
             content="",
             usage_metadata=usage_metadata(event.result),
-            response_metadata={"model_name": self.llm.model_id},
+            response_metadata={"model_name": self.llm.model_id, "finish_reason": event.result.finish_reason},
             chunk_position="last",
         )
         return ChatGenerationChunk(message=message, generation_info=self.llm.generation_info(event.result))
 
-    def _call(self, messages: list[BaseMessage], stop: str | Sequence[str] | None, options: Mapping[str, Any]) -> tuple[Request, NablaConfig]:
-        """The engine request and config of one call."""
+    def _call(
+        self, messages: list[BaseMessage], stop: str | Sequence[str] | None, options: Mapping[str, Any]
+    ) -> tuple[Request, NablaConfig, list[dict[str, Any]]]:
+        """The engine request, config and bound tools of one call."""
+        options = dict(options)
+        tools: list[dict[str, Any]] = options.pop("tools", None) or []
+        choice = check_tool_choice(tools, options.pop("tool_choice", None))
+        response_format = options.pop("response_format", None)
+        options.pop("ls_structured_output_format", None)  # why: tracing metadata LangChain passes through a bind
         config = call_config(self.llm.config, options)
-        roles = [_role(m) for m in messages]
-        turns = [{"role": role, "content": m.text} for role, m in zip(roles, messages)]
-        if self.llm.system and "system" not in roles:
+        constraint = tool_call_constraint(tools, choice) if tools else None
+        if response_format is not None:
+            if constraint is not None:
+                raise ValueError("a forced tool_choice and response_format cannot both constrain one reply")
+            constraint = Constraint.json_schema(json_schema_of(response_format))
+        if choice == "none":
+            tools = []
+        turns = [_turn(m) for m in messages]
+        if self.llm.system and not any(t["role"] == "system" for t in turns):
             turns.insert(0, {"role": "system", "content": self.llm.system})
-        return self.llm.engine.request_from_messages(turns, stop=self.llm.settings.stop_strings(stop, config)), config
+        native = bool(tools) and template_renders_tools(self.llm.engine.policy.tokenizer)
+        rendered, template_tools = conversation(turns, tools, native)
+        request = self.llm.engine.request_from_messages(
+            rendered, stop=self.llm.settings.stop_strings(stop, config), tools=template_tools, constraint=constraint
+        )
+        return request, config, tools
 
 
-def _role(message: BaseMessage) -> str:
+def _turn(message: BaseMessage) -> dict[str, Any]:
+    """A message as a chat-template turn (tool calls as :class:`~nabla_lc.tool_calls.ToolCall`)."""
     if isinstance(message, SystemMessage):
-        return "system"
+        return {"role": "system", "content": message.text}
     if isinstance(message, HumanMessage):
-        return "user"
+        return {"role": "user", "content": message.text}
     if isinstance(message, AIMessage):
-        return "assistant"
-    raise ValueError(f"ChatNablaReasoner takes system, human and AI messages, not {type(message).__name__}")
+        calls = [ToolCall(c["name"], c["args"], c.get("id") or "") for c in message.tool_calls]
+        return {"role": "assistant", "content": message.text, "tool_calls": calls}
+    if isinstance(message, ToolMessage):
+        return {"role": "tool", "content": message.text, "tool_call_id": message.tool_call_id, "name": message.name or ""}
+    raise ValueError(f"ChatNablaReasoner takes system, human, AI and tool messages, not {type(message).__name__}")
+
+
+def lc_tool_call(call: ToolCall) -> LCToolCall:
+    return LCToolCall(name=call.name, args=call.arguments, id=call.id, type="tool_call")
+
+
+def lc_invalid_tool_call(call: InvalidToolCall) -> LCInvalidToolCall:
+    return LCInvalidToolCall(name=call.name, args=call.text, id=call.id, error=call.error, type="invalid_tool_call")
 
 
 # --- shared translation helpers -------------------------------------------------------------

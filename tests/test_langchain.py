@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.outputs import LLMResult
 from langchain_core.prompts import PromptTemplate
@@ -341,8 +341,8 @@ def test_chat_uses_the_llm_system_when_messages_have_none(engine: FakeEngine) ->
 
 
 def test_chat_refuses_other_message_types(llm: NablaReasonerLLM) -> None:
-    with pytest.raises(ValueError, match="ToolMessage"):
-        ChatNablaReasoner(llm=llm).invoke([HumanMessage("hi"), ToolMessage("x", tool_call_id="1")])
+    with pytest.raises(ValueError, match="ChatMessage"):
+        ChatNablaReasoner(llm=llm).invoke([HumanMessage("hi"), ChatMessage(role="critic", content="x")])
 
 
 def test_chat_streams_with_stop_and_usage_on_the_last_chunk(llm: NablaReasonerLLM) -> None:

@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("nabla_lc.engine",),
     ("nabla_lc.strategies",),
     ("nabla_lc.facade", "nabla_lc.loading", "nabla_lc"),
-    ("nabla_lc.frontend", "nabla_lc.langchain", "nabla_lc.integrations", "nabla_lc.trace_view"),
+    ("nabla_lc.frontend", "nabla_lc.tool_calls", "nabla_lc.langchain", "nabla_lc.integrations", "nabla_lc.trace_view"),
     ("nabla_lc.bench", "nabla_lc.diagnose", "nabla_lc.server", "nabla_lc.cluster", "nabla_lc.cli"),
 )
 """Bottom to top: a module may import its own layer and the layers below."""

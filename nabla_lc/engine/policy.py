@@ -71,7 +71,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 def template_renders_tools(tokenizer: Any) -> bool:
     """Whether the tokenizer's chat template renders the ``tools`` it is given (Qwen2.5's and Llama 3.1's do;
     SmolLM2's ignores them). Checked by rendering a probe tool, not by reading the template."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
         return False
     name = "nabla_lc_probe_tool"
     tool = {"type": "function", "function": {"name": name, "description": "probe", "parameters": {"type": "object", "properties": {}}}}

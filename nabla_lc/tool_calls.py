@@ -1,0 +1,203 @@
+"""Tool calling and structured output, shared by the front-ends (LangChain, DSPy): the tool prompt, the
+reply's tool calls, and the grammar constraints that force a tool call or a JSON schema.
+
+Tools are OpenAI-style function definitions (``{"type": "function", "function": {"name", "description",
+"parameters"}}``). A chat template that renders ``tools`` (Qwen2.5, Llama 3.1, ...) gets them as they are;
+for one that does not (the embedded SmolLM2's), :func:`tool_prompt` is appended to the system message.
+Either way the model calls a tool by replying with blocks of the Hermes/Qwen2.5 form::
+
+    <tool_call>
+    {"name": "calculator", "arguments": {"expression": "123 + 456"}}
+    </tool_call>
+
+and :func:`parse_tool_calls` reads them back (a malformed block becomes an invalid call, never an
+exception). A forced tool choice is a grammar (:func:`tool_call_constraint`), so the reply always parses.
+Tool calls and tool results of earlier turns are rendered by :func:`conversation`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+from .engine.types import Constraint
+
+ToolChoice = Literal["auto", "none", "any", "required"] | str | None
+"""None or ``auto``: the model decides; ``none``: no tool; ``any``/``required``: some tool; a tool's name: that tool."""
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+"""A tool-call block; one the response cut before its closing tag is read to the end (and is usually invalid)."""
+
+
+def tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The project's tool section, for chat templates without one."""
+    lines = [json.dumps(_function(t), ensure_ascii=False) for t in tools]
+    return (
+        "You can call these tools:\n"
+        + "\n".join(lines)
+        + "\n\nTo call a tool, reply with only:\n<tool_call>\n"
+        + '{"name": "<tool name>", "arguments": {<the arguments as JSON>}}\n</tool_call>\n'
+        + "When a tool result is given, use it to answer."
+    )
+
+
+def tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [_function(t)["name"] for t in tools]
+
+
+def check_tool_choice(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> ToolChoice:
+    """The tool choice in our words (``required`` is ``any``); an unknown tool name raises ``ValueError``."""
+    if isinstance(choice, Mapping):  # OpenAI's {"type": "function", "function": {"name": ...}}
+        choice = choice.get("function", {}).get("name") or choice.get("name")
+    if choice in (None, "auto", "none", "any"):
+        return choice
+    if choice == "required":
+        return "any"
+    if choice is True:
+        return "any"
+    names = tool_names(tools)
+    if choice not in names:
+        raise ValueError(f"tool_choice must be None, 'auto', 'none', 'any', 'required' or one of the tools {names}, got {choice!r}")
+    return choice
+
+
+def tool_call_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> Constraint | None:
+    """The grammar of a forced tool call (``any`` or a name): one ``<tool_call>`` block whose JSON names a bound
+    tool and holds arguments valid under its parameters' schema. None when the model may answer in text."""
+    if choice in (None, "auto", "none"):
+        return None
+    functions = [_function(t) for t in tools if choice == "any" or _function(t)["name"] == choice]
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return wrapped_json_schema(schema, "<tool_call>\n", "\n</tool_call>")
+
+
+def wrapped_json_schema(schema: Mapping[str, Any], prefix: str, suffix: str) -> Constraint:
+    """An EBNF constraint: ``prefix``, a JSON document valid under ``schema``, then ``suffix``."""
+    import xgrammar as xgr  # why: only requests with a forced tool call need it
+
+    body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(prefix)}"), body, xgr.Grammar.from_ebnf(f"root ::= {json.dumps(suffix)}"))
+    return Constraint.ebnf(str(grammar))
+
+
+@dataclass
+class ToolCall:
+    """One tool call read from a reply."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str
+
+
+@dataclass
+class InvalidToolCall:
+    """A tool-call block that does not parse, or names no bound tool."""
+
+    text: str
+    error: str
+    id: str
+    name: str | None = None
+
+
+@dataclass
+class Reply:
+    """A reply split into its text and its tool calls."""
+
+    content: str
+    calls: list[ToolCall] = field(default_factory=list)
+    invalid: list[InvalidToolCall] = field(default_factory=list)
+
+
+def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]]) -> Reply:
+    """The reply's ``<tool_call>`` blocks as calls of the bound tools (others: invalid), and the text around them."""
+    names = set(tool_names(tools))
+    reply = Reply(TOOL_CALL.sub("", text).strip())
+    for index, match in enumerate(TOOL_CALL.finditer(text)):
+        block = match.group(1)
+        call_id = "call_" + hashlib.sha256(f"{index}:{block}".encode()).hexdigest()[:16]  # why: deterministic, so cached replies agree
+        try:
+            value = json.loads(block)
+        except json.JSONDecodeError as err:
+            reply.invalid.append(InvalidToolCall(block, f"not JSON: {err}", call_id))
+            continue
+        name = value.get("name") if isinstance(value, dict) else None
+        arguments = value.get("arguments", value.get("parameters", {})) if isinstance(value, dict) else None
+        if not isinstance(name, str) or name not in names:
+            reply.invalid.append(InvalidToolCall(block, f"names no bound tool (bound: {sorted(names)})", call_id, name if isinstance(name, str) else None))
+        elif not isinstance(arguments, dict):
+            reply.invalid.append(InvalidToolCall(block, "arguments are not a JSON object", call_id, name))
+        else:
+            reply.calls.append(ToolCall(name, arguments, call_id))
+    return reply
+
+
+def render_call(call: ToolCall) -> str:
+    """A tool call as the model writes it."""
+    return "<tool_call>\n" + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def conversation(
+    turns: Sequence[dict[str, Any]], tools: Sequence[Mapping[str, Any]], native: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Turns (role, content, and ``tool_calls``: list of :class:`ToolCall` on assistant turns) as the chat template
+    takes them, and the tools to pass to it.
+
+    ``native``: the template renders tools (:func:`nabla_lc.engine.policy.template_renders_tools`), so tool calls
+    and tools go to it in OpenAI's shape. Otherwise tool calls become text in the assistant's turn, and the tool
+    prompt joins the system message (one is added when there is none). Tool results keep the ``tool`` role
+    either way (the reward keeps seeing the user's last message).
+    """
+    out: list[dict[str, Any]] = []
+    for turn in turns:
+        calls: list[ToolCall] = turn.get("tool_calls") or []
+        if turn["role"] != "assistant" or not calls:
+            out.append({k: v for k, v in turn.items() if k != "tool_calls"})
+        elif native:
+            functions = [{"type": "function", "id": c.id, "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            out.append({"role": "assistant", "content": turn["content"], "tool_calls": functions})
+        else:
+            text = "\n".join([turn["content"]] * bool(turn["content"]) + [render_call(c) for c in calls])
+            out.append({"role": "assistant", "content": text})
+    if not tools:
+        return out, None
+    if native:
+        return out, list(tools)
+    section = tool_prompt(tools)
+    if out and out[0]["role"] == "system":
+        out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{section}"}
+    else:
+        out.insert(0, {"role": "system", "content": section})
+    return out, None
+
+
+def json_schema_of(schema: Any) -> dict[str, Any]:
+    """The JSON schema of a pydantic model, a TypedDict or a JSON schema dict (an OpenAI tool's parameters too)."""
+    from pydantic import BaseModel
+
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return schema.model_json_schema()
+    if isinstance(schema, Mapping):
+        function = schema.get("function") if schema.get("type") == "function" else None
+        return dict(function.get("parameters", {})) if isinstance(function, Mapping) else dict(schema)
+    from langchain_core.utils.function_calling import convert_to_openai_tool  # why: its TypedDict conversion handles docstrings and Annotated
+
+    return dict(convert_to_openai_tool(schema)["function"]["parameters"])
+
+
+def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The function definition of an OpenAI-style tool (or of a bare function definition)."""
+    function = tool.get("function", tool)
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise ValueError(f"a tool must be an OpenAI-style function definition with a name, got {tool!r:.120}")
+    return function

@@ -1,0 +1,225 @@
+"""Tool calling and structured output on ChatNablaReasoner: scripted replies (the fake engine) for the translation,
+the tiny model for the grammar (a forced tool call and a schema always parse), and LangChain's and LangGraph's agents."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
+
+from nabla_lc import Engine, NablaConfig
+from nabla_lc.langchain import ChatNablaReasoner, NablaReasonerLLM
+from nabla_lc.tool_calls import parse_tool_calls
+
+from .fake_engine import FakeEngine
+from .tiny import make_classifier_reward, make_policy
+
+
+@pytest.fixture(scope="module")
+def wide_engine(tokenizer) -> Engine:
+    """The tiny llama policy with a 2048-token context: the tool prompt alone is ~500 character tokens."""
+    model = make_policy(tokenizer, "llama")
+    model.config.max_position_embeddings = 2048  # why: rotary positions have no table; only the engine's context check reads it
+    return Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=80))
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@tool
+def pick(colour: Literal["red", "blue"], count: Annotated[int, Field(ge=1, le=9)]) -> str:
+    """Pick some balls of one colour."""
+    return f"{count} {colour}"
+
+
+class Answer(BaseModel):
+    """The final answer."""
+
+    answer: int = Field(ge=0, le=999, description="the number")
+    sure: bool
+
+
+class AnswerDict(TypedDict):
+    """The final answer."""
+
+    answer: int
+    sure: bool
+
+
+def scripted(reply: str | None = None) -> ChatNablaReasoner:
+    """A chat model whose engine calls ``add`` on the first turn and answers with the tool's result after it."""
+
+    def respond(prompt: str, user: str, seed: int | None, sample: int) -> str:
+        if reply is not None:
+            return reply
+        result = re.search(r"<tool>(.*?)</tool>", prompt)
+        if result:
+            return f"The sum is {result.group(1)}."
+        return 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call>'
+
+    return ChatNablaReasoner(llm=NablaReasonerLLM(engine=FakeEngine(respond)))
+
+
+def prompt_of(chat: ChatNablaReasoner, call: int = -1) -> str:
+    engine = chat.llm.engine
+    assert isinstance(engine, FakeEngine)
+    return engine.policy.tokenizer.decode(engine.calls[call].requests[0].prompt_ids)
+
+
+# --- the reply's tool calls --------------------------------------------------------------------
+def test_a_tool_call_in_the_reply_becomes_an_ai_message_tool_call() -> None:
+    chat = scripted()
+    reply = chat.bind_tools([add]).invoke("What is 123 + 456?")
+    assert reply.content == "Let me add."
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("add", {"a": 123, "b": 456})]
+    assert reply.tool_calls[0]["id"].startswith("call_") and reply.invalid_tool_calls == []
+    system = prompt_of(chat).split("</system>")[0]
+    assert system.startswith("<system>You can call these tools:") and '"name": "add"' in system  # the project's tool prompt
+
+
+def test_malformed_tool_calls_become_invalid_tool_calls() -> None:
+    bad = '<tool_call>\n{"name": "add", "arguments": {"a": 1,\n</tool_call>\n<tool_call>{"name": "mul", "arguments": {}}</tool_call>'
+    reply = scripted(bad).bind_tools([add]).invoke("q")
+    assert reply.tool_calls == []
+    assert [c["error"].split(":")[0] for c in reply.invalid_tool_calls] == ["not JSON", "names no bound tool (bound"]
+    assert reply.invalid_tool_calls[1]["name"] == "mul"
+
+
+def test_a_reply_cut_inside_a_tool_call_is_invalid_not_an_error() -> None:
+    assert parse_tool_calls('<tool_call>\n{"name": "add", "argu', [add.tool_call_schema.model_json_schema() | {"name": "add"}]).invalid
+
+
+def test_without_tools_a_tool_call_is_plain_text() -> None:
+    reply = scripted().invoke("q")
+    assert "<tool_call>" in reply.content and reply.tool_calls == []
+
+
+def test_tool_calls_round_trip_through_a_tool_message() -> None:
+    chat = scripted()
+    bound = chat.bind_tools([add])
+    first = bound.invoke([HumanMessage("What is 123 + 456?")])
+    call = first.tool_calls[0]
+    result = ToolMessage(str(add.invoke(call["args"])), tool_call_id=call["id"], name="add")
+    final = bound.invoke([HumanMessage("What is 123 + 456?"), first, result])
+    assert final.content == "The sum is 579." and final.tool_calls == []
+    prompt = prompt_of(chat)
+    assert '<assistant>Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call></assistant>' in prompt
+    assert prompt.endswith("<tool>579</tool><assistant>")
+    assert chat.llm.engine.calls[-1].requests[0].reward_prompt == "What is 123 + 456?"  # the reward still sees the question
+
+
+def test_streaming_with_tools_yields_the_tool_calls() -> None:
+    chunks = list(scripted().bind_tools([add]).stream("q"))
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("add", {"a": 123, "b": 456})]
+
+
+def test_tool_choice_is_checked_and_forced_choices_are_constraints() -> None:
+    chat = scripted()
+    with pytest.raises(ValueError, match="tool_choice"):
+        chat.bind_tools([add], tool_choice="mul")
+    chat.bind_tools([add]).invoke("q")
+    assert chat.llm.engine.calls[-1].requests[0].constraint is None
+    for choice in ("add", "any", "required", {"type": "function", "function": {"name": "add"}}):
+        chat.bind_tools([add], tool_choice=choice).invoke("q")
+        constraint = chat.llm.engine.calls[-1].requests[0].constraint
+        assert constraint is not None and constraint.kind == "ebnf" and "<tool_call>" in constraint.spec
+    chat.bind_tools([add], tool_choice="none").invoke("q")
+    assert "You can call" not in prompt_of(chat)
+
+
+def test_tool_calls_and_options_are_in_the_cache_key() -> None:
+    from langchain_core.caches import InMemoryCache
+
+    chat = scripted()
+    chat.cache = InMemoryCache()
+    chat.invoke("q")
+    chat.bind_tools([add]).invoke("q")
+    chat.bind_tools([add]).invoke("q")
+    assert len(chat.llm.engine.calls) == 2
+
+
+# --- the grammar on a real (tiny) model ----------------------------------------------------------
+@pytest.fixture
+def tiny_chat(wide_engine: Engine) -> ChatNablaReasoner:
+    return ChatNablaReasoner(llm=NablaReasonerLLM(engine=wide_engine, method="greedy", max_new_tokens=160))
+
+
+def test_a_forced_tool_call_always_parses(tiny_chat: ChatNablaReasoner) -> None:
+    for seed in range(4):
+        reply = tiny_chat.bind_tools([add, pick], tool_choice="pick").invoke("balls?", method="bon", n=2, temperature=1.5, seed=seed)
+        assert reply.invalid_tool_calls == [] and len(reply.tool_calls) == 1, reply
+        assert reply.tool_calls[0]["name"] == "pick" and pick.invoke(reply.tool_calls[0]["args"])[-3:] in ("red", "lue")
+    reply = tiny_chat.bind_tools([pick], tool_choice="any").invoke("balls?")
+    assert [c["name"] for c in reply.tool_calls] == ["pick"]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_always_parses(tiny_chat: ChatNablaReasoner, method: str) -> None:
+    schema: Any = Answer if method != "json_mode" else {"type": "object", "properties": {}}
+    runnable = tiny_chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
+    for seed in range(3):
+        value = runnable.invoke("What is 2 + 2?", config={"configurable": {}}) if seed == 0 else tiny_chat.with_structured_output(
+            schema, method=method  # type: ignore[arg-type]
+        ).invoke([HumanMessage("What is 2 + 2?")])
+        if method == "json_mode":
+            assert isinstance(value, dict)
+        else:
+            assert isinstance(value, Answer) and 0 <= value.answer <= 999
+
+
+def test_structured_output_takes_typeddicts_json_schemas_and_include_raw(tiny_chat: ChatNablaReasoner) -> None:
+    value = tiny_chat.with_structured_output(AnswerDict).invoke("2+2?")
+    assert set(value) == {"answer", "sure"} and isinstance(value["answer"], int)
+    schema = Answer.model_json_schema()
+    assert set(tiny_chat.with_structured_output(schema).invoke("2+2?")) == {"answer", "sure"}
+    raw = tiny_chat.with_structured_output(Answer, include_raw=True).invoke("2+2?")
+    assert isinstance(raw["raw"], AIMessage) and isinstance(raw["parsed"], Answer) and raw["parsing_error"] is None
+    assert json.loads(raw["raw"].content) == raw["parsed"].model_dump()
+
+
+def test_structured_output_under_nabla_parses(tiny_chat: ChatNablaReasoner) -> None:
+    options = dict(method="nabla", n=2, dto_steps=1, entropy_threshold=-1.0, grad_threshold=-1.0, temperature=1.0)
+    assert isinstance(tiny_chat.with_structured_output(Answer).invoke("2+2?", **options), Answer)
+
+
+# --- agents ------------------------------------------------------------------------------------
+def test_create_agent_calls_the_tool_and_answers() -> None:
+    from langchain.agents import create_agent
+
+    agent = create_agent(scripted(), tools=[add])
+    messages = agent.invoke({"messages": [HumanMessage("What is 123 + 456?")]})["messages"]
+    assert [type(m).__name__ for m in messages] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert messages[2].content == "579" and messages[-1].content == "The sum is 579."
+
+
+def test_langgraph_react_agent_calls_the_tool_and_answers() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # why: LangGraph 1.x marks create_react_agent deprecated in favour of create_agent
+        from langgraph.prebuilt import create_react_agent
+
+        agent = create_react_agent(scripted(), tools=[add])
+    messages = agent.invoke({"messages": [HumanMessage("What is 123 + 456?")]})["messages"]
+    assert messages[-1].content == "The sum is 579." and messages[2].content == "579"
+
+
+def test_create_agent_with_a_response_format(wide_engine: Engine) -> None:
+    from langchain.agents import create_agent
+
+    chat = ChatNablaReasoner(llm=NablaReasonerLLM(engine=wide_engine, method="greedy", max_new_tokens=160))
+    agent = create_agent(chat, tools=[pick], response_format=Answer)  # why: bounded arguments, so every forced call ends
+    state = agent.invoke({"messages": [SystemMessage("Answer."), HumanMessage("What is 2 + 2?")]})
+    assert isinstance(state["structured_response"], Answer), state["messages"]
