@@ -89,3 +89,23 @@ def test_train_process_reward_learns_the_steps_of_correct_answers(tok, tmp_path:
     assert not any(p.requires_grad for p in policy.parameters())
     bon, mean, questions = train_mod.best_of_n(reward, tok, records)
     assert (bon, mean, questions) == (1.0, 0.5, 8)
+
+
+def test_the_command_trains_from_saved_records(tmp_path: Path, monkeypatch, capsys) -> None:
+    from nabla_lc import cli, models
+
+    from .tiny import make_policy, make_tokenizer
+
+    tiny = make_tokenizer()
+    monkeypatch.setattr(models, "load_embedded", lambda: (make_policy(tiny), tiny))
+    saved = tmp_path / "saved.jsonl"
+    saved.write_text("".join(
+        json.dumps({"prompt": f"What is {a} + 1?", "response": f"add\n\n{a + 1 + wrong}", "correct": not wrong}) + "\n"
+        for a in range(5) for wrong in (0, 1)
+    ))  # fmt: skip
+    out = tmp_path / "p.safetensors"
+    assert cli.main(["train-process-reward", "--records", str(saved), "--rank", "2", "--max-steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 10 and summary["steps"] == 2 and summary["heldout_steps"] == 4 and summary["heldout_questions"] == 1
+    assert summary["heldout_mean_accuracy"] == 0.5 and summary["step_positive_fraction"] == 0.5
+    assert LoRAReward.load(out, make_policy(tiny), tiny).step_separator == SEP
