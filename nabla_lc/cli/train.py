@@ -159,11 +159,9 @@ def run_train_process_reward(args: argparse.Namespace) -> int:
         "train_s": round(time.perf_counter() - start, 1),
         **asdict(report),
     }
-    _, held = split(records, args.heldout, args.seed)
-    bon, mean, questions = best_of_n(reward, tokenizer, held, args.batch_size)
-    summary.update(heldout_questions=questions, heldout_mean_accuracy=mean, heldout_best_of_n=bon)
-    if args.compare_default:  # why: the default reward is a second adapter, so it gets its own copy of the backbone
-        other, other_tokenizer = models.load_embedded()
+    if args.compare_default:
+        _, held = split(records, args.heldout, args.seed)
+        other, other_tokenizer = models.load_embedded()  # why: the default reward is a second adapter, so it gets its own backbone
         summary["heldout_best_of_n_default_reward"] = best_of_n(load_default_reward(other, other_tokenizer), other_tokenizer, held, args.batch_size)[0]
     reward.save(args.out)
     print(json.dumps(summary))

@@ -238,17 +238,27 @@ def swap_changes(reward: LoRAReward, group: SwapGroup) -> tuple[torch.Tensor, to
 
 def heldout_accuracy(reward: LoRAReward, tokenizer: Any, records: Sequence[Record], batch_size: int = 8) -> tuple[float | None, int]:
     """Pairwise accuracy on ``records`` (ties count as wrong) and the number of pairs."""
-    held_pairs = pairs(records)
-    if not held_pairs:
+    if not pairs(records):
         log.warning("no held-out pairs: accuracy is not measured")
         return None, 0
-    scores: dict[int, float] = {}
+    return pairwise_accuracy(records, _scores(reward, tokenizer, records, batch_size))
+
+
+def pairwise_accuracy(records: Sequence[Record], rewards: Sequence[float]) -> tuple[float | None, int]:
+    """The fraction of (correct, incorrect) pairs of one prompt whose rewards rank them right (ties count as wrong)."""
+    scores = {id(r): v for r, v in zip(records, rewards)}
+    held_pairs = pairs(records)
+    if not held_pairs:
+        return None, 0
+    return sum(scores[id(c)] > scores[id(i)] for c, i in held_pairs) / len(held_pairs), len(held_pairs)
+
+
+def _scores(reward: RewardAdapter, tokenizer: Any, records: Sequence[Record], batch_size: int) -> list[float]:
+    values: list[float] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        values = reward.score([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk]).values
-        scores.update({id(r): float(v) for r, v in zip(chunk, values)})
-    right = sum(scores[id(c)] > scores[id(i)] for c, i in held_pairs)
-    return right / len(held_pairs), len(held_pairs)
+        values += [float(v) for v in reward.score([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk]).values]
+    return values
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,11 @@ class ProcessReport:
     heldout_pairs: int
     heldout_accuracy: float | None
     """Fraction of held-out (correct, incorrect) pairs of one prompt ranked correctly by the aggregated reward."""
+    heldout_questions: int
+    heldout_mean_accuracy: float | None
+    """The mean correctness of a held-out question's responses (a random pick among its samples)."""
+    heldout_best_of_n: float | None
+    """The correctness of the highest-reward response of each held-out question (Best-of-N over its samples)."""
 
 
 def train_process_reward(
@@ -329,49 +344,45 @@ def train_process_reward(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
     reward.trainable(False)
-    labels, predicted = _step_predictions(reward, tokenizer, held, batch_size)
-    accuracy, pairs_count = heldout_accuracy(reward, tokenizer, held, batch_size)
+    reads = _held_out_reads(reward, tokenizer, held, batch_size)
+    labels = [r.correct for r, logits in zip(held, reads) for _ in logits]
+    predicted = [v > 0 for logits in reads for v in logits.tolist()]
+    rewards = [float(reward.combine(logits)) for logits in reads]
+    accuracy, pairs_count = pairwise_accuracy(held, rewards)
+    bon, mean, questions = best_of(held, rewards)
     report = ProcessReport(
         step, loss_value, len(train), len(held), len(labels),
         _mean([float(y) for y in labels]), _mean([float(p == y) for p, y in zip(predicted, labels)]),
-        _balanced(labels, predicted), pairs_count, accuracy,
+        _balanced(labels, predicted), pairs_count, accuracy, questions, mean, bon,
     )  # fmt: skip
     log.info("trained the LoRA process reward: %s", report)
     return reward, report
 
 
 @torch.no_grad()
-def _step_predictions(reward: LoRAReward, tokenizer: Any, records: Sequence[Record], batch_size: int) -> tuple[list[bool], list[bool]]:
-    """(label, P(correct) > 0.5) of every step of every record."""
-    labels: list[bool] = []
-    predicted: list[bool] = []
+def _held_out_reads(reward: LoRAReward, tokenizer: Any, records: Sequence[Record], batch_size: int) -> list[torch.Tensor]:
+    """Every record's step logits, in one scoring pass (step accuracy, pairs and Best-of-N all read them)."""
+    reads: list[torch.Tensor] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         with reward.adapter():
-            reads = reward.reads([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk])
-        for logits, r in zip(reads, chunk):
-            labels += [r.correct] * len(logits)
-            predicted += [bool(v > 0) for v in logits.tolist()]
-    return labels, predicted
+            reads += reward.reads([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk])
+    return reads
 
 
 def best_of_n(reward: RewardAdapter, tokenizer: Any, records: Sequence[Record], batch_size: int = 8) -> tuple[float | None, float | None, int]:
-    """On the prompts of ``records`` (each with its sampled responses): the accuracy of the highest-reward response,
-    the mean accuracy of a response (a random pick), and the number of prompts."""
-    by_prompt: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        by_prompt[r.prompt].append(r)
-    if not by_prompt:
-        return None, None, 0
-    picked, mean = [], []
-    for group in by_prompt.values():
-        values: list[float] = []
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            values += [float(v) for v in reward.score([r.prompt for r in chunk], [_ids(tokenizer, r.response) for r in chunk]).values]
-        best = max(range(len(group)), key=lambda j: (reward_rank(values[j]), -j))
-        picked.append(float(group[best].correct))
-        mean.append(sum(r.correct for r in group) / len(group))
+    """:func:`best_of` with ``reward``'s scores of ``records``."""
+    return best_of(records, _scores(reward, tokenizer, records, batch_size))
+
+
+def best_of(records: Sequence[Record], rewards: Sequence[float]) -> tuple[float | None, float | None, int]:
+    """On the prompts of ``records`` (each with its sampled responses): the accuracy of the highest-reward response
+    (the first on ties), the mean accuracy of a response (a random pick), and the number of prompts."""
+    by_prompt: dict[str, list[tuple[Record, float]]] = defaultdict(list)
+    for r, v in zip(records, rewards):
+        by_prompt[r.prompt].append((r, v))
+    picked = [float(max(group, key=lambda rv: reward_rank(rv[1]))[0].correct) for group in by_prompt.values()]
+    mean = [sum(r.correct for r, _ in group) / len(group) for group in by_prompt.values()]
     return _mean(picked), _mean(mean), len(by_prompt)
 
 
