@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     DynamicCache,
@@ -28,6 +29,7 @@ from transformers import (
 from nabla_lc import cli
 from nabla_lc.cli import train as cli_train
 from nabla_lc.rewards import (
+    ImplicitLoRAReward,
     LoRAReward,
     NoGradientError,
     ProcessReward,
@@ -101,10 +103,12 @@ def responses(tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
 
 
-def check_adapter(reward: RewardAdapter, prompts: Sequence[str], resps: Sequence[Sequence[int]], width: int) -> None:
-    """Batched == per-example; soft score at hard one-hots == score; gradients reach y; the prefix is reusable."""
+def check_adapter(reward: RewardAdapter, prompts: Sequence[str], resps: Sequence[Sequence[int]], width: int, passes: int = 1) -> None:
+    """Batched == per-example; soft score at hard one-hots == score; gradients reach y; the prefix is reusable.
+
+    ``passes``: the adapter's forward passes per response."""
     batch = reward.score(prompts, resps)
-    assert batch.passes == len(resps) and batch.values.shape == (len(resps),)
+    assert batch.passes == passes * len(resps) and batch.values.shape == (len(resps),)
     single = torch.cat([reward.score([p], [r]).values for p, r in zip(prompts, resps)])
     torch.testing.assert_close(batch.values, single, atol=1e-5, rtol=0)
     assert batch.tokens > sum(len(r) for r in resps)
@@ -114,7 +118,7 @@ def check_adapter(reward: RewardAdapter, prompts: Sequence[str], resps: Sequence
             for _ in range(2):  # the second step reuses the cropped prefix cache
                 y = F.one_hot(torch.tensor(resps[b][k:]), width).float().requires_grad_(True)
                 soft = reward.score_soft(prefix, y)
-                assert soft.passes == 1 and soft.tokens >= len(resps[b]) - k
+                assert soft.passes == passes and soft.tokens >= len(resps[b]) - k
                 torch.testing.assert_close(soft.value.detach(), batch.values[b], atol=1e-5, rtol=0)
                 soft.value.backward()
                 assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
@@ -122,7 +126,7 @@ def check_adapter(reward: RewardAdapter, prompts: Sequence[str], resps: Sequence
         prefix = reward.prepare(prompts[b], [])
         for k in range(1, len(resps[b])):
             prefix = reward.extend(prefix, prompts[b], resps[b][:k])
-            assert prefix.passes <= 1
+            assert prefix.passes <= passes
         y = F.one_hot(torch.tensor(resps[b][-1:]), width).float()
         torch.testing.assert_close(reward.score_soft(prefix, y).value, batch.values[b], atol=1e-5, rtol=0)
 
@@ -397,19 +401,20 @@ def write_records(path: Path) -> list[train_mod.Record]:
     return train_mod.read_records(path)
 
 
-@pytest.mark.parametrize("objective", ["bt", "bce"])
-def test_train_reward_api(tok: PreTrainedTokenizerFast, tmp_path: Path, objective: str) -> None:
+@pytest.mark.parametrize("objective, head", [("bt", "scalar"), ("bce", "scalar"), ("bt", "implicit")])
+def test_train_reward_api(tok: PreTrainedTokenizerFast, tmp_path: Path, objective: str, head: str) -> None:
     records = write_records(tmp_path / "data.jsonl")
     policy = llama_policy()
     reference = policy(input_ids=torch.tensor([responses(tok)[0]])).logits
     reward, report = train_mod.train_reward(
-        policy, tok, records, rank=4, objective=objective, epochs=3, lr=3e-3, batch_size=4, progress=False  # type: ignore[arg-type]
+        policy, tok, records, rank=4, objective=objective, epochs=3, lr=3e-3, batch_size=4, progress=False, head=head  # type: ignore[arg-type]
     )
+    assert type(reward) is {"scalar": LoRAReward, "implicit": ImplicitLoRAReward}[head]
     assert report.steps > 0 and math.isfinite(report.final_loss)
     assert report.heldout_pairs > 0 and report.heldout_accuracy is not None
     assert report.train_records + report.heldout_records == len(records)
     assert not any(p.requires_grad for p in policy.parameters())
-    assert not any(p.requires_grad for p in reward.head.parameters())
+    assert not any(p.requires_grad for p in reward.trainable_parameters())
     torch.testing.assert_close(policy(input_ids=torch.tensor([responses(tok)[0]])).logits, reference, atol=0, rtol=0)
     if objective == "bt":
         accuracy, _ = train_mod.heldout_accuracy(reward, tok, records)
@@ -473,3 +478,52 @@ def test_lora_file_metadata_is_checked_against_its_tensors_before_any_allocation
     monkeypatch.setattr(lora, "inject_adapter_in_model", lambda *a, **k: pytest.fail("the adapter was allocated"))
     with pytest.raises(ValueError, match=rf"{path} is not a valid nabla-lc LoRA reward file: .*{message}"):
         LoRAReward.load(path, llama_policy(), tok)
+
+
+# --- implicit (log-probability ratio) LoRA reward ------------------------------------------------
+def test_implicit_reward_is_the_adapter_log_ratio(tok: PreTrainedTokenizerFast) -> None:
+    policy = llama_policy()
+    reward = ImplicitLoRAReward(policy, tok, rank=4)
+    assert reward.score(PROMPTS, responses(tok)).values.abs().max() == 0  # a fresh adapter (B = 0) is the policy
+    _randomize_adapter(reward)
+    resp = responses(tok)[0]
+    lay = reward.layout(PROMPTS[0], resp)
+    ids = torch.tensor([[i if i >= 0 else resp[s] for i, s in zip(lay.ids, lay.source)]])
+    first = reward.first_scored(PROMPTS[0])
+    with reward.adapter():
+        on = policy(input_ids=ids).logits.log_softmax(-1)
+    off = policy(input_ids=ids).logits.log_softmax(-1)
+    targets = ids[0, first:]
+    expected = (on[0, first - 1 : -1] - off[0, first - 1 : -1]).gather(-1, targets[:, None]).sum()
+    torch.testing.assert_close(reward.score([PROMPTS[0]], [resp]).values[0], expected, atol=1e-4, rtol=0)
+    check_adapter(reward, PROMPTS, responses(tok), VOCAB, passes=2)
+
+
+def test_implicit_reward_gradient_matches_finite_differences(tok: PreTrainedTokenizerFast) -> None:
+    reward = ImplicitLoRAReward(llama_policy(), tok, rank=4)
+    _randomize_adapter(reward)
+    resp = max(responses(tok), key=len)
+    prefix = reward.prepare(PROMPTS[1], resp[:2])
+    torch.manual_seed(5)
+    y = F.softmax(torch.randn(len(resp) - 2, VOCAB), -1).requires_grad_(True)
+    reward.score_soft(prefix, y).value.backward()
+    direction = torch.randn_like(y) * 1e-3  # small: a randomized adapter makes the reward sharply curved
+    with torch.no_grad():
+        up = reward.score_soft(prefix, y + direction).value
+        down = reward.score_soft(prefix, y - direction).value
+    torch.testing.assert_close((up - down) / 2, (y.grad * direction).sum(), rtol=0.05, atol=1e-4)
+
+
+def test_implicit_reward_save_load(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    reward = ImplicitLoRAReward(llama_policy(), tok, rank=4)
+    _randomize_adapter(reward)
+    assert reward.head is None and len(reward.trainable_parameters()) == len(reward.adapter_parameters())
+    path = reward.save(tmp_path / "implicit.safetensors")
+    loaded = LoRAReward.load(path, llama_policy(), tok)
+    assert type(loaded) is ImplicitLoRAReward
+    torch.testing.assert_close(loaded.score(PROMPTS, responses(tok)).values, reward.score(PROMPTS, responses(tok)).values)
+    scalar = LoRAReward.load(LoRAReward(llama_policy(), tok, rank=4).save(tmp_path / "scalar.safetensors"), llama_policy(), tok)
+    assert type(scalar) is LoRAReward and scalar.head is not None
+    bogus = _lora_file(tmp_path / "bogus.safetensors", {"rank": 4, "target_modules": ["q_proj", "v_proj"], "head": "mlp"}, load_file(str(path)))
+    with pytest.raises(ValueError, match="head must be one of"):
+        LoRAReward.load(bogus, llama_policy(), tok)

@@ -86,6 +86,10 @@ def _add_training_flags(p: argparse.ArgumentParser, targets: str, lr: float, bat
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--batch-size", type=int, default=8, help=batch_help)
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of pairable prompts held out for pairwise accuracy")
+    p.add_argument(
+        "--head", choices=("scalar", "implicit"), default="scalar",
+        help="scalar: a linear head on the last hidden state; implicit: the log-probability ratio of the policy with and without the adapter",
+    )
 
 
 def train_from_args(
@@ -96,7 +100,7 @@ def train_from_args(
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     settings: dict[str, Any] = dict(
         rank=args.rank, target_modules=targets, objective=objective, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, heldout=args.heldout,
+        seed=args.seed, heldout=args.heldout, head=args.head,
     )
     return train_reward(model, tokenizer, records, **{**settings, **extra})
 

@@ -4,6 +4,7 @@ policy, the policy as its own judge, and plain Python verifiers."""
 from .base import NoGradientError, RewardAdapter, RewardPrefix, Scores, SoftScore
 from .classifier import SequenceClassifierReward
 from .judge import SelfJudgeReward
+from .implicit import ImplicitLoRAReward
 from .lora import LoRAReward
 from .process import ProcessReward, aggregate
 from .transformer import TransformerReward
@@ -11,6 +12,7 @@ from .verifier import VerifierReward
 from .vocab import VocabMap, VocabMismatchError, check_vocab
 
 __all__ = [
+    "ImplicitLoRAReward",
     "LoRAReward",
     "NoGradientError",
     "ProcessReward",

@@ -42,6 +42,10 @@ class LoRAReward(TransformerReward):
     a partial response is scored natively and every token's gradient reaches the reward.
     """
 
+    head_kind = "scalar"
+    """How the score is read: ``scalar`` (a linear head on the hidden states) or ``implicit``
+    (:class:`~nabla_lc.rewards.implicit.ImplicitLoRAReward`, the policy's own output layer, no head)."""
+
     def __init__(
         self,
         policy_model: nn.Module,
@@ -75,7 +79,8 @@ class LoRAReward(TransformerReward):
         self._layers = [m for m in policy_model.modules() if isinstance(m, BaseTunerLayer)]
         weight = policy_model.get_input_embeddings().weight
         hidden = policy_model.config.get_text_config().hidden_size
-        self.head = nn.Linear(hidden, 1).to(weight.device)  # float32: the head is tiny, keep it exact
+        # float32: the head is tiny, keep it exact
+        self.head = nn.Linear(hidden, 1).to(weight.device) if self.head_kind == "scalar" else None
         self._depth = 0
         self._trainable = False
         self._switch(False)
@@ -108,10 +113,14 @@ class LoRAReward(TransformerReward):
         """The LoRA weights (not the head)."""
         return [p for name, p in self.model.named_parameters() if f".{ADAPTER}." in name]
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA weights and the head's."""
+        return [*self.adapter_parameters(), *(self.head.parameters() if self.head is not None else ())]
+
     def trainable(self, on: bool) -> None:
         """Let the adapter and head take gradients (training) or freeze them (inference)."""
         self._trainable = on
-        for p in [*self.adapter_parameters(), *self.head.parameters()]:
+        for p in self.trainable_parameters():
             p.requires_grad_(on)
 
     # --- TransformerReward ----------------------------------------------------------------
@@ -122,6 +131,7 @@ class LoRAReward(TransformerReward):
         return reply_frame(self.tokenizer, self.system, prompt, add_special_tokens=False)
 
     def read(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.head is not None
         return self.head(hidden.float())[:, 0]
 
     def response_slots(self, response: Sequence[int], final: bool) -> tuple[list[int], list[int], list[int]]:
@@ -153,8 +163,10 @@ class LoRAReward(TransformerReward):
         """Write the adapter and head to one safetensors file."""
         path = Path(path)
         tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if f".{ADAPTER}." in n}
-        tensors.update({f"head.{n}": p.detach().cpu().contiguous() for n, p in self.head.named_parameters()})
-        settings: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "system": self.system}
+        tensors.update({f"head.{n}": p.detach().cpu().contiguous() for n, p in _head_parameters(self)})
+        settings: dict[str, Any] = {
+            "rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules), "system": self.system, "head": self.head_kind,
+        }
         if self.step_separator is not None:
             settings.update(step_separator=self.step_separator, aggregation=self.aggregation)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,18 +174,20 @@ class LoRAReward(TransformerReward):
         log.info("saved the LoRA reward (%d tensors) to %s", len(tensors), path)
         return path
 
-    @classmethod
-    def load(cls, path: str | Path, policy_model: nn.Module, tokenizer: Any) -> "LoRAReward":
-        """A reward from a file written by :meth:`save`, injected into ``policy_model``."""
+    @staticmethod
+    def load(path: str | Path, policy_model: nn.Module, tokenizer: Any) -> "LoRAReward":
+        """A reward from a file written by :meth:`save` (of the kind its ``head`` setting names), injected into
+        ``policy_model``."""
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a nabla-lc LoRA reward file")
-        reward = cls(policy_model, tokenizer, **_checked_settings(path, metadata.get("settings"), shapes))
+        settings = _checked_settings(path, metadata.get("settings"), shapes)
+        reward = _kinds()[settings.pop("head", "scalar")](policy_model, tokenizer, **settings)
         tensors = load_file(str(path))
         params = {f"lora.{n}": p for n, p in policy_model.named_parameters() if f".{ADAPTER}." in n}
-        params.update({f"head.{n}": p for n, p in reward.head.named_parameters()})
+        params.update({f"head.{n}": p for n, p in _head_parameters(reward)})
         if set(params) != set(tensors):
             missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
             raise ValueError(f"{path} does not fit this policy model (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -182,6 +196,10 @@ class LoRAReward(TransformerReward):
                 p.copy_(tensors[name])
         reward.name = file_identity(path)
         return reward
+
+
+def _head_parameters(reward: LoRAReward) -> list[tuple[str, nn.Parameter]]:
+    return list(reward.head.named_parameters()) if reward.head is not None else []
 
 
 def _checked_settings(path: str | Path, text: str | None, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -197,13 +215,15 @@ def _checked_settings(path: str | Path, text: str | None, shapes: dict[str, tupl
         settings = json.loads(text or "")
     except json.JSONDecodeError:
         raise bad("its settings are not JSON") from None
-    if not isinstance(settings, dict) or not set(settings) <= {"rank", "alpha", "target_modules", "system", "step_separator", "aggregation"}:
+    if not isinstance(settings, dict) or not set(settings) <= {"rank", "alpha", "target_modules", "system", "step_separator", "aggregation", "head"}:
         raise bad(f"unexpected settings {settings!r:.200}")
     separator, aggregation = settings.get("step_separator"), settings.get("aggregation", "last")
     if separator is not None and (not isinstance(separator, str) or not separator):
         raise bad(f"step_separator must be a non-empty string, got {separator!r:.50}")
     if aggregation not in AGGREGATIONS:
         raise bad(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r:.50}")
+    if settings.get("head", "scalar") not in _kinds():
+        raise bad(f"head must be one of {sorted(_kinds())}, got {settings['head']!r:.50}")
     rank, alpha, targets, system = (settings.get(k) for k in ("rank", "alpha", "target_modules", "system"))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise bad(f"rank must be an integer >= 1, got {rank!r:.50}")
@@ -219,3 +239,9 @@ def _checked_settings(path: str | Path, text: str | None, shapes: dict[str, tupl
     if ranks != {rank}:
         raise bad(f"its settings say rank {rank}, its LoRA tensors have rank {sorted(ranks) or 'none'}")
     return settings
+
+
+def _kinds() -> dict[str, type[LoRAReward]]:
+    from .implicit import ImplicitLoRAReward  # why: the implicit reward subclasses this module's class
+
+    return {"scalar": LoRAReward, "implicit": ImplicitLoRAReward}

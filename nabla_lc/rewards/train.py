@@ -18,11 +18,13 @@ from tqdm import tqdm
 
 from .base import RewardAdapter
 from .base import rank as reward_rank
+from .implicit import ImplicitLoRAReward
 from .lora import DEFAULT_TARGETS, LoRAReward
 
 log = logging.getLogger(__name__)
 
 Objective = Literal["bt", "bce"]
+HeadKind = Literal["scalar", "implicit"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def train_reward(
     swap_weight: float = 1.0,
     reward: LoRAReward | None = None,
     max_steps: int | None = None,
+    head: HeadKind = "scalar",
 ) -> tuple[LoRAReward, TrainReport]:
     """Inject a LoRA reward into ``policy_model`` (or continue training ``reward``, already injected) and fit it.
 
@@ -134,9 +137,13 @@ def train_reward(
     ``bce``: binary cross-entropy of ``sigmoid(r)`` against the label. With ``swaps``, each step also adds
     ``swap_weight`` × :func:`swap_loss` of one swap group (taken in turn), so that the reward's input gradient
     predicts what one-token swaps do to it, the quantity DTO relies on. ``max_steps`` stops training early.
+    ``head``: a new reward's kind, ``scalar`` (:class:`LoRAReward`) or ``implicit`` (:class:`ImplicitLoRAReward`,
+    Bradley-Terry on its log-probability ratio is DPO's objective).
     """
     if objective not in ("bt", "bce"):
         raise ValueError(f"objective must be 'bt' or 'bce', got {objective!r}")
+    if head not in ("scalar", "implicit"):
+        raise ValueError(f"head must be 'scalar' or 'implicit', got {head!r}")
     if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
         raise ValueError("epochs, batch_size and max_steps must be >= 1")
     torch.manual_seed(seed)
@@ -145,9 +152,10 @@ def train_reward(
     if not items:
         raise ValueError(f"no training {'pairs' if objective == 'bt' else 'records'} (records: {len(records)})")
     if reward is None:
-        reward = LoRAReward(policy_model, tokenizer, rank=rank, target_modules=target_modules)
+        kind = {"scalar": LoRAReward, "implicit": ImplicitLoRAReward}[head]
+        reward = kind(policy_model, tokenizer, rank=rank, target_modules=target_modules)
     reward.trainable(True)
-    params = [*reward.adapter_parameters(), *reward.head.parameters()]
+    params = reward.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr)
     order = random.Random(seed)
     total = epochs * ((len(items) + batch_size - 1) // batch_size)
@@ -318,7 +326,7 @@ def train_process_reward(
         raise ValueError(f"no training records (records: {len(records)})")
     reward = LoRAReward(policy_model, tokenizer, rank=rank, target_modules=target_modules, step_separator=step_separator, aggregation=aggregation)  # type: ignore[arg-type]
     reward.trainable(True)
-    optimizer = torch.optim.AdamW([*reward.adapter_parameters(), *reward.head.parameters()], lr=lr)
+    optimizer = torch.optim.AdamW(reward.trainable_parameters(), lr=lr)
     items, order = list(train), random.Random(seed)
     total = epochs * ((len(items) + batch_size - 1) // batch_size)
     total = min(total, max_steps) if max_steps is not None else total
