@@ -55,7 +55,7 @@ _ROLES = {"user": "user", "assistant": "assistant", "developer": "system"}
 class NablaDSPyEngine:
     """DSPy's synchronous engine contract (``complete``, ``stream``, ``close``) over a nabla-lc engine and its settings.
 
-    Thread-safe: the nabla engine's lock serializes decoding, and the seed generator has its own lock.
+    Thread-safe: the nabla engine's scheduler batches concurrent decoding, and the seed generator has its own lock.
     """
 
     supported_params: frozenset[str] = SUPPORTED_CONFIG

@@ -1,9 +1,11 @@
-"""The engine: loaded models, a lock, request validation, and dispatch to a registered decoding method."""
+"""The engine: loaded models, request validation, and dispatch of registered decoding methods to its scheduler."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import torch
@@ -18,7 +20,8 @@ from .engine.policy import Policy
 from .engine.types import AnswerExtractor, Constraint, Request, Result, StreamEvent, TokenCallback
 from .methods import get_method, method_names
 from .rewards.base import RewardAdapter
-from .strategies import SampleSet, draw, select
+from .scheduler import Scheduler
+from .strategies import SampleSet, draw_steps, select
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,10 @@ log = logging.getLogger(__name__)
 class Engine:
     """A loaded policy (and reward) that decodes batches of requests with any method.
 
-    One engine serves many callers: :meth:`generate` holds :attr:`lock`, so concurrent calls from
-    threads never interleave model state.
+    One engine serves many callers: every call becomes a job of its :class:`~nabla_lc.scheduler.Scheduler`, whose
+    one thread owns the models and samples the rollouts of all jobs in flight together (continuous batching).
+    Concurrent calls from threads or tasks therefore share batches, and each result is the one the call would get
+    alone (every row has its own seeded generator). Code that uses the models directly holds :attr:`lock`.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, reward: RewardAdapter | None = None, config: NablaConfig | None = None) -> None:
@@ -37,6 +42,7 @@ class Engine:
             reward.check_vocab(tokenizer)
         self.config = config or NablaConfig()
         self.lock = threading.RLock()
+        self.scheduler = Scheduler(self.policy, self.lock)
 
     # --- requests -------------------------------------------------------------------------
     def request(
@@ -100,21 +106,49 @@ class Engine:
         extract_answer: AnswerExtractor | None = None,
     ) -> list[Result]:
         """Decode a batch with ``config.method`` (default: the engine's config)."""
+        return _wait(self.submit(requests, config, on_token, extract_answer))
+
+    async def agenerate(
+        self,
+        requests: Sequence[Request],
+        config: NablaConfig | None = None,
+        on_token: TokenCallback | None = None,
+        extract_answer: AnswerExtractor | None = None,
+    ) -> list[Result]:
+        """The async form of :meth:`generate`; cancelling the awaiting task stops the decoding at the next token."""
+        return await asyncio.wrap_future(self.submit(requests, config, on_token, extract_answer))
+
+    def submit(
+        self,
+        requests: Sequence[Request],
+        config: NablaConfig | None = None,
+        on_token: TokenCallback | None = None,
+        extract_answer: AnswerExtractor | None = None,
+    ) -> Future[list[Result]]:
+        """Queue a batch with the scheduler (bad requests raise here); cancelling the future stops its decoding.
+
+        ``on_token`` is called on the scheduler's thread.
+        """
         ctx = self.context(config, on_token, extract_answer)
         requests = self._validated(requests, ctx)
-        if not requests:
-            return []
-        with self.lock, torch.no_grad():
-            return get_method(ctx.config.method).run(ctx, requests)
+        spec = get_method(ctx.config.method)
+        if not requests or self.scheduler.on_thread():  # why: a job that decodes more (a judge) runs it inline
+            done: Future[list[Result]] = Future()
+            with torch.no_grad():
+                done.set_result(spec.run(ctx, requests) if requests else [])
+            return done
+        if spec.steps is None:
+            return self.scheduler.call(lambda: spec.run(ctx, requests))
+        return self.scheduler.submit(spec.steps(ctx, requests))
 
     def stream(self, request: Request, config: NablaConfig | None = None) -> Iterator[StreamEvent]:
-        """Decode one request in a worker thread: :class:`~nabla_lc.engine.types.TextDelta` events as text is
-        committed, then :class:`~nabla_lc.engine.types.Finished` with the result."""
-        return stream_events(self.generate, request, config or self.config)
+        """:class:`~nabla_lc.engine.types.TextDelta` events as text is committed, then
+        :class:`~nabla_lc.engine.types.Finished` with the result; closing the iterator early cancels the decoding."""
+        return stream_events(self.submit, request, config or self.config)
 
     def astream(self, request: Request, config: NablaConfig | None = None) -> AsyncIterator[StreamEvent]:
-        """The async form of :meth:`stream` (decoding runs in the default executor)."""
-        return astream_events(self.generate, request, config or self.config)
+        """The async form of :meth:`stream`."""
+        return astream_events(self.submit, request, config or self.config)
 
     def sample(
         self, requests: Sequence[Request], config: NablaConfig, *, scored: bool, extract_answer: AnswerExtractor | None = None
@@ -126,8 +160,7 @@ class Engine:
         """
         ctx = self.context(config, extract_answer=extract_answer)
         requests = self._validated(requests, ctx)
-        with self.lock, torch.no_grad():
-            return draw(ctx, requests, scored)
+        return _wait(self.scheduler.submit(draw_steps(ctx, requests, scored)))
 
     def select(self, sample_set: SampleSet, config: NablaConfig, extract_answer: AnswerExtractor | None = None) -> Result:
         """The result of ``config.method`` (a method with a chooser) at N = ``config.n`` from a sample set."""
@@ -157,6 +190,15 @@ class Engine:
             compile_constraint(self.policy, request.constraint)
         if wanted_tokens(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
+
+
+def _wait(future: Future[Any]) -> Any:
+    """The future's outcome; an interrupted wait (Ctrl-C) cancels it."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
 
 
 def checked_text(name: str, value: Any) -> str:

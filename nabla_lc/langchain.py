@@ -2,7 +2,7 @@
 
 Front-ends translate only. They turn prompts or messages into engine requests, send a whole batch to
 ``engine.generate`` in one call, and turn results into LangChain generations. They never touch a model:
-the engine's lock serializes concurrent callers. The same object runs the baselines
+the engine's scheduler batches concurrent callers. The same object runs the baselines
 (``method="bon" | "sc" | "weighted_bon" | "greedy"``) on the same engine.
 """
 
@@ -61,7 +61,7 @@ class NablaReasonerLLM(BaseLLM):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     engine: SkipValidation[FrontEndEngine]
-    """The loaded engine (policy, reward, lock); shared freely between front-end objects."""
+    """The loaded engine (policy, reward, scheduler); shared freely between front-end objects."""
     config: InstanceOf[NablaConfig]
     """Decoding method and hyperparameters; config keywords given to the constructor are applied on top."""
     model_id: str = ""
@@ -210,8 +210,20 @@ class NablaReasonerLLM(BaseLLM):
     ) -> LLMResult:
         """Decode every prompt in one engine call."""
         config = call_config(self.config, kwargs)
-        requests = [self._request(p, stop, config) for p in prompts]
-        results = self.engine.generate(requests, config)
+        return self._llm_result(self.engine.generate([self._request(p, stop, config) for p in prompts], config))
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """Like :meth:`_generate`, awaiting the engine's scheduler: cancelling the task stops the decoding."""
+        config = call_config(self.config, kwargs)
+        return self._llm_result(await self.engine.agenerate([self._request(p, stop, config) for p in prompts], config))
+
+    def _llm_result(self, results: list[Result]) -> LLMResult:
         return LLMResult(
             generations=[[Generation(text=r.text, generation_info=self.generation_info(r))] for r in results],
             llm_output={"token_usage": token_usage(results), "model_id": self.model_id},
@@ -239,15 +251,13 @@ class NablaReasonerLLM(BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        """Like :meth:`_stream`; decoding runs in a worker thread, so the event loop stays free."""
+        """Like :meth:`_stream`; decoding runs on the engine's scheduler thread, so the event loop stays free."""
         config = call_config(self.config, kwargs)
         async for event in self.engine.astream(self._request(prompt, stop, config), config):
             chunk = self._chunk(event)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
-
-    # ``_agenerate`` is BaseLLM's: it runs ``_generate`` in an executor, off the event loop.
 
     # --- translation -----------------------------------------------------------------------
     def generation_info(self, result: Result) -> dict[str, Any]:
@@ -375,6 +385,18 @@ class ChatNablaReasoner(BaseChatModel):
     ) -> ChatResult:
         request, config, tools = self._call(messages, stop, kwargs)
         [result] = self.llm.engine.generate([request], config)
+        return self._chat_result(result, tools)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """Like :meth:`_generate`, awaiting the engine's scheduler: cancelling the task stops the decoding."""
+        request, config, tools = self._call(messages, stop, kwargs)
+        [result] = await self.llm.engine.agenerate([request], config)
         return self._chat_result(result, tools)
 
     def _stream(

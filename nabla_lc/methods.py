@@ -39,6 +39,9 @@ class MethodSpec:
     constrained: bool = False
     """Whether it decodes under a request's grammar constraint (``Request.constraint``); the engine refuses a
     constrained request for a method that would ignore it."""
+    steps: Callable[..., Any] | None = None
+    """``steps(ctx, requests) -> Job[list[Result]]``: the method as a job (:data:`nabla_lc.engine.rollout.Job`), so that
+    the engine's scheduler batches its rollouts with other requests'. None: ``run`` runs alone, between batches."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -8,6 +8,7 @@ streaming is the engine's own. Every :meth:`FakeEngine.generate` call is recorde
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from nabla_lc.config import NablaConfig
 from nabla_lc.engine.accounting import Stats
-from nabla_lc.engine.events import astream_events, stream_events
+from nabla_lc.engine.events import astream_events, in_thread, stream_events
 from nabla_lc.engine.stream import TextStream
 from nabla_lc.engine.trace import PositionRecord
 from nabla_lc.engine.types import Constraint, Request, Result, StreamEvent, TokenCallback
@@ -135,10 +136,13 @@ class FakeEngine:
                 self.active -= 1
 
     def stream(self, request: Request, config: NablaConfig | None = None) -> Iterator[StreamEvent]:
-        return stream_events(self.generate, request, config or self.config)
+        return stream_events(in_thread(self.generate), request, config or self.config)
 
     def astream(self, request: Request, config: NablaConfig | None = None) -> AsyncIterator[StreamEvent]:
-        return astream_events(self.generate, request, config or self.config)
+        return astream_events(in_thread(self.generate), request, config or self.config)
+
+    async def agenerate(self, requests: Sequence[Request], config: NablaConfig | None = None, on_token: TokenCallback | None = None) -> list[Result]:
+        return await asyncio.wrap_future(in_thread(self.generate)(list(requests), config, on_token))
 
     def _decode(self, index: int, request: Request, config: NablaConfig, on_token: TokenCallback | None) -> Result:
         start = time.perf_counter()

@@ -131,17 +131,17 @@ def test_reused_probes_decode_like_fresh_ones(tokenizer):
 
 def test_requests_decoded_together_match_one_at_a_time(tokenizer, monkeypatch):
     # the rollouts that several requests wait on decode in one batch; each request's decisions and counts stay its own
-    import nabla_lc.engine.decoder as decoder
+    import nabla_lc.scheduler as scheduler
 
     engine, requests = _search_engine(tokenizer)
     batches: list[int] = []
-    original = decoder.rollout
+    original = scheduler.rollout
 
     def counted(policy, prefixes, *args, **kwargs):
         batches.append(len(prefixes))
         return original(policy, prefixes, *args, **kwargs)
 
-    monkeypatch.setattr(decoder, "rollout", counted)
+    monkeypatch.setattr(scheduler, "rollout", counted)
     together = engine.generate(requests)
     assert batches[0] == len(requests) and len(batches) < sum(batches)
     assert sum(batches) == sum(r.stats.rollouts for r in together)

@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("nabla_lc.models", "nabla_lc.rewards"),
     ("nabla_lc.engine",),
     ("nabla_lc.strategies",),
-    ("nabla_lc.facade", "nabla_lc.loading", "nabla_lc"),
+    ("nabla_lc.scheduler", "nabla_lc.facade", "nabla_lc.loading", "nabla_lc"),
     ("nabla_lc.frontend", "nabla_lc.tool_calls", "nabla_lc.langchain", "nabla_lc.integrations", "nabla_lc.trace_view"),
     ("nabla_lc.bench", "nabla_lc.diagnose", "nabla_lc.server", "nabla_lc.cluster", "nabla_lc.cli"),
 )

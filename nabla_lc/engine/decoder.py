@@ -14,7 +14,7 @@ from .accounting import Stats
 from .constraints import Grammar, masked
 from .dto import DTORun, NonFiniteGradient, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
 from .policy import Policy
-from .rollout import Rollout, RolloutRow, Sampling, differ_chance, rollout, sample
+from .rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, differ_chance, run_alone, sample
 from .stream import TextStream
 from .trace import PositionRecord
 
@@ -72,7 +72,7 @@ def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> 
 class Decoder:
     """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only).
 
-    :meth:`steps` hands out the rollouts it needs, so :func:`decode_together` can batch those of many requests.
+    :meth:`steps` hands out the rollouts it needs, so :func:`decode_steps` can batch those of many requests.
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class Decoder:
         self.probe_pass: ProbePass | None = None
 
     def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:
-        """Decode until the rollout ends, searching while the rollout budget lasts; driven by :func:`decode_together`."""
+        """Decode until the rollout ends, searching while the rollout budget lasts; driven by :func:`decode_steps`."""
         self.prompt_ids, self.reward_prompt, self.max_new_tokens = list(prompt_ids), reward_prompt, max_new_tokens
         current = yield self.rollout([])
         while current.tokens:
@@ -214,8 +214,8 @@ class Decoder:
         return current
 
 
-def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Steps]) -> list[Decoded]:
-    """Run decodings side by side: the rollouts they wait on at the same time decode in one batch.
+def decode_steps(sampling: Sampling, decodings: Sequence[Steps]) -> Job[list[Decoded]]:
+    """Run decodings side by side, as a job: the rollouts they wait on at the same time form one call.
 
     Each decoding runs its own positions (probes, DTO, comparisons) until it needs a rollout; then the
     waiting rollouts are sampled together, each row with its own generator and statistics.
@@ -234,7 +234,12 @@ def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Step
     while waiting:
         calls = list(waiting.items())
         waiting.clear()
-        rollouts = rollout(policy, [c for _, c in calls], sampling, keep_logits=True)
+        rollouts = yield RolloutCall([c for _, c in calls], sampling, keep_logits=True)
         for (i, _), result in zip(calls, rollouts):
             advance(i, result)
     return [done[i] for i in range(len(decodings))]
+
+
+def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Steps]) -> list[Decoded]:
+    """:func:`decode_steps` driven by itself (each call sampled at once)."""
+    return run_alone(policy, decode_steps(sampling, decodings))

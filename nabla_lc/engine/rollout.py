@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -32,7 +32,7 @@ class Rollout:
     logits: torch.Tensor | None
     """[L, V] fp32 raw policy logits that produced each token (None unless asked for)."""
     finish_reason: str
-    """``eos``, ``stop`` (a stop string appeared) or ``length``."""
+    """``eos``, ``stop`` (a stop string appeared), ``length``, or ``cancelled`` (``keep_going`` said no)."""
     allowed: torch.Tensor | None = None
     """[L, V] bool: the grammar's mask at each sampled position (None without a constraint or without logits)."""
 
@@ -111,12 +111,14 @@ def rollout(
     sampling: Sampling,
     keep_logits: bool = False,
     on_token: Callable[[int, int], None] | None = None,
+    keep_going: Callable[[int], bool] | None = None,
 ) -> list[Rollout]:
     """Sample one continuation per row, all in one batch.
 
     Finished rows leave the batch (their KV rows are dropped), so every counted pass is real work.
     ``on_token(row, token)`` sees each kept token as it is sampled. A row with a grammar samples under its
-    mask (the kept logits stay the policy's own; the masks are kept beside them).
+    mask (the kept logits stay the policy's own; the masks are kept beside them). A row for which ``keep_going(row)``
+    is false before a step leaves the batch at once, its rollout ending ``cancelled``.
     """
     B = len(rows)
     results: list[Rollout | None] = [None] * B
@@ -145,10 +147,13 @@ def rollout(
         for row, b in enumerate(active):
             token = int(step[row])
             grammar = rows[b].grammar
-            if grammar is not None:
-                grammar.accept([token])
-            reason = _finish(policy, token, tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
-            if reason != "eos":
+            if keep_going is not None and not keep_going(b):
+                reason = "cancelled"
+            else:
+                if grammar is not None:
+                    grammar.accept([token])
+                reason = _finish(policy, token, tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
+            if reason not in ("eos", "cancelled"):
                 tokens[b].append(token)
                 rows[b].stats.rollout_tokens += 1
                 if on_token is not None:
@@ -207,3 +212,31 @@ def _finish(
     if len(tokens) + 1 >= budget:
         return "length"
     return None
+
+
+@dataclass
+class RolloutCall:
+    """The rollouts a decoding waits on: its rows, all sampled alike (one :func:`rollout` call's arguments)."""
+
+    rows: list[RolloutRow]
+    sampling: Sampling
+    keep_logits: bool = False
+    on_token: Callable[[int, int], None] | None = None
+    """``on_token(row, token)``, ``row`` indexing :attr:`rows`."""
+
+
+T = TypeVar("T")
+
+Job = Generator[RolloutCall, "list[Rollout]", T]
+"""A decoding in progress (a method's batch, a sample set): yields each :class:`RolloutCall` it needs, is sent
+their rollouts in row order, returns its outcome. A scheduler may sample the calls of many jobs in one batch."""
+
+
+def run_alone(policy: Policy, job: Job[T]) -> T:
+    """Drive ``job`` by itself: each call it yields is sampled at once, in its own batch."""
+    try:
+        call = next(job)
+        while True:
+            call = job.send(rollout(policy, call.rows, call.sampling, call.keep_logits, call.on_token))
+    except StopIteration as done:
+        return done.value

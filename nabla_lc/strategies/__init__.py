@@ -12,7 +12,7 @@ from ..engine.context import DecodingContext
 from ..engine.types import Request, Result
 from ..methods import MethodSpec, register
 from . import beam, bon, greedy, nabla, pf, sc, weighted_bon
-from .sampling import SampleSet, draw, select
+from .sampling import SampleSet, draw, draw_steps, select
 
 Run = Callable[[DecodingContext, Sequence[Request]], "list[Result]"]
 """How a method decodes a batch of requests."""
@@ -23,4 +23,4 @@ BUILT_IN: tuple[MethodSpec, ...] = (greedy.SPEC, bon.SPEC, sc.SPEC, weighted_bon
 for _spec in BUILT_IN:
     register(_spec)
 
-__all__ = ["BUILT_IN", "Run", "SampleSet", "draw", "select"]
+__all__ = ["BUILT_IN", "Run", "SampleSet", "draw", "draw_steps", "select"]

@@ -8,17 +8,18 @@ from typing import Sequence
 
 from ..engine.accounting import Stats
 from ..engine.context import DecodingContext
-from ..engine.decoder import Decoder, decode_together
-from ..engine.rollout import Sampling
+from ..engine.decoder import Decoder, decode_steps
+from ..engine.rollout import Job, Sampling
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
 from ..rewards.base import NoGradientError
+from .sampling import alone
 
 log = logging.getLogger(__name__)
 
 
-def nabla(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
-    """∇-Reasoner: DTO-guided proposals with rejection sampling; the requests' rollouts decode in batches."""
+def nabla_steps(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[Result]]:
+    """∇-Reasoner as a job: DTO-guided proposals with rejection sampling; the requests' rollouts decode in batches."""
     config = ctx.config
     reward = ctx.require_reward("nabla")
     if not reward.differentiable and config.dto_steps > 0 and config.reward_weight > 0:
@@ -36,7 +37,7 @@ def nabla(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
         )
         for r, s, stream in zip(requests, stats, streams)
     ]
-    decoded = decode_together(ctx.policy, Sampling(config.temperature, config.top_p, config.top_k), decodings)
+    decoded = yield from decode_steps(Sampling(config.temperature, config.top_p, config.top_k), decodings)
     wall_s = (time.perf_counter() - start) / len(requests)  # why: the batch's time, shared equally
     results = []
     for s, stream, d in zip(stats, streams, decoded):
@@ -45,4 +46,4 @@ def nabla(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
     return results
 
 
-SPEC = MethodSpec("nabla", nabla, needs_reward=True, constrained=True)
+SPEC = MethodSpec("nabla", alone(nabla_steps), needs_reward=True, steps=nabla_steps, constrained=True)

@@ -15,10 +15,18 @@ from typing import Callable, Sequence
 
 from ..engine.accounting import Stats
 from ..engine.context import DecodingContext
-from ..engine.rollout import Rollout, RolloutRow, Sampling, rollout
+from ..engine.rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, run_alone
 from ..engine.stream import TextStream, cut_at_stop
 from ..engine.types import Request, Result
 from ..methods import get_method
+
+Steps = Callable[[DecodingContext, Sequence[Request]], "Job[list[Result]]"]
+"""A method as a job (:attr:`~nabla_lc.methods.MethodSpec.steps`)."""
+
+
+def alone(steps: Steps) -> Callable[[DecodingContext, Sequence[Request]], "list[Result]"]:
+    """The method's ``run``: its job driven by itself, each rollout call sampled at once."""
+    return lambda ctx, requests: run_alone(ctx.policy, steps(ctx, requests))
 
 
 @dataclass
@@ -45,7 +53,17 @@ def draw(
     scored: bool,
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[SampleSet]:
-    """Sample ``config.n`` continuations of every request in one batch; score each group in one pass when ``scored``.
+    """:func:`draw_steps` driven by itself."""
+    return run_alone(ctx.policy, draw_steps(ctx, requests, scored, on_token))
+
+
+def draw_steps(
+    ctx: DecodingContext,
+    requests: Sequence[Request],
+    scored: bool,
+    on_token: Callable[[int, int], None] | None = None,
+) -> Job[list[SampleSet]]:
+    """As a job: sample ``config.n`` continuations of every request in one call; score each group in one pass when ``scored``.
 
     Sample ``j`` of a request uses the generator of (seed, prompt, j), so the first N samples of a
     set of n are exactly the samples of a run with N. ``on_token(row, token)`` sees every sampled token.
@@ -61,7 +79,7 @@ def draw(
         for request in requests
         for j in range(n)
     ]
-    samples: list[Rollout] = rollout(ctx.policy, rows, Sampling(config.temperature, config.top_p, config.top_k), on_token=on_token)
+    samples: list[Rollout] = yield RolloutCall(rows, Sampling(config.temperature, config.top_p, config.top_k), on_token=on_token)
     sampled = time.perf_counter()
     sets = []
     for i, request in enumerate(requests):
@@ -125,11 +143,16 @@ def _share_reward(batch: Stats, stats: Sequence[Stats]) -> None:
 
 
 def draw_and_select(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
-    """Draw ``config.n`` samples of every request in one batch, then select one per request."""
+    """Draw ``config.n`` samples of every request in one batch, then select one per request (the methods' ``run``)."""
+    return run_alone(ctx.policy, draw_and_select_steps(ctx, requests))
+
+
+def draw_and_select_steps(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[Result]]:
+    """:func:`draw_and_select` as a job (the methods' ``steps``)."""
     streams = [ctx.text_stream(r, i) for i, r in enumerate(requests)]
     n = ctx.config.n
     spec = get_method(ctx.config.method)
-    sets = draw(
+    sets = yield from draw_steps(
         ctx,
         requests,
         scored=spec.needs_reward,
