@@ -296,11 +296,16 @@ class ChatNablaReasoner(BaseChatModel):
 
     llm: NablaReasonerLLM
     """The LLM whose engine, config, ``system`` and ``return_trace`` this chat model uses."""
+    first_tool_call: Literal["auto", "required"] = "auto"
+    """What ``tool_choice`` None or ``"auto"`` means on a turn that answers the user (the last message is a human
+    message): ``auto``, the model decides; ``required``, a tool call is forced there (by the grammar), and after a
+    tool result the model is free again. For small models that do not call tools on their own: the embedded
+    SmolLM2 answered every arithmetic question itself under ``auto`` (docs/frontends.md, "Tools")."""
 
     @classmethod
-    def embedded(cls, **kwargs: Any) -> "ChatNablaReasoner":
+    def embedded(cls, *, first_tool_call: Literal["auto", "required"] = "auto", **kwargs: Any) -> "ChatNablaReasoner":
         """A chat model over :meth:`NablaReasonerLLM.embedded` (same keywords: ``reward``, ``config``, NablaConfig fields)."""
-        return cls(llm=NablaReasonerLLM.embedded(**kwargs))
+        return cls(llm=NablaReasonerLLM.embedded(**kwargs), first_tool_call=first_tool_call)
 
     @property
     def _llm_type(self) -> str:
@@ -483,6 +488,8 @@ class ChatNablaReasoner(BaseChatModel):
         options = dict(options)
         tools: list[dict[str, Any]] = options.pop("tools", None) or []
         choice = check_tool_choice(tools, options.pop("tool_choice", None))
+        if tools and choice in (None, "auto") and self.first_tool_call == "required" and isinstance(messages[-1], HumanMessage):
+            choice = "any"
         response_format = options.pop("response_format", None)
         options.pop("ls_structured_output_format", None)  # why: tracing metadata LangChain passes through a bind
         config = call_config(self.llm.config, options)

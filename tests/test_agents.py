@@ -223,3 +223,17 @@ def test_create_agent_with_a_response_format(wide_engine: Engine) -> None:
     agent = create_agent(chat, tools=[pick], response_format=Answer)  # why: bounded arguments, so every forced call ends
     state = agent.invoke({"messages": [SystemMessage("Answer."), HumanMessage("What is 2 + 2?")]})
     assert isinstance(state["structured_response"], Answer), state["messages"]
+
+
+def test_first_tool_call_required_forces_a_call_on_the_users_turn_only() -> None:
+    chat = scripted()
+    chat.first_tool_call = "required"
+    bound = chat.bind_tools([add])
+    first = bound.invoke([HumanMessage("What is 123 + 456?")])
+    assert chat.llm.engine.calls[-1].requests[0].constraint is not None  # forced: a grammar
+    result = ToolMessage("579", tool_call_id=first.tool_calls[0]["id"], name="add")
+    bound.invoke([HumanMessage("What is 123 + 456?"), first, result])
+    assert chat.llm.engine.calls[-1].requests[0].constraint is None  # after the tool's result: free text
+    chat.first_tool_call = "auto"
+    bound.invoke([HumanMessage("What is 123 + 456?")])
+    assert chat.llm.engine.calls[-1].requests[0].constraint is None

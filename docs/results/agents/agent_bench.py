@@ -1,0 +1,186 @@
+"""Agents on the embedded SmolLM2-135M-Instruct: the measurements of BENCHMARKS.md, "Tools and structured output".
+
+    python docs/results/agents/agent_bench.py agent --method greedy --limit 50
+    python docs/results/agents/agent_bench.py agent --method nabla --limit 10
+    python docs/results/agents/agent_bench.py structured --method bon --limit 20
+    python docs/results/agents/agent_bench.py dspy --limit 20
+
+Each run appends one JSON line per question to docs/results/agents/<task>-<method>.jsonl (written as it goes)
+and prints a summary line. Questions: three-digit additions and two-digit products, alternating, drawn from
+random.Random(18) (the issue's number), so every run sees the same questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from nabla_lc.answers import find_answer
+
+OUT = Path(__file__).resolve().parent
+
+
+def questions(limit: int) -> list[tuple[str, int]]:
+    """(question, answer): three-digit additions and two-digit products, alternating."""
+    rng = random.Random(18)
+    out = []
+    for i in range(limit):
+        if i % 2 == 0:
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            out.append((f"What is {a} + {b}?", a + b))
+        else:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            out.append((f"What is {a} * {b}?", a * b))
+    return out
+
+
+def calculator_tool():
+    from langchain_core.tools import tool
+
+    @tool
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression such as '123 + 456' or '12 * 34'."""
+        import ast
+        import operator
+
+        ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv, ast.USub: operator.neg}
+
+        def value(node: ast.AST) -> float:
+            if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+                return node.value
+            if isinstance(node, ast.BinOp) and type(node.op) in ops:
+                return ops[type(node.op)](value(node.left), value(node.right))
+            if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+                return ops[type(node.op)](value(node.operand))
+            raise ValueError(f"unsupported expression {expression!r}")
+
+        try:
+            result = value(ast.parse(expression, mode="eval").body)
+        except (SyntaxError, ValueError, ZeroDivisionError) as err:
+            return f"error: {err}"
+        return str(int(result)) if float(result).is_integer() else str(result)
+
+    return calculator
+
+
+def options(method: str) -> dict:
+    return {"greedy": {"method": "greedy"}, "bon": {"method": "bon", "n": 4}, "nabla": {"method": "nabla", "n": 4}}[method]
+
+
+def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from nabla_lc import ChatNablaReasoner
+
+    chat = ChatNablaReasoner.embedded(first_tool_call="required", max_new_tokens=max_new_tokens, **options(method))
+    agent = create_agent(chat, tools=[calculator_tool()])
+    path = OUT / f"agent-{method}.jsonl"
+    rows = []
+    with path.open("w") as out:
+        for question, truth in questions(limit):
+            start = time.perf_counter()
+            messages = agent.invoke({"messages": [HumanMessage(question)]}, {"recursion_limit": 8})["messages"]
+            calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+            final = messages[-1].content if isinstance(messages[-1], AIMessage) else ""
+            answer = find_answer(final)
+            row = {
+                "question": question,
+                "truth": truth,
+                "tool_calls": [c["args"] for c in calls],
+                "tool_results": [m.content for m in messages if isinstance(m, ToolMessage)],
+                "final": final,
+                "answer": answer,
+                "correct": answer is not None and answer.replace(",", "") == str(truth),
+                "model_calls": sum(m.response_metadata.get("nabla", {}).get("model_calls", 0) for m in messages if isinstance(m, AIMessage)),
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    summary = {
+        "task": "agent",
+        "method": method,
+        "questions": len(rows),
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "tool_call_rate": sum(bool(r["tool_calls"]) for r in rows) / len(rows),
+        "mean_model_calls": sum(r["model_calls"] for r in rows) / len(rows),
+    }
+    print(json.dumps(summary))
+
+
+class Answer(BaseModel):
+    """The answer to an arithmetic question."""
+
+    answer: int = Field(description="the result")
+
+
+def run_structured(method: str, limit: int, max_new_tokens: int) -> None:
+    from nabla_lc import ChatNablaReasoner
+
+    chat = ChatNablaReasoner.embedded(max_new_tokens=max_new_tokens, **options(method))
+    runnable = chat.with_structured_output(Answer, include_raw=True)
+    path = OUT / f"structured-{method}.jsonl"
+    rows = []
+    with path.open("w") as out:
+        for question, truth in questions(limit):
+            start = time.perf_counter()
+            got = runnable.invoke(question)
+            parsed = got["parsed"]
+            row = {
+                "question": question,
+                "truth": truth,
+                "raw": got["raw"].content,
+                "valid": isinstance(parsed, Answer),
+                "correct": isinstance(parsed, Answer) and parsed.answer == truth,
+                "error": str(got["parsing_error"]) if got["parsing_error"] else None,
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    print(json.dumps({"task": "structured", "method": method, "questions": len(rows), "valid": sum(r["valid"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
+
+
+def run_dspy(method: str, limit: int, max_new_tokens: int) -> None:
+    import dspy
+
+    from nabla_lc import NablaReasonerLLM
+
+    llm = NablaReasonerLLM.embedded(max_new_tokens=max_new_tokens, **options(method))
+    dspy.configure(lm=llm.as_dspy_lm(cache=False), adapter=dspy.JSONAdapter())
+    program = dspy.ChainOfThought("question -> answer: int")
+    path = OUT / f"dspy-{method}.jsonl"
+    rows = []
+    with path.open("w") as out:
+        for question, truth in questions(limit):
+            start = time.perf_counter()
+            try:
+                prediction = program(question=question)
+                answer, error = prediction.answer, None
+            except Exception as err:  # why: a parse failure is what this run counts
+                answer, error = None, f"{type(err).__name__}: {err}"[:300]
+            row = {"question": question, "truth": truth, "answer": answer, "parsed": error is None, "correct": answer == truth, "error": error, "wall_s": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    print(json.dumps({"task": "dspy", "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=["agent", "structured", "dspy"])
+    parser.add_argument("--method", choices=["greedy", "bon", "nabla"], default="greedy")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    {"agent": run_agent, "structured": run_structured, "dspy": run_dspy}[args.task](args.method, args.limit, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()
