@@ -8,6 +8,11 @@ engine's result into one ``dspy.lm15.Response``::
     # or, from a LangChain LLM over the same engine: NablaReasonerLLM(engine=engine).as_dspy_lm()
     dspy.configure(lm=lm)
 
+Tools and ``response_format`` reach the engine through the grammar (:mod:`nabla_lc.tool_calls`): a JSON
+schema (DSPy's ``JSONAdapter`` sends its output fields' schema) or JSON mode constrains the reply, so it always
+parses; tools are rendered by the chat template when it renders them, else by the project's tool prompt, and the
+reply's ``<tool_call>`` blocks come back as ``ToolCallPart``s (a ``required`` tool choice is a grammar too).
+
 Seeds: a request that sets ``seed`` decodes deterministically with it. A request without one gets the
 next seed of a generator seeded with the config's ``seed``, so ``n > 1`` and DSPy's ``rollout_id``
 give different samples (as they do with a sampling provider); the seed used is in
@@ -35,21 +40,25 @@ from dspy.lm15 import (
     StreamEndEvent,
     StreamStartEvent,
     TextPart,
+    ToolCallPart,
+    ToolResultPart,
     UnsupportedFeatureError,
     Usage,
 )
 
 from nabla_lc.config import NablaConfig
+from nabla_lc.engine.policy import template_renders_tools
+from nabla_lc.engine.types import Constraint, Result, TextDelta
 from nabla_lc.engine.types import Request as EngineRequest
-from nabla_lc.engine.types import Result, TextDelta
 from nabla_lc.frontend import FrontEndSettings
+from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, tool_call_constraint
 
 __all__ = ["AsyncNablaDSPyEngine", "NablaDSPyEngine", "dspy_lm"]
 
-SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
+SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "response_format", "tool_choice"})
 """``dspy.lm15.Config`` fields this engine carries; any other field that is set is refused."""
 
-_ROLES = {"user": "user", "assistant": "assistant", "developer": "system"}
+_ROLES = {"user": "user", "assistant": "assistant", "developer": "system", "tool": "tool"}
 
 
 class NablaDSPyEngine:
@@ -60,6 +69,10 @@ class NablaDSPyEngine:
 
     supported_params: frozenset[str] = SUPPORTED_CONFIG
     """Read by DSPy's adapters as the engine's capability hints."""
+    supports_function_calling: bool = True
+    """Native tool calls (``Request.tools``), through the tool prompt or the chat template."""
+    supports_response_schema: bool = True
+    """``response_format`` JSON schemas, enforced by the grammar."""
 
     def __init__(self, settings: FrontEndSettings) -> None:
         self.settings = settings
@@ -70,17 +83,32 @@ class NablaDSPyEngine:
         """Decode one candidate."""
         engine_request, config, seed = self.translate(request)
         [result] = self.settings.engine.generate([engine_request], config)
+        message, finish_reason = self.reply(result, request)
         return Response(
             id=None,
             model=request.model,
-            message=Message.assistant(result.text),
-            finish_reason=result.finish_reason,
+            message=message,
+            finish_reason=finish_reason,
             usage=usage(result),
             provider_data=self.provider_data(result, config, seed),
         )
 
+    def reply(self, result: Result, request: Request) -> tuple[Message, str]:
+        """The assistant message (text, then the tool calls read from it when tools were sent) and finish reason."""
+        if not request.tools:
+            return Message.assistant(result.text), result.finish_reason
+        reply = parse_tool_calls(result.text, _tools(request))
+        invalid = "\n".join(f"<tool_call>{c.text}</tool_call>" for c in reply.invalid)  # why: DSPy has no invalid calls; kept as text
+        text = "\n".join(t for t in (reply.content, invalid) if t)
+        parts: list[Any] = ([TextPart(text)] if text else []) + [ToolCallPart(c.id, c.name, c.arguments) for c in reply.calls]
+        return Message.assistant(parts or [TextPart("")]), "tool_call" if reply.calls else result.finish_reason
+
     def stream(self, request: Request) -> Iterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
-        """Stream one candidate: text as the decoder commits it, then the end event with usage and statistics."""
+        """Stream one candidate: text as the decoder commits it, then the end event with usage and statistics.
+
+        Requests with tools are refused: a partial ``<tool_call>`` block is not text (use ``complete``)."""
+        if request.tools:
+            raise UnsupportedFeatureError("nabla-lc does not stream tool calls", feature="tools")
         engine_request, config, seed = self.translate(request)
         yield StreamStartEvent(model=request.model)
         for event in self.settings.engine.stream(engine_request, config):
@@ -99,20 +127,35 @@ class NablaDSPyEngine:
     # --- translation -----------------------------------------------------------------------
     def translate(self, request: Request) -> tuple[EngineRequest, NablaConfig, int | None]:
         """The engine request, the config and the seed for a DSPy request; unsupported features raise."""
-        if request.tools:
-            raise UnsupportedFeatureError("nabla-lc does not call tools", feature="tools")
         options = request.config
         for name in (f.name for f in dataclasses.fields(Config)):
             if name not in SUPPORTED_CONFIG and getattr(options, name) not in (None, ()):
                 raise UnsupportedFeatureError(f"nabla-lc does not support Config.{name}", feature=f"config.{name}")
+        tools = _tools(request)
+        choice = _tool_choice(options)
+        constraint = tool_call_constraint([t for t in tools if not _allowed(options) or t["function"]["name"] in _allowed(options)], choice) if tools else None
+        if options.response_format is not None:
+            if constraint is not None:
+                raise UnsupportedFeatureError("a required tool call and response_format cannot both constrain one reply", feature="config.response_format")
+            schema = options.response_format.get("schema") if options.response_format.get("type") == "json_schema" else {"type": "object"}
+            constraint = Constraint.json_schema(schema)
+        if choice == "none":
+            tools = []
         turns = ([{"role": "system", "content": _text(request.system, "system")}] if request.system is not None else []) + [
-            {"role": _role(m, i), "content": _text(m.parts, f"messages[{i}]")} for i, m in enumerate(request.messages)
+            _turn(m, i) for i, m in enumerate(request.messages)
         ]
+        native = bool(tools) and template_renders_tools(self.settings.engine.policy.tokenizer)
+        rendered, template_tools = conversation(turns, tools, native)
         seed = options.seed if options.seed is not None else self._next_seed()
         changes = {k: v for k, v in (("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k)) if v is not None}
         config = self.settings.config.replace(**changes) if changes else self.settings.config
         engine_request = self.settings.engine.request_from_messages(
-            turns, seed=seed, max_new_tokens=options.max_tokens, stop=self.settings.stop_strings(options.stop)
+            rendered,
+            seed=seed,
+            max_new_tokens=options.max_tokens,
+            stop=self.settings.stop_strings(options.stop),
+            tools=template_tools,
+            constraint=constraint,
         )
         return engine_request, config, seed
 
@@ -135,6 +178,8 @@ class AsyncNablaDSPyEngine:
     """DSPy's async engine contract: the synchronous engine run in worker threads, off the event loop."""
 
     supported_params: frozenset[str] = SUPPORTED_CONFIG
+    supports_function_calling: bool = True
+    supports_response_schema: bool = True
 
     def __init__(self, sync: NablaDSPyEngine) -> None:
         self.sync = sync
@@ -173,9 +218,48 @@ def usage(result: Result) -> Usage:
     return Usage(input_tokens=result.stats.prompt_tokens, output_tokens=result.stats.response_tokens)
 
 
+def _tools(request: Request) -> list[dict[str, Any]]:
+    """The request's function tools as OpenAI-style definitions; other tool kinds are refused."""
+    out = []
+    for tool in request.tools or ():
+        if getattr(tool, "type", None) != "function":
+            raise UnsupportedFeatureError(f"nabla-lc calls function tools only, not {getattr(tool, 'type', tool)!r}", feature="tools")
+        function = {"name": tool.name, "parameters": tool.parameters} | ({"description": tool.description} if tool.description else {})
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(options: Config) -> ToolChoice:
+    """DSPy's tool choice in nabla-lc's words: ``required`` of one allowed tool is that tool's name."""
+    choice = options.tool_choice
+    if choice is None or choice.mode == "auto":
+        return None
+    if choice.mode == "none":
+        return "none"
+    return choice.allowed[0] if len(choice.allowed) == 1 else "any"
+
+
+def _allowed(options: Config) -> tuple[str, ...]:
+    return options.tool_choice.allowed if options.tool_choice is not None else ()
+
+
+def _turn(message: Message, index: int) -> dict[str, Any]:
+    """A message as a chat-template turn: text, tool calls on assistant turns, a tool result's text on tool turns."""
+    role = _role(message, index)
+    if role == "tool":
+        results = [p for p in message.parts if isinstance(p, ToolResultPart)]
+        if len(results) != len(message.parts) or not results:
+            raise UnsupportedFeatureError("nabla-lc takes tool messages of tool results only", feature=f"messages[{index}]")
+        text = "\n".join(_text(r.content, f"messages[{index}]") for r in results)
+        return {"role": "tool", "content": text, "tool_call_id": results[0].id, "name": results[0].name or ""}
+    calls = [ToolCall(p.name, dict(p.input), p.id) for p in message.parts if isinstance(p, ToolCallPart)]
+    text = _text([p for p in message.parts if not isinstance(p, ToolCallPart)], f"messages[{index}]")
+    return {"role": role, "content": text, "tool_calls": calls} if calls else {"role": role, "content": text}
+
+
 def _role(message: Message, index: int) -> str:
     if message.role not in _ROLES:
-        raise UnsupportedFeatureError(f"nabla-lc takes user, assistant and developer messages, not {message.role!r}", feature=f"messages[{index}]")
+        raise UnsupportedFeatureError(f"nabla-lc takes user, assistant, developer and tool messages, not {message.role!r}", feature=f"messages[{index}]")
     return _ROLES[message.role]
 
 

@@ -38,3 +38,11 @@ def ray_cluster():
             yield resources
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def wide_engine(tokenizer) -> Engine:
+    """The tiny llama policy with a 2048-token context, for prompts of character tokens that outgrow 512 (tool prompts, DSPy's)."""
+    engine = make_engine(tokenizer)
+    engine.policy.max_length = 2048  # why: rotary positions have no table; only the engine's context check reads the length
+    return engine

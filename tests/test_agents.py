@@ -18,15 +18,6 @@ from nabla_lc.langchain import ChatNablaReasoner, NablaReasonerLLM
 from nabla_lc.tool_calls import parse_tool_calls
 
 from .fake_engine import FakeEngine
-from .tiny import make_classifier_reward, make_policy
-
-
-@pytest.fixture(scope="module")
-def wide_engine(tokenizer) -> Engine:
-    """The tiny llama policy with a 2048-token context: the tool prompt alone is ~500 character tokens."""
-    model = make_policy(tokenizer, "llama")
-    model.config.max_position_embeddings = 2048  # why: rotary positions have no table; only the engine's context check reads it
-    return Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=80))
 
 
 @tool

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import warnings
 
 import dspy
 import pytest
-from dspy.lm15 import Config, Message, Request, UnsupportedFeatureError
+from dspy.lm15 import Config, Message, Request, TextPart, UnsupportedFeatureError
 
 from nabla_lc.integrations.dspy import NablaDSPyEngine
 from nabla_lc.langchain import NablaReasonerLLM
@@ -109,3 +110,55 @@ def test_no_deprecation_warnings(lm: dspy.LM) -> None:
         warnings.simplefilter("error", DeprecationWarning)
         with dspy.context(lm=lm):
             dspy.Predict("question -> answer")(question="abc")
+
+
+# --- tools and response_format ------------------------------------------------------------------
+def tool_responder(prompt_text: str, user_text: str, seed: int | None, sample: int) -> str:
+    if "<tool>" in prompt_text:
+        return "It is 579."
+    return '<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call>'
+
+
+ADD = {"name": "add", "description": "Add two integers.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}
+
+
+def test_tools_reach_the_engine_and_tool_calls_come_back() -> None:
+    from dspy.lm15 import FunctionTool, ToolChoice, ToolResultPart
+
+    engine = FakeEngine(responder=tool_responder)
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine).settings)
+    tools = (FunctionTool(**ADD),)
+    response = sync.complete(Request(model="m", messages=(Message.user("What is 123 + 456?"),), tools=tools))
+    [call] = response.message.parts
+    assert (call.name, dict(call.input), response.finish_reason) == ("add", {"a": 123, "b": 456}, "tool_call")
+    prompt = engine.policy.tokenizer.decode(engine.calls[-1].requests[0].prompt_ids)
+    assert prompt.startswith("<system>You can call these tools:")
+    assert engine.calls[-1].requests[0].constraint is None
+    result = Message(role="tool", parts=(ToolResultPart(call.id, (TextPart("579"),), name="add"),))
+    history = (Message.user("What is 123 + 456?"), response.message, result)
+    final = sync.complete(Request(model="m", messages=history, tools=tools))
+    assert final.text == "It is 579."
+    prompt = engine.policy.tokenizer.decode(engine.calls[-1].requests[0].prompt_ids)
+    assert '<assistant><tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call></assistant><tool>579</tool>' in prompt
+    sync.complete(Request(model="m", messages=(Message.user("q"),), tools=tools, config=Config(tool_choice=ToolChoice(mode="required"))))
+    assert engine.calls[-1].requests[0].constraint.kind == "ebnf"
+
+
+def test_response_format_is_a_constraint() -> None:
+    engine = FakeEngine(responder=lambda *_: '{"answer": 3}')
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine).settings)
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    sync.complete(Request(model="m", messages=(Message.user("q"),), config=Config(response_format={"type": "json_schema", "name": "A", "schema": schema})))
+    constraint = engine.calls[-1].requests[0].constraint
+    assert constraint.kind == "json_schema" and json.loads(constraint.spec) == schema
+    sync.complete(Request(model="m", messages=(Message.user("q"),), config=Config(response_format={"type": "json_object"})))
+    assert json.loads(engine.calls[-1].requests[0].constraint.spec) == {"type": "object"}
+
+
+def test_json_adapter_parses_on_the_tiny_model(wide_engine) -> None:
+    """The adapter's response_format constrains the tiny random model's reply, so DSPy parses it."""
+    lm = NablaReasonerLLM(engine=wide_engine, method="greedy", max_new_tokens=40).as_dspy_lm(cache=False)
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        prediction = dspy.Predict("question -> answer: bool")(question="Is 7 odd?")
+    assert isinstance(prediction.answer, bool)
+    assert json.loads(lm.history[-1]["response"].text) == {"answer": prediction.answer}

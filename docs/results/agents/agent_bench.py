@@ -75,6 +75,7 @@ def options(method: str) -> dict:
 def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langgraph.errors import GraphRecursionError
 
     from nabla_lc import ChatNablaReasoner
 
@@ -85,9 +86,16 @@ def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
     with path.open("w") as out:
         for question, truth in questions(limit):
             start = time.perf_counter()
-            messages = agent.invoke({"messages": [HumanMessage(question)]}, {"recursion_limit": 8})["messages"]
+            messages = []
+            # why: stream the state, so a run that hits the recursion limit (the model calls tools again and again)
+            # still has its messages; it counts as a wrong answer
+            try:
+                for state in agent.stream({"messages": [HumanMessage(question)]}, {"recursion_limit": 6}, stream_mode="values"):
+                    messages = state["messages"]
+            except GraphRecursionError:
+                pass
             calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
-            final = messages[-1].content if isinstance(messages[-1], AIMessage) else ""
+            final = messages[-1].content if isinstance(messages[-1], AIMessage) and not messages[-1].tool_calls else ""
             answer = find_answer(final)
             row = {
                 "question": question,
