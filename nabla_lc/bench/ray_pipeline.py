@@ -85,6 +85,7 @@ class RayExecutor:
                         raise RuntimeError(f"a Ray worker died on the job {job.label} with problems {[p.id for _, p in job.items]} "
                                            f"{attempt} time(s); giving up: {err}") from err
                     log.warning("a Ray worker died during the job %s (attempt %d); starting another and retrying: %s", job.label, attempt, err)
+                    ray.kill(workers[slot])  # why: one only unreachable (not dead) must not keep its CPUs or GPU
                     workers[slot] = self._start(slot)
                     queue.appendleft((job, attempt + 1))
                 else:
