@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -25,6 +26,12 @@ from .engine.rollout import Job, Rollout, RolloutCall, rollout
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ARRIVAL_WINDOW_S = 0.01
+"""When the scheduler is idle and a job arrives, it waits this long for others (again after each arrival, at most
+:data:`ARRIVAL_CAP_S` in all) before starting, so that requests sent together start in one batch. A job that arrives
+while others run joins them at the next boundary without waiting."""
+ARRIVAL_CAP_S = 0.05
 
 IDLE_EXIT_S = 2.0
 """Seconds the scheduler thread waits for work before it exits (the next submit starts another), so that an
@@ -112,6 +119,8 @@ class Scheduler:
                     if not self._incoming:
                         self._thread = None
                         return
+                if not live:
+                    self._gather()
                 incoming, self._incoming = self._incoming, []
             with self.lock:
                 for task in incoming:
@@ -122,6 +131,15 @@ class Scheduler:
                 for task in [t for t in live if t.gone()]:
                     self._drop(task, live)
                 self._batch(live)
+
+    def _gather(self) -> None:
+        """Wait (holding the condition) while jobs keep arriving within :data:`ARRIVAL_WINDOW_S`, up to :data:`ARRIVAL_CAP_S`."""
+        deadline = time.monotonic() + ARRIVAL_CAP_S
+        while True:
+            seen = len(self._incoming)
+            self._cond.wait(min(ARRIVAL_WINDOW_S, max(deadline - time.monotonic(), 0.0)))
+            if len(self._incoming) == seen or time.monotonic() >= deadline:
+                return
 
     def _batch(self, live: list[_Task]) -> None:
         """One rollout per sampling setting over the rows of every waiting task, then advance those tasks."""

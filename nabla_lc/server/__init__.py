@@ -3,6 +3,6 @@
 Needs the ``serve`` extra (``pip install 'nabla-lc[serve]'``: FastAPI and uvicorn).
 """
 
-from .app import ServerSettings, create_app
+from .app import ServerSettings, create_app, serving
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "create_app", "serving"]

@@ -7,10 +7,13 @@ import hmac
 import json
 import logging
 import math
+import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Literal, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Literal, TypeVar
 
 import anyio
 
@@ -338,3 +341,29 @@ def _nabla(result: Result, config: NablaConfig) -> dict[str, object]:
 
 def _data(payload: dict[str, object]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+@contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", start_timeout_s: float = 60.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on a free port of ``host`` while the block runs; yields the base URL
+    (``http://HOST:PORT/v1``). For tests and benchmarks; ``nabla-lc serve`` runs uvicorn in the foreground."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nabla-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
