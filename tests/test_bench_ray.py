@@ -22,9 +22,10 @@ from nabla_lc.bench.ray_pipeline import WORKER_NAME, ray_executor  # noqa: E402
 from nabla_lc.cluster import WorkerShape, worker_shape  # noqa: E402
 from nabla_lc.bench.runner import load_task, read_results, results_path, run_bench, run_jobs  # noqa: E402
 from nabla_lc.cli import bench as bench_cli  # noqa: E402
+from nabla_lc.cli import main  # noqa: E402
 
 from .test_bench import bench_parser  # noqa: E402
-from .tiny import make_engine  # noqa: E402
+from .tiny import make_engine, make_policy, make_tokenizer  # noqa: E402
 
 METHODS, NS = ["greedy", "bon"], [2]
 CONFIG = NablaConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, seed=100)
@@ -103,6 +104,20 @@ def test_ray_rows_equal_the_single_process_run_though_a_worker_is_killed(ray_clu
     assert comparable(written) == comparable(single_process)  # texts, answers, rewards, counts, seeds, batch sizes
     # a rerun resumes: nothing left to decode, so no worker is even started
     assert run_jobs(ray_executor(make_engine, task, ray_cluster, workers=2), task, METHODS, NS, CONFIG, tmp_path / "out", batch_size=2) == rows
+
+
+def test_cli_bench_ray_loads_the_model_flags_in_each_worker(ray_cluster, tmp_path: Path) -> None:
+    # the command's own path: the flags pickled to the workers, each loading the policy from disk
+    tokenizer = make_tokenizer()
+    make_policy(tokenizer).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    flags = ["bench", "--data", "arith:test", "--limit", "4", "--methods", "greedy", "--policy", str(tmp_path / "policy"), "--reward", "none",
+             "--device", "cpu", "--set", "max_new_tokens=8"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "single")]) == 0
+    assert main([*flags, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+    single, ray_rows = (read_results(results_path(tmp_path / name)) for name in ("single", "ray"))
+    assert len(single) == 4 and comparable(ray_rows) == comparable(single)
+    assert (tmp_path / "ray" / "summary.md").exists()
 
 
 def test_worker_shape() -> None:
