@@ -296,16 +296,18 @@ class ChatNablaReasoner(BaseChatModel):
 
     llm: NablaReasonerLLM
     """The LLM whose engine, config, ``system`` and ``return_trace`` this chat model uses."""
-    first_tool_call: Literal["auto", "required"] = "auto"
-    """What ``tool_choice`` None or ``"auto"`` means on a turn that answers the user (the last message is a human
-    message): ``auto``, the model decides; ``required``, a tool call is forced there (by the grammar), and after a
-    tool result the model is free again. For small models that do not call tools on their own: the embedded
-    SmolLM2 answered every arithmetic question itself under ``auto`` (docs/frontends.md, "Tools")."""
+    tool_use: Literal["model", "call_then_answer"] = "model"
+    """What ``tool_choice`` None or ``"auto"`` means. ``model``: the model decides at every turn.
+    ``call_then_answer``: on a turn that answers the user (the last message is a human message) a tool call is
+    forced (by the grammar); on a turn after tool results (the last message is a tool message) the tools are
+    withdrawn, so the model answers in text. For small models that do not decide well: under ``model`` the
+    embedded SmolLM2 answered every arithmetic question itself, and once shown a tool result it called tools again
+    and again (docs/frontends.md, "Tools")."""
 
     @classmethod
-    def embedded(cls, *, first_tool_call: Literal["auto", "required"] = "auto", **kwargs: Any) -> "ChatNablaReasoner":
+    def embedded(cls, *, tool_use: Literal["model", "call_then_answer"] = "model", **kwargs: Any) -> "ChatNablaReasoner":
         """A chat model over :meth:`NablaReasonerLLM.embedded` (same keywords: ``reward``, ``config``, NablaConfig fields)."""
-        return cls(llm=NablaReasonerLLM.embedded(**kwargs), first_tool_call=first_tool_call)
+        return cls(llm=NablaReasonerLLM.embedded(**kwargs), tool_use=tool_use)
 
     @property
     def _llm_type(self) -> str:
@@ -488,8 +490,8 @@ class ChatNablaReasoner(BaseChatModel):
         options = dict(options)
         tools: list[dict[str, Any]] = options.pop("tools", None) or []
         choice = check_tool_choice(tools, options.pop("tool_choice", None))
-        if tools and choice in (None, "auto") and self.first_tool_call == "required" and isinstance(messages[-1], HumanMessage):
-            choice = "any"
+        if tools and choice in (None, "auto") and self.tool_use == "call_then_answer":
+            choice = "any" if isinstance(messages[-1], HumanMessage) else "none" if isinstance(messages[-1], ToolMessage) else choice
         response_format = options.pop("response_format", None)
         options.pop("ls_structured_output_format", None)  # why: tracing metadata LangChain passes through a bind
         config = call_config(self.llm.config, options)

@@ -216,15 +216,16 @@ def test_create_agent_with_a_response_format(wide_engine: Engine) -> None:
     assert isinstance(state["structured_response"], Answer), state["messages"]
 
 
-def test_first_tool_call_required_forces_a_call_on_the_users_turn_only() -> None:
+def test_call_then_answer_forces_a_call_on_the_users_turn_and_text_after_the_result() -> None:
     chat = scripted()
-    chat.first_tool_call = "required"
+    chat.tool_use = "call_then_answer"
     bound = chat.bind_tools([add])
     first = bound.invoke([HumanMessage("What is 123 + 456?")])
     assert chat.llm.engine.calls[-1].requests[0].constraint is not None  # forced: a grammar
     result = ToolMessage("579", tool_call_id=first.tool_calls[0]["id"], name="add")
-    bound.invoke([HumanMessage("What is 123 + 456?"), first, result])
-    assert chat.llm.engine.calls[-1].requests[0].constraint is None  # after the tool's result: free text
-    chat.first_tool_call = "auto"
+    final = bound.invoke([HumanMessage("What is 123 + 456?"), first, result])
+    assert chat.llm.engine.calls[-1].requests[0].constraint is None and "You can call" not in prompt_of(chat)  # tools withdrawn
+    assert final.content == "The sum is 579."
+    chat.tool_use = "model"
     bound.invoke([HumanMessage("What is 123 + 456?")])
     assert chat.llm.engine.calls[-1].requests[0].constraint is None

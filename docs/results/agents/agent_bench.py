@@ -17,6 +17,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
@@ -43,8 +44,8 @@ def calculator_tool():
     from langchain_core.tools import tool
 
     @tool
-    def calculator(expression: str) -> str:
-        """Evaluate an arithmetic expression such as '123 + 456' or '12 * 34'."""
+    def calculator(expression: Annotated[str, Field(pattern=r"^[0-9]+( *[-+*/] *[0-9]+)+$")]) -> str:
+        """Evaluate an arithmetic expression of integers and + - * /."""
         import ast
         import operator
 
@@ -79,7 +80,7 @@ def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
 
     from nabla_lc import ChatNablaReasoner
 
-    chat = ChatNablaReasoner.embedded(first_tool_call="required", max_new_tokens=max_new_tokens, **options(method))
+    chat = ChatNablaReasoner.embedded(tool_use="call_then_answer", max_new_tokens=max_new_tokens, **options(method))
     agent = create_agent(chat, tools=[calculator_tool()])
     path = OUT / f"agent-{method}.jsonl"
     rows = []
