@@ -51,7 +51,7 @@ from nabla_lc.engine.policy import template_renders_tools
 from nabla_lc.engine.types import Constraint, Result, TextDelta
 from nabla_lc.engine.types import Request as EngineRequest
 from nabla_lc.frontend import FrontEndSettings
-from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, tool_call_constraint
+from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, response_format_schema, tool_call_constraint
 
 __all__ = ["AsyncNablaDSPyEngine", "NablaDSPyEngine", "dspy_lm"]
 
@@ -137,8 +137,7 @@ class NablaDSPyEngine:
         if options.response_format is not None:
             if constraint is not None:
                 raise UnsupportedFeatureError("a required tool call and response_format cannot both constrain one reply", feature="config.response_format")
-            schema = options.response_format.get("schema") if options.response_format.get("type") == "json_schema" else {"type": "object"}
-            constraint = Constraint.json_schema(schema)
+            constraint = Constraint.json_schema(response_format_schema(options.response_format))
         if choice == "none":
             tools = []
         turns = ([{"role": "system", "content": _text(request.system, "system")}] if request.system is not None else []) + [

@@ -34,7 +34,7 @@ from .engine.policy import template_renders_tools
 from .engine.types import Constraint, Finished, Request, Result, StreamEvent, TextDelta
 from .frontend import CONFIG_FIELDS, FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
 from .loading import load_engine
-from .tool_calls import InvalidToolCall, Reply, ToolCall, check_tool_choice, conversation, json_schema_of, parse_tool_calls, tool_call_constraint
+from .tool_calls import InvalidToolCall, Reply, ToolCall, check_tool_choice, conversation, json_schema_of, parse_tool_calls, response_format_schema, tool_call_constraint
 
 if TYPE_CHECKING:
     import dspy
@@ -496,10 +496,11 @@ class ChatNablaReasoner(BaseChatModel):
         options.pop("ls_structured_output_format", None)  # why: tracing metadata LangChain passes through a bind
         config = call_config(self.llm.config, options)
         constraint = tool_call_constraint(tools, choice) if tools else None
-        if response_format is not None:
+        schema = response_format_schema(response_format) if response_format is not None else None
+        if schema is not None:
             if constraint is not None:
                 raise ValueError("a forced tool_choice and response_format cannot both constrain one reply")
-            constraint = Constraint.json_schema(json_schema_of(response_format))
+            constraint = Constraint.json_schema(schema)
         if choice == "none":
             tools = []
         turns = [_turn(m) for m in messages]

@@ -195,6 +195,23 @@ def json_schema_of(schema: Any) -> dict[str, Any]:
     return dict(convert_to_openai_tool(schema)["function"]["parameters"])
 
 
+def response_format_schema(value: Any) -> dict[str, Any] | None:
+    """The JSON schema a ``response_format`` asks for: OpenAI's shapes (``{"type": "json_schema", "json_schema":
+    {"schema": ...}}``, ``{"type": "json_object"}``, ``{"type": "text"}``: None), DSPy's (``{"type": "json_schema",
+    "schema": ...}``), or a pydantic model, TypedDict or bare JSON schema (:func:`json_schema_of`)."""
+    if isinstance(value, Mapping) and value.get("type") in ("json_schema", "json_object", "text"):
+        if value["type"] == "text":
+            return None
+        if value["type"] == "json_object":
+            return {"type": "object"}
+        inner = value.get("json_schema", value)
+        schema = inner.get("schema") if isinstance(inner, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise ValueError(f"response_format of type 'json_schema' needs a 'schema' object, got {value!r:.120}")
+        return dict(schema)
+    return json_schema_of(value)
+
+
 def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
     """The function definition of an OpenAI-style tool (or of a bare function definition)."""
     function = tool.get("function", tool)

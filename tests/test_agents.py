@@ -229,3 +229,13 @@ def test_call_then_answer_forces_a_call_on_the_users_turn_and_text_after_the_res
     chat.tool_use = "model"
     bound.invoke([HumanMessage("What is 123 + 456?")])
     assert chat.llm.engine.calls[-1].requests[0].constraint is None
+
+
+def test_openai_shaped_response_formats_are_read(tiny_chat: ChatNablaReasoner) -> None:
+    """What LangChain's ProviderStrategy binds: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+    schema = Answer.model_json_schema()
+    reply = tiny_chat.bind(response_format={"type": "json_schema", "json_schema": {"name": "Answer", "schema": schema, "strict": True}}).invoke("2+2?")
+    assert Answer.model_validate_json(reply.content)
+    assert isinstance(json.loads(tiny_chat.bind(response_format={"type": "json_object"}).invoke("2+2?").content), dict)
+    with pytest.raises(ValueError, match="needs a 'schema' object"):
+        tiny_chat.bind(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).invoke("2+2?")
