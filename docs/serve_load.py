@@ -86,16 +86,20 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="directory for results.json")
     parser.add_argument("--requests", type=int, default=8, help="requests per method (and concurrent clients)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    parser.add_argument("--methods", default="nabla,greedy", help="comma-separated: nabla, greedy")
+    parser.add_argument("--methods", default="greedy,nabla", help="comma-separated, run in this order: greedy, nabla")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     engine = load_engine("embedded", "default")
     task = load_task("arith:test", limit=args.requests)
     app = create_app(engine, ServerSettings(api_key=KEY, model_name="embedded", max_queue=4 * args.requests))
-    wanted = set(args.methods.split(","))
+    known = dict(METHODS)
+    wanted = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; known: {sorted(known)}")
     out: dict[str, Any] = {
-        "command": f"OMP_NUM_THREADS=1 nice -n 10 python docs/serve_load.py {args.out} --requests {args.requests} --max-tokens {args.max_tokens}",
+        "command": f"OMP_NUM_THREADS=1 nice -n 10 python docs/serve_load.py {args.out} --requests {args.requests} --max-tokens {args.max_tokens} --methods {args.methods}",
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         "config": engine.config.to_dict(),
@@ -104,9 +108,8 @@ def main() -> None:
     }
     with serving(app) as url:
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=3600)
-        for name, options in METHODS:
-            if name not in wanted:
-                continue
+        for name in wanted:
+            options = known[name]
             calls = [(p.problem, task.system, engine.config.seed + i, options, args.max_tokens) for i, p in enumerate(task.problems)]
             start = time.perf_counter()
             alone = [one(client, "embedded", *call) for call in calls]

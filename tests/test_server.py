@@ -180,3 +180,33 @@ def test_serve_refuses_no_auth_off_loopback_and_a_missing_key(capsys: pytest.Cap
     monkeypatch.delenv("NABLA_LC_API_KEY", raising=False)
     assert main(["serve"]) == 2
     assert "no API key" in capsys.readouterr().err
+
+
+CALC = {"type": "function", "function": {"name": "calc", "description": "pick", "parameters": {
+    "type": "object", "properties": {"op": {"enum": ["add", "mul"]}}, "required": ["op"], "additionalProperties": False}}}
+
+
+def test_forced_tool_call_and_json_response_format(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "use the tool"}]
+    forced = {"type": "function", "function": {"name": "calc"}}
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, tools=[CALC], tool_choice=forced, extra_body=GREEDY)
+    [call] = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "calc"
+    assert json.loads(call.function.arguments)["op"] in ("add", "mul")
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=80, tools=[CALC], tool_choice=forced, stream=True, extra_body=GREEDY,
+    ))
+    streamed = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.function.name, d.function.arguments) for d in streamed] == [(call.function.name, call.function.arguments)]
+    # the call answered by a tool message, then a JSON reply under a schema
+    answered = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "42"}]  # fmt: skip
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model="tiny", messages=answered, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}, extra_body=GREEDY,
+    )
+    assert isinstance(json.loads(out.choices[0].message.content)["ok"], bool)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, tools=[CALC], tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert caught.value.body["param"] == "tool_choice"

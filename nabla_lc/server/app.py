@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterator, Literal, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, TypeVar
 
 import anyio
 
@@ -23,8 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import NablaConfig
+from ..engine.policy import template_renders_tools
 from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta
 from ..frontend import FrontEndEngine, default_model_id
+from ..tool_calls import conversation, parse_tool_calls
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_field, parse
 
@@ -78,6 +80,14 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
     state = {"in_flight": 0}
     metrics = Metrics(lambda: state["in_flight"])
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+
+    renders_tools: list[bool] = []
+
+    def native_tools() -> bool:
+        """Whether the chat template renders tools (checked once)."""
+        if not renders_tools:
+            renders_tools.append(template_renders_tools(engine.policy.tokenizer))
+        return renders_tools[0]
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> Response:
@@ -170,15 +180,22 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                 chat = parse(ChatCompletionRequest, body)
                 assert isinstance(chat, ChatCompletionRequest)
                 check_model(chat.model)
-                messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat.messages]
-                budget, stop = check_budget(chat.budget()), chat.stop_strings()
-                request = engine_request(lambda: engine.request_from_messages(messages, seed=chat.seed, max_new_tokens=budget, stop=stop), "messages")
+                budget, stop, choice = check_budget(chat.budget()), chat.stop_strings(), chat.choice()
+                constraint, tools = chat.constraint(choice), ([] if choice == "none" else chat.tool_dicts())
+                native = bool(tools) and native_tools()
+                rendered, template_tools = conversation(chat.turns(), tools, native)
+                request = engine_request(
+                    lambda: engine.request_from_messages(
+                        rendered, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=template_tools, constraint=constraint
+                    ),
+                    "messages",
+                )
                 parsed: ChatCompletionRequest | CompletionRequest = chat
             else:
                 text = parse(CompletionRequest, body)
                 assert isinstance(text, CompletionRequest)
                 check_model(text.model)
-                budget, stop, prompt = check_budget(text.budget()), text.stop_strings(), text.text()
+                budget, stop, prompt, tools = check_budget(text.budget()), text.stop_strings(), text.text(), []
                 request = engine_request(lambda: engine.request(prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), "prompt")
                 parsed = text
             config = parsed.config(engine.config)
@@ -195,7 +212,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             raise
         if parsed.stream:
             usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
-            return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk), media_type="text/event-stream")
+            return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk, tools), media_type="text/event-stream")
         try:
             result = first.result if isinstance(first, Finished) else await _until_finished(events, http)
         except BaseException as err:
@@ -205,7 +222,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             state["in_flight"] -= 1
         _record(result, admission)
         metrics.request(endpoint, 200)
-        return JSONResponse(_response(kind, result, admission, config))
+        return JSONResponse(_response(kind, result, admission, config, tools))
 
     # --- decoding -------------------------------------------------------------------------
     async def _guarded(events: AsyncIterator[StreamEvent], admission: _Admission) -> AsyncIterator[StreamEvent]:
@@ -261,8 +278,10 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
 
     async def _sse(
         kind: Literal["chat", "text"], first: StreamEvent, events: AsyncIterator[StreamEvent], admission: _Admission,
-        config: NablaConfig, endpoint: str, usage_chunk: bool,
+        config: NablaConfig, endpoint: str, usage_chunk: bool, tools: list[dict[str, Any]],
     ) -> AsyncIterator[str]:
+        """The response as server-sent events; with tools the reply is held back and sent whole at the end, where
+        its tool calls can be read."""
         status = 499
         try:
             if kind == "chat":
@@ -270,10 +289,20 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             event = first
             while True:
                 if isinstance(event, TextDelta):
-                    yield _data(_chunk(kind, admission, event.text, None, usage_chunk))
+                    if not tools:
+                        yield _data(_chunk(kind, admission, event.text, None, usage_chunk))
                 else:
                     result = event.result
-                    last = _chunk(kind, admission, "", result.finish_reason, usage_chunk)
+                    finish: str = result.finish_reason
+                    if tools:
+                        message = _message(result, tools)
+                        if message["content"]:
+                            yield _data(_chunk(kind, admission, {"content": message["content"]}, None, usage_chunk))
+                        if "tool_calls" in message:
+                            calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+                            yield _data(_chunk(kind, admission, {"tool_calls": calls}, None, usage_chunk))
+                            finish = "tool_calls"
+                    last = _chunk(kind, admission, "", finish, usage_chunk)
                     last["nabla"] = _nabla(result, config)
                     yield _data(last)
                     if usage_chunk:
@@ -295,7 +324,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
     def _record(result: Result, admission: _Admission) -> None:
         metrics.finished(result.stats.prompt_tokens, len(result.token_ids), result.stats.model_calls, time.perf_counter() - admission.start)
 
-    def _chunk(kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, str] | None", finish: str | None, usage_field: bool) -> dict[str, object]:
+    def _chunk(kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, Any] | None", finish: str | None, usage_field: bool) -> dict[str, object]:
         if kind == "chat":
             delta = text if isinstance(text, dict) else ({"content": text} if text else {})
             choice: dict[str, object] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -308,9 +337,11 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             chunk["usage"] = None
         return chunk
 
-    def _response(kind: Literal["chat", "text"], result: Result, admission: _Admission, config: NablaConfig) -> dict[str, object]:
+    def _response(kind: Literal["chat", "text"], result: Result, admission: _Admission, config: NablaConfig, tools: list[dict[str, Any]]) -> dict[str, object]:
         if kind == "chat":
-            choice: dict[str, object] = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None, "finish_reason": result.finish_reason}
+            message = _message(result, tools)
+            finish = "tool_calls" if "tool_calls" in message else result.finish_reason
+            choice: dict[str, object] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion"}
         else:
             choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
@@ -325,6 +356,18 @@ def _status(err: BaseException) -> int:
     if isinstance(err, APIError):
         return err.status
     return 499 if isinstance(err, (_ClientGone, asyncio.CancelledError)) else 500
+
+
+def _message(result: Result, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The assistant message of a chat response: with tools, the reply's tool calls in OpenAI's shape (and the text
+    around them as content); a reply without a valid call is all content."""
+    if not tools:
+        return {"role": "assistant", "content": result.text}
+    reply = parse_tool_calls(result.text, tools)
+    if not reply.calls:
+        return {"role": "assistant", "content": result.text}
+    calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in reply.calls]
+    return {"role": "assistant", "content": reply.content or None, "tool_calls": calls}
 
 
 def _usage(result: Result) -> dict[str, int]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import ConfigError, NablaConfig
+from ..engine.types import Constraint
+from ..tool_calls import ToolCall, ToolChoice, check_tool_choice, tool_call_constraint
 
 
 class APIError(Exception):
@@ -47,20 +50,122 @@ class TextPart(BaseModel):
     """The part's text."""
 
 
+class FunctionCall(BaseModel):
+    """The function an assistant message called."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """The tool's name."""
+    arguments: str
+    """The arguments as JSON text."""
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    """The call's id (a ``tool`` message answers it by ``tool_call_id``)."""
+    type: Literal["function"] = "function"
+    """Only function calls."""
+    function: FunctionCall
+    """What was called."""
+
+
 class Message(BaseModel):
     """One chat message."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    """Who speaks; ``developer`` is read as ``system``. Tool messages are refused (the engine has no tools)."""
-    content: str | list[TextPart]
-    """The text, or a list of text parts (joined)."""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """Who speaks; ``developer`` is read as ``system``; ``tool`` answers a tool call."""
+    content: str | list[TextPart] | None = None
+    """The text, or a list of text parts (joined); None only on an assistant turn with tool calls."""
     name: str | None = None
     """Accepted and not used (it does not change the templated prompt)."""
+    tool_calls: list[MessageToolCall] | None = None
+    """An assistant turn's tool calls."""
+    tool_call_id: str | None = None
+    """The call a ``tool`` message answers."""
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    """A tool's function: its name, description and parameters' JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """The name the model calls it by."""
+    description: str | None = None
+    """What it does (shown to the model)."""
+    parameters: dict[str, object] | None = None
+    """The JSON schema of its arguments."""
+    strict: bool | None = None
+    """Accepted: a forced call always follows the schema (it is a grammar); a free one is parsed as written."""
+
+
+class Tool(BaseModel):
+    """An OpenAI-style tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    """Only function tools."""
+    function: FunctionDefinition
+    """The function."""
+
+
+class NamedFunction(BaseModel):
+    """The tool a named ``tool_choice`` forces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Its name, one of ``tools``."""
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: call this tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    """Only function tools."""
+    function: NamedFunction
+    """Which one."""
+
+
+class JSONSchemaFormat(BaseModel):
+    """The schema of a ``json_schema`` response format."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    """The schema's name."""
+    description: str | None = None
+    """Accepted and not used."""
+    schema_: dict[str, object] = Field(alias="schema")
+    """The JSON schema every reply follows (a grammar constrains the decoding)."""
+    strict: bool | None = None
+    """Accepted: the reply always follows the schema."""
+
+
+class ResponseFormat(BaseModel):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (a JSON document valid under a schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    """The kind of reply."""
+    json_schema: JSONSchemaFormat | None = None
+    """With ``json_schema``: the schema."""
 
 
 class _Common(BaseModel):
@@ -102,12 +207,6 @@ class _Common(BaseModel):
     """Not supported (absent or 0 only)."""
     logit_bias: dict[str, float] | None = None
     """Not supported (absent or empty only)."""
-    tools: list[dict[str, object]] | None = None
-    """Not supported yet (absent or empty only)."""
-    tool_choice: str | dict[str, object] | None = None
-    """Not supported yet (absent or "none" only)."""
-    response_format: dict[str, object] | None = None
-    """Not supported yet (absent or ``{"type": "text"}`` only)."""
 
     def check_unsupported(self) -> None:
         """A 400 naming the first field set to something the server cannot do."""
@@ -118,9 +217,6 @@ class _Common(BaseModel):
             "presence_penalty": self.presence_penalty not in (None, 0),
             "frequency_penalty": self.frequency_penalty not in (None, 0),
             "logit_bias": bool(self.logit_bias),
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
-            "response_format": self.response_format not in (None, {"type": "text"}),
         }
         for name, bad in refused.items():
             if bad:
@@ -170,6 +266,66 @@ class ChatCompletionRequest(_Common):
     """The conversation; the reward sees the last user message."""
     max_completion_tokens: int | None = Field(default=None, ge=1)
     """The newer name of ``max_tokens`` (give one of them)."""
+    tools: list[Tool] | None = None
+    """Tools the model may call: shown by the chat template (or the project's tool prompt), calls read from the reply."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """``auto`` (default), ``none``, ``required`` (some tool, forced by a grammar) or a named tool (that tool, forced)."""
+    parallel_tool_calls: bool | None = None
+    """Accepted: a free reply may hold several calls; a forced one holds one."""
+    response_format: ResponseFormat | None = None
+    """``json_object`` or ``json_schema``: a grammar makes the reply valid JSON (under the schema)."""
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as OpenAI-style dicts."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+
+    def turns(self) -> list[dict[str, Any]]:
+        """The conversation as chat-template turns (tool calls as :class:`~nabla_lc.tool_calls.ToolCall`)."""
+        turns: list[dict[str, Any]] = []
+        for i, m in enumerate(self.messages):
+            turn: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                if m.role != "assistant":
+                    raise bad_field(f"messages.{i}.tool_calls", "only assistant messages carry tool calls")
+                calls = []
+                for j, call in enumerate(m.tool_calls):
+                    try:
+                        arguments = json.loads(call.function.arguments)
+                    except json.JSONDecodeError as err:
+                        raise bad_field(f"messages.{i}.tool_calls.{j}.function.arguments", f"is not JSON: {err}") from None
+                    if not isinstance(arguments, dict):
+                        raise bad_field(f"messages.{i}.tool_calls.{j}.function.arguments", "must be a JSON object")
+                    calls.append(ToolCall(call.function.name, arguments, call.id))
+                turn["tool_calls"] = calls
+            turns.append(turn)
+        return turns
+
+    def choice(self) -> ToolChoice:
+        """The tool choice in the engine's words; a name that is not a tool is a 400 naming ``tool_choice``."""
+        choice: ToolChoice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        if choice not in (None, "auto", "none") and not self.tools:
+            raise bad_field("tool_choice", "needs tools")
+        try:
+            return check_tool_choice(self.tool_dicts(), choice)
+        except ValueError as err:
+            raise bad_field("tool_choice", str(err)) from None
+
+    def constraint(self, choice: ToolChoice) -> Constraint | None:
+        """The grammar of a forced tool call or of the response format (not both)."""
+        try:
+            forced = tool_call_constraint(self.tool_dicts(), choice) if self.tools else None
+        except ModuleNotFoundError as err:
+            raise bad_field("tool_choice", f"a forced tool call needs the 'agents' extra ({err})") from None
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return forced
+        if forced is not None:
+            raise bad_field("response_format", "cannot constrain a reply whose tool call is forced by tool_choice")
+        if fmt.type == "json_object":
+            return Constraint.json_schema({"type": "object"})
+        if fmt.json_schema is None:
+            raise bad_field("response_format.json_schema", "is required with type json_schema")
+        return Constraint.json_schema(dict(fmt.json_schema.schema_))
 
     def budget(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
