@@ -165,13 +165,14 @@ def test_langchain_chat_openai(url: str, tiny_engine: Engine) -> None:
 def test_dspy_lm_predict_and_evaluate() -> None:
     engine = FakeEngine(responder=chat_adapter_responder)
     with running_server(engine) as url:
-        lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, max_tokens=200, cache=False, num_retries=0)
+        lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, max_tokens=200, cache=False, num_retries=0,
+                     extra_body={"nabla": {"method": "bon", "n": 2}})
         with dspy.context(lm=lm):
             assert dspy.Predict("question -> answer")(question="abc").answer == "ABC"
             devset = [dspy.Example(question=f"q{i}", answer=f"Q{i}").with_inputs("question") for i in range(16)]
             evaluate = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer, num_threads=8)
             assert evaluate(dspy.Predict("question -> answer")).score == 100.0
-    assert len(engine.calls) == 17
+    assert len(engine.calls) == 17 and all(call.config.method == "bon" and call.config.n == 2 for call in engine.calls)
 
 
 def test_serve_refuses_no_auth_off_loopback_and_a_missing_key(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

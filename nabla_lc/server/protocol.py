@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import ConfigError, NablaConfig
 from ..engine.types import Constraint
-from ..tool_calls import ToolCall, ToolChoice, check_tool_choice, tool_call_constraint
+from ..tool_calls import ToolCall, ToolChoice, check_tool_choice, response_format_schema, tool_call_constraint
 
 
 class APIError(Exception):
@@ -317,15 +317,17 @@ class ChatCompletionRequest(_Common):
         except ModuleNotFoundError as err:
             raise bad_field("tool_choice", f"a forced tool call needs the 'agents' extra ({err})") from None
         fmt = self.response_format
-        if fmt is None or fmt.type == "text":
+        if fmt is None:
+            return forced
+        try:
+            schema = response_format_schema(fmt.model_dump(by_alias=True, exclude_none=True))
+        except ValueError as err:
+            raise bad_field("response_format", str(err)) from None
+        if schema is None:
             return forced
         if forced is not None:
             raise bad_field("response_format", "cannot constrain a reply whose tool call is forced by tool_choice")
-        if fmt.type == "json_object":
-            return Constraint.json_schema({"type": "object"})
-        if fmt.json_schema is None:
-            raise bad_field("response_format.json_schema", "is required with type json_schema")
-        return Constraint.json_schema(dict(fmt.json_schema.schema_))
+        return Constraint.json_schema(schema)
 
     def budget(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
