@@ -122,15 +122,15 @@ def main() -> None:
             together_s = time.perf_counter() - start
             log.info("%s concurrent: %.1f s", name, together_s)
             stats = engine.scheduler.stats
-            batches = stats.batches - before.batches
+            steps = stats.steps - before.steps
             out["methods"][name] = {
                 "options": options,
                 "one_at_a_time": summary(alone, alone_s),
                 "concurrent": summary(together, together_s),
                 "speedup": round(alone_s / together_s, 2),
                 "identical_outputs": sum(a["text"] == b["text"] for a, b in zip(alone, together)),
-                "concurrent_batches": batches,
-                "concurrent_rows_per_batch": round((stats.rows - before.rows) / max(batches, 1), 2),
+                "concurrent_steps": steps,
+                "concurrent_rows_per_step": round((stats.row_steps - before.row_steps) / max(steps, 1), 2),
                 "requests": [{"alone": a, "concurrent": b} for a, b in zip(alone, together)],
             }
     args.out.mkdir(parents=True, exist_ok=True)

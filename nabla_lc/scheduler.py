@@ -1,16 +1,17 @@
 """Continuous batching: one thread owns the models and samples the rollouts of every job in flight together.
 
 Every submitted job (a method's batch of requests, a sample set) is a :data:`~nabla_lc.engine.rollout.Job`: it
-runs its own work (probes, DTO, scoring) until it needs rollouts, then waits. At each boundary the scheduler
-admits new jobs, drops cancelled ones, and samples the rows of all waiting jobs in one :func:`rollout` per sampling
-setting; a cancelled job's rows leave that batch at the next token. Each row keeps its own seeded generator, so a
+runs its own work (probes, DTO, scoring) until it needs rollouts, then waits. The scheduler keeps one running
+:class:`~nabla_lc.engine.rollout.RolloutBatch` per sampling setting and loops: admit new jobs, drop cancelled ones,
+join the rows of every job that waits to its batch (at a token boundary: their prefixes are encoded and their KV
+cache merged in), then sample one token for every row of every batch. A row that finishes goes back to its job at
+once, which runs on until it needs rollouts again; a cancelled job's rows leave at the next token. Each row keeps its own seeded generator, so a
 job's outcome does not depend on what else is in flight. Jobs that are not generators (a method registered without
 ``steps``, :meth:`Scheduler.call`) run alone between batches.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from .engine.policy import Policy
-from .engine.rollout import Job, Rollout, RolloutCall, rollout
+from .engine.rollout import Job, Rollout, RolloutBatch, RolloutCall
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +48,61 @@ class _Task:
     function: Callable[[], Any] | None = None
     call: RolloutCall | None = None
     """The rollouts it waits on."""
+    placed: bool = False
+    """Whether the call's rows joined a batch."""
+    got: list[Rollout | None] = field(default_factory=list)
+    """The call's rollouts, as its rows finish."""
+    waiting: int = 0
+    """Rows of the call not finished yet."""
     error: BaseException | None = None
-    """Raised by its ``on_token`` during a batch; the task fails at the next boundary."""
+    """Raised by its ``on_token`` during a step; the task fails at the next boundary."""
 
     def gone(self) -> bool:
         return self.future.cancelled() or self.error is not None
+
+
+class _Group:
+    """The running batch of one sampling setting, and which task's call each of its rows belongs to."""
+
+    def __init__(self, policy: Policy, call: RolloutCall, stats: "SchedulerStats") -> None:
+        self.owners: dict[int, tuple[_Task, int]] = {}
+        self.stats = stats
+        self.batch = RolloutBatch(policy, call.sampling, call.keep_logits, self.on_token, self.keep_going)
+
+    def on_token(self, b: int, token: int) -> None:
+        self.stats.tokens += 1
+        task, j = self.owners[b]
+        assert task.call is not None
+        if task.call.on_token is not None and task.error is None:
+            try:
+                task.call.on_token(j, token)
+            except Exception as err:  # the caller's callback failed: that task fails, the batch goes on
+                task.error = err
+
+    def keep_going(self, b: int) -> bool:
+        return not self.owners[b][0].gone()
 
 
 @dataclass
 class SchedulerStats:
     """What the scheduler did, for tests and metrics."""
 
-    batches: int = 0
-    """:func:`rollout` calls."""
+    steps: int = 0
+    """Batched decoding steps (one policy pass over every active row of a batch)."""
+    row_steps: int = 0
+    """Active rows summed over the steps."""
     rows: int = 0
-    """Rows sampled in them."""
+    """Rows that joined a batch."""
     tokens: int = 0
-    """Tokens sampled in them."""
+    """Tokens sampled."""
     jobs: int = 0
     """Jobs and functions finished (with a result, an error or cancelled)."""
     cancelled: int = 0
     """Jobs dropped because their future was cancelled."""
     max_rows: int = 0
-    """Most rows in one batch."""
+    """Most rows in one step."""
     sizes: list[int] = field(default_factory=list)
-    """Jobs per batch, the last 1000."""
+    """Jobs with rows in each step, the last 1000."""
 
 
 class Scheduler:
@@ -112,6 +143,7 @@ class Scheduler:
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # why: grad mode is per thread; DTO enables it where it needs it
         live: list[_Task] = []
+        groups: dict[tuple[float, float, int, bool], _Group] = {}
         while True:
             with self._cond:
                 if not self._incoming and not live:
@@ -130,7 +162,13 @@ class Scheduler:
                         self._advance(task, None, live)
                 for task in [t for t in live if t.gone()]:
                     self._drop(task, live)
-                self._batch(live)
+                for task in [t for t in live if not t.placed]:
+                    self._place(task, groups, live)
+                for key, group in list(groups.items()):
+                    if group.batch.active:
+                        self._step(group, live)
+                    if not group.batch.active:
+                        del groups[key]
 
     def _gather(self) -> None:
         """Wait (holding the condition) while jobs keep arriving within :data:`ARRIVAL_WINDOW_S`, up to :data:`ARRIVAL_CAP_S`."""
@@ -141,43 +179,61 @@ class Scheduler:
             if len(self._incoming) == seen or time.monotonic() >= deadline:
                 return
 
-    def _batch(self, live: list[_Task]) -> None:
-        """One rollout per sampling setting over the rows of every waiting task, then advance those tasks."""
-        groups: dict[tuple[float, float, int, bool], list[_Task]] = {}
-        for task in live:
-            assert task.call is not None
-            s = task.call.sampling
-            groups.setdefault((s.temperature, s.top_p, s.top_k, task.call.keep_logits), []).append(task)
-        for tasks in groups.values():
-            calls = [t.call for t in tasks if t.call is not None]
-            owner = [i for i, c in enumerate(calls) for _ in c.rows]
-            offset = list(itertools.accumulate((len(c.rows) for c in calls), initial=0))
-            rows = [row for c in calls for row in c.rows]
+    def _place(self, task: _Task, groups: dict[tuple[float, float, int, bool], _Group], live: list[_Task]) -> None:
+        """Join the task's call to the running batch of its sampling setting (its prefixes are encoded now)."""
+        call = task.call
+        assert call is not None
+        task.placed, task.got, task.waiting = True, [None] * len(call.rows), len(call.rows)
+        if not call.rows:
+            self._advance(task, [], live)
+            return
+        s = call.sampling
+        key = (s.temperature, s.top_p, s.top_k, call.keep_logits)
+        if key not in groups:
+            groups[key] = _Group(self.policy, call, self.stats)
+        group = groups[key]
+        first = group.batch.count
+        for j in range(len(call.rows)):
+            group.owners[first + j] = (task, j)
+        self.stats.rows += len(call.rows)
+        try:
+            done = group.batch.add(call.rows)
+        except BaseException as err:  # the encoding failed: this task fails; the batch is as it was
+            for j in range(len(call.rows)):
+                group.owners.pop(first + j, None)
+            self._finish(task, live, error=err)
+            return
+        self._deliver(group, done, live)
 
-            def on_token(b: int, token: int) -> None:
-                self.stats.tokens += 1
-                task, call = tasks[owner[b]], calls[owner[b]]
-                if call.on_token is not None and task.error is None:
-                    try:
-                        call.on_token(b - offset[owner[b]], token)
-                    except Exception as err:  # the caller's callback failed: that task fails, the batch goes on
-                        task.error = err
+    def _step(self, group: _Group, live: list[_Task]) -> None:
+        """One token for every row of the batch; finished rows go to their tasks."""
+        active = group.batch.active
+        self.stats.steps += 1
+        self.stats.row_steps += len(active)
+        self.stats.max_rows = max(self.stats.max_rows, len(active))
+        self.stats.sizes = [*self.stats.sizes[-999:], len({id(group.owners[b][0]) for b in active})]
+        try:
+            done = group.batch.step()
+        except BaseException as err:  # the step failed: every task with rows in the batch fails with it
+            for task in {id(t): t for t, _ in group.owners.values()}.values():
+                self._finish(task, live, error=err)
+            group.owners.clear()
+            group.batch.active = []
+            return
+        self._deliver(group, done, live)
 
-            self.stats.batches += 1
-            self.stats.rows += len(rows)
-            self.stats.max_rows = max(self.stats.max_rows, len(rows))
-            self.stats.sizes = [*self.stats.sizes[-999:], len(tasks)]
-            try:
-                results = rollout(self.policy, rows, calls[0].sampling, calls[0].keep_logits, on_token, lambda b: not tasks[owner[b]].gone())
-            except BaseException as err:  # the batch failed: every task in it fails with it
-                for task in tasks:
-                    self._finish(task, live, error=err)
+    def _deliver(self, group: _Group, done: list[tuple[int, Rollout]], live: list[_Task]) -> None:
+        for b, result in done:
+            task, j = group.owners.pop(b)
+            if task not in live:  # dropped meanwhile
                 continue
-            for i, task in enumerate(tasks):
-                if task.gone():
-                    self._drop(task, live)
-                else:
-                    self._advance(task, results[offset[i] : offset[i + 1]], live)
+            if task.gone():
+                self._drop(task, live)
+                continue
+            task.got[j] = result
+            task.waiting -= 1
+            if task.waiting == 0:
+                self._advance(task, list(task.got), live)  # type: ignore[arg-type]
 
     def _advance(self, task: _Task, rollouts: list[Rollout] | None, live: list[_Task]) -> None:
         """Send the task its rollouts (None: start it) and keep it live until it returns or raises."""
@@ -192,6 +248,7 @@ class Scheduler:
         except BaseException as err:
             self._finish(task, live, error=err)
         else:
+            task.placed = False
             if task not in live:
                 live.append(task)
 
@@ -217,7 +274,8 @@ class Scheduler:
             pass
 
     def _drop(self, task: _Task, live: list[_Task]) -> None:
-        """A cancelled task (or one whose callback failed) leaves: its job is closed, its future settled."""
+        """A cancelled task (or one whose callback failed) leaves: its job is closed, its future settled. Its rows
+        still in a batch leave at that batch's next step (``keep_going``)."""
         if task.job is not None:
             task.job.close()
         if task.future.cancelled():

@@ -131,17 +131,17 @@ def test_reused_probes_decode_like_fresh_ones(tokenizer):
 
 def test_requests_decoded_together_match_one_at_a_time(tokenizer, monkeypatch):
     # the rollouts that several requests wait on decode in one batch; each request's decisions and counts stay its own
-    import nabla_lc.scheduler as scheduler
+    from nabla_lc.engine.rollout import RolloutBatch
 
     engine, requests = _search_engine(tokenizer)
     batches: list[int] = []
-    original = scheduler.rollout
+    original = RolloutBatch.add
 
-    def counted(policy, prefixes, *args, **kwargs):
-        batches.append(len(prefixes))
-        return original(policy, prefixes, *args, **kwargs)
+    def counted(self, rows):  # the rows that join the scheduler's batch at once
+        batches.append(len(rows))
+        return original(self, rows)
 
-    monkeypatch.setattr(scheduler, "rollout", counted)
+    monkeypatch.setattr(RolloutBatch, "add", counted)
     together = engine.generate(requests)
     assert batches[0] == len(requests) and len(batches) < sum(batches)
     assert sum(batches) == sum(r.stats.rollouts for r in together)

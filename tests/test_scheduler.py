@@ -56,7 +56,7 @@ def test_threads_share_batches_and_get_their_own_outputs(tiny_engine: Engine) ->
     together = [f.result(timeout=120)[0] for f in futures]
     assert all(same(a, b) for a, b in zip(alone, together))
     stats = tiny_engine.scheduler.stats
-    assert max(stats.sizes[-(stats.batches - before.batches):]) >= 4  # jobs of one sampling setting shared a batch
+    assert max(stats.sizes[-(stats.steps - before.steps):]) >= 4  # jobs of one sampling setting shared a batch
     with ThreadPoolExecutor(6) as pool:  # plain generate calls from threads
         threaded = list(pool.map(lambda rc: tiny_engine.generate([rc[0]], rc[1])[0], zip(requests, configs)))
     assert all(same(a, b) for a, b in zip(alone, threaded))
@@ -153,3 +153,32 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(tokenizer) -> None:
     finally:
         gate.set()
         handle.remove()
+
+
+def test_a_request_joins_a_running_rollout_at_a_token_boundary(tokenizer) -> None:
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, None, NablaConfig(method="greedy", max_new_tokens=300))
+    long, short = engine.request("a long one", seed=0), engine.request("hi", seed=1, max_new_tokens=5)
+    config = engine.config  # greedy: one sampling setting for both
+    long_alone, short_alone = engine.generate([long], config)[0], engine.generate([short], config)[0]
+    gate, forwards = threading.Event(), [0]
+
+    def hold(module, args, output) -> None:
+        forwards[0] += 1
+        if forwards[0] == 10:
+            gate.wait(60)
+
+    handle = model.register_forward_hook(hold)
+    try:
+        first = engine.submit([long], config)
+        until(lambda: forwards[0] >= 10, "the long rollout to run")
+        second = engine.submit([short], config)
+        gate.set()
+        short_result = second.result(timeout=60)[0]
+        assert not first.done()  # the short request joined the long one's batch and left it first
+        long_result = first.result(timeout=120)[0]
+    finally:
+        gate.set()
+        handle.remove()
+    assert long_alone.finish_reason == "length" and len(long_alone.token_ids) > 100
+    assert same(long_result, long_alone) and same(short_result, short_alone)

@@ -113,79 +113,155 @@ def rollout(
     on_token: Callable[[int, int], None] | None = None,
     keep_going: Callable[[int], bool] | None = None,
 ) -> list[Rollout]:
-    """Sample one continuation per row, all in one batch.
+    """Sample one continuation per row, all in one batch (a :class:`RolloutBatch` that no row joins later).
 
     Finished rows leave the batch (their KV rows are dropped), so every counted pass is real work.
     ``on_token(row, token)`` sees each kept token as it is sampled. A row with a grammar samples under its
     mask (the kept logits stay the policy's own; the masks are kept beside them). A row for which ``keep_going(row)``
     is false before a step leaves the batch at once, its rollout ending ``cancelled``.
     """
-    B = len(rows)
-    results: list[Rollout | None] = [None] * B
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    kept: list[list[torch.Tensor]] = [[] for _ in range(B)]
-    kept_allowed: list[list[torch.Tensor]] = [[] for _ in range(B)]
-    for b in range(B):
-        if rows[b].budget <= 0:
-            masks = torch.empty(0, policy.vocab_size, dtype=torch.bool) if keep_logits and rows[b].grammar is not None else None
-            results[b] = Rollout([], torch.empty(0, policy.vocab_size) if keep_logits else None, "length", masks)
-    active = [b for b in range(B) if results[b] is None]
-    if not active:
-        return [r for r in results if r is not None]
+    batch = RolloutBatch(policy, sampling, keep_logits, on_token, keep_going)
+    results: dict[int, Rollout] = dict(batch.add(rows))
+    while batch.active:
+        results.update(batch.step())
+    return [results[b] for b in range(len(rows))]
 
-    ids, mask = _left_pad([rows[b].prefix for b in active], policy.pad_id, policy.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    for b in active:
-        rows[b].stats.count_policy(1, len(rows[b].prefix))
-    logits = out.logits[:, -1].float()  # [B_active, V]
-    while True:
-        allowed = [rows[b].grammar.allowed() if rows[b].grammar is not None else None for b in active]  # per row: [V] or None
-        step = sample(_masked_rows(logits, allowed), sampling, [rows[b].generator for b in active])
+
+class RolloutBatch:
+    """Rollouts in progress in one batch, all sampled alike; rows may join between steps.
+
+    :meth:`add` encodes new rows' prefixes in one pass and merges their KV cache into the batch's (the shorter
+    side left-padded, masked); :meth:`step` samples one token for every active row. Rows are numbered in the order
+    they were added; ``on_token`` and ``keep_going`` see those numbers (see :func:`rollout`).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampling: Sampling,
+        keep_logits: bool = False,
+        on_token: Callable[[int, int], None] | None = None,
+        keep_going: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.policy, self.sampling, self.keep_logits, self.on_token, self.keep_going = policy, sampling, keep_logits, on_token, keep_going
+        self.rows: dict[int, RolloutRow] = {}
+        """Rows not yet finished, by number."""
+        self.count = 0
+        self.tokens: dict[int, list[int]] = {}
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.kept_allowed: dict[int, list[torch.Tensor]] = {}
+        self.active: list[int] = []
+        """Row numbers in batch order."""
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [A, L]
+        self.last_position: torch.Tensor | None = None  # [A, 1]
+        self.logits: torch.Tensor | None = None  # [A, V]: the next token's, not yet sampled
+
+    def add(self, rows: Sequence[RolloutRow]) -> list[tuple[int, Rollout]]:
+        """Join ``rows`` (numbered from :attr:`count` on); rows with no budget finish at once and are returned."""
+        policy, done, new = self.policy, [], []
+        for row in rows:
+            b = self.count
+            self.count += 1
+            if row.budget <= 0:
+                masks = torch.empty(0, policy.vocab_size, dtype=torch.bool) if self.keep_logits and row.grammar is not None else None
+                done.append((b, Rollout([], torch.empty(0, policy.vocab_size) if self.keep_logits else None, "length", masks)))
+                continue
+            self.rows[b], self.tokens[b], self.kept[b], self.kept_allowed[b] = row, [], [], []
+            new.append(b)
+        if not new:
+            return done
+        ids, mask = _left_pad([self.rows[b].prefix for b in new], policy.pad_id, policy.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        for b in new:
+            self.rows[b].stats.count_policy(1, len(self.rows[b].prefix))
+        logits = out.logits[:, -1].float()  # [B_new, V]
+        if self.cache is None:
+            self.cache, self.mask, self.last_position, self.logits, self.active = cache, mask, positions[:, -1:], logits, new
+            return done
+        assert self.mask is not None and self.last_position is not None and self.logits is not None
+        # why: the two caches differ in length; left-padding the shorter (masked out) lines every row up at its end
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
+            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+        self.last_position = torch.cat([self.last_position, positions[:, -1:]])
+        self.logits = torch.cat([self.logits, logits])
+        self.active = self.active + new
+        return done
+
+    def step(self) -> list[tuple[int, Rollout]]:
+        """Sample one token for every active row; the rows that finished, with their rollouts."""
+        policy, rows = self.policy, self.rows
+        assert self.cache is not None and self.mask is not None and self.last_position is not None and self.logits is not None
+        logits, active = self.logits, self.active
+        allowed = [rows[b].grammar.allowed() if rows[b].grammar is not None else None for b in active]  # type: ignore[union-attr]  # per row: [V] or None
+        step = sample(_masked_rows(logits, allowed), self.sampling, [rows[b].generator for b in active])
         keep_rows: list[int] = []
+        done: list[tuple[int, Rollout]] = []
         for row, b in enumerate(active):
             token = int(step[row])
             grammar = rows[b].grammar
-            if keep_going is not None and not keep_going(b):
-                reason = "cancelled"
+            if self.keep_going is not None and not self.keep_going(b):
+                reason: str | None = "cancelled"
             else:
                 if grammar is not None:
                     grammar.accept([token])
-                reason = _finish(policy, token, tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
+                reason = _finish(policy, token, self.tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
             if reason not in ("eos", "cancelled"):
-                tokens[b].append(token)
+                self.tokens[b].append(token)
                 rows[b].stats.rollout_tokens += 1
-                if on_token is not None:
-                    on_token(b, token)
-                if keep_logits:
-                    kept[b].append(logits[row])
+                if self.on_token is not None:
+                    self.on_token(b, token)
+                if self.keep_logits:
+                    self.kept[b].append(logits[row])
                     if allowed[row] is not None:
-                        kept_allowed[b].append(allowed[row])
+                        self.kept_allowed[b].append(allowed[row])  # type: ignore[arg-type]
             if reason is None:
                 keep_rows.append(row)
             else:
-                stacked = torch.stack(kept[b]) if kept[b] else torch.empty(0, policy.vocab_size)
-                masks = None
-                if keep_logits and grammar is not None:
-                    masks = torch.stack(kept_allowed[b]) if kept_allowed[b] else torch.empty(0, policy.vocab_size, dtype=torch.bool)
-                results[b] = Rollout(tokens[b], stacked if keep_logits else None, reason, masks)
+                done.append((b, self._close(b, reason, grammar is not None)))
         if not keep_rows:
-            break
+            self.active, self.cache, self.mask, self.last_position, self.logits = [], None, None, None, None
+            return done
+        mask, positions = self.mask, self.last_position
         if len(keep_rows) < len(active):  # drop finished rows from the batch and the cache
             index = torch.tensor(keep_rows, device=policy.device)
-            cache.batch_select_indices(index)
+            self.cache.batch_select_indices(index)
             mask, positions, step = mask[index], positions[index], step[index]
             active = [active[r] for r in keep_rows]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = policy.model(
-            input_ids=step[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        )
+        self.mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        self.last_position = positions + 1
+        out = policy.model(input_ids=step[:, None], attention_mask=self.mask, position_ids=self.last_position, cache=self.cache, use_cache=True)
         for b in active:
             rows[b].stats.count_policy(1, 1)
-        logits = out.logits[:, -1].float()
-    return [r for r in results if r is not None]
+        self.active, self.logits = active, out.logits[:, -1].float()
+        return done
+
+    def _close(self, b: int, reason: str, constrained: bool) -> Rollout:
+        """Row ``b``'s rollout; the batch forgets the row."""
+        kept, kept_allowed, tokens = self.kept.pop(b), self.kept_allowed.pop(b), self.tokens.pop(b)
+        del self.rows[b]
+        vocab = self.policy.vocab_size
+        stacked = torch.stack(kept) if kept else torch.empty(0, vocab)
+        masks = None
+        if self.keep_logits and constrained:
+            masks = torch.stack(kept_allowed) if kept_allowed else torch.empty(0, vocab, dtype=torch.bool)
+        return Rollout(tokens, stacked if self.keep_logits else None, reason, masks)
+
+
+def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` ([B, L] or [B, H, L, D]) left-padded with zeros to ``width`` along L."""
+    dim = 1 if x.dim() == 2 else 2
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def _masked_rows(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
