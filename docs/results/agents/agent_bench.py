@@ -2,10 +2,16 @@
 
     python docs/results/agents/agent_bench.py agent --method greedy --limit 50
     python docs/results/agents/agent_bench.py agent --method nabla --limit 10
+    python docs/results/agents/agent_bench.py plain --method greedy --limit 50
+    python docs/results/agents/agent_bench.py report
     python docs/results/agents/agent_bench.py structured --method bon --limit 20
     python docs/results/agents/agent_bench.py dspy --limit 20
 
-Each run appends one JSON line per question to docs/results/agents/<task>-<method>.jsonl (written as it goes)
+Agent rows: ``correct`` grades the final message with the project's answer rule (``nabla_lc.answers.find_answer``:
+a box, "the answer is", else the last number); ``mentions`` says whether the right number appears in it as a
+number at all; ``tool_result_correct`` whether a calculator result was the right number.
+
+Each run writes one JSON line per question to docs/results/agents/<task>-<method>.jsonl (written as it goes)
 and prints a summary line. Questions: three-digit additions and two-digit products, alternating, drawn from
 random.Random(18) (the issue's number), so every run sees the same questions.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -73,7 +80,7 @@ def options(method: str) -> dict:
     return {"greedy": {"method": "greedy"}, "bon": {"method": "bon", "n": 4}, "nabla": {"method": "nabla", "n": 4}}[method]
 
 
-def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
+def run_agent(method: str, limit: int, max_new_tokens: int, resume: bool = False) -> None:
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
     from langgraph.errors import GraphRecursionError
@@ -83,9 +90,9 @@ def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
     chat = ChatNablaReasoner.embedded(tool_use="call_then_answer", max_new_tokens=max_new_tokens, **options(method))
     agent = create_agent(chat, tools=[calculator_tool()])
     path = OUT / f"agent-{method}.jsonl"
-    rows = []
-    with path.open("w") as out:
-        for question, truth in questions(limit):
+    rows = [json.loads(line) for line in path.open()] if resume and path.exists() else []
+    with path.open("a" if resume else "w") as out:
+        for question, truth in questions(limit)[len(rows) :]:
             start = time.perf_counter()
             messages = []
             # why: stream the state, so a run that hits the recursion limit (the model calls tools again and again)
@@ -106,6 +113,8 @@ def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
                 "final": final,
                 "answer": answer,
                 "correct": answer is not None and answer.replace(",", "") == str(truth),
+                "mentions": str(truth) in re.findall(r"-?\d+", final.replace(",", "")),
+                "tool_result_correct": str(truth) in [m.content for m in messages if isinstance(m, ToolMessage)],
                 "model_calls": sum(m.response_metadata.get("nabla", {}).get("model_calls", 0) for m in messages if isinstance(m, AIMessage)),
                 "wall_s": round(time.perf_counter() - start, 1),
             }
@@ -117,10 +126,39 @@ def run_agent(method: str, limit: int, max_new_tokens: int) -> None:
         "method": method,
         "questions": len(rows),
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "mentions_rate": sum(r["mentions"] for r in rows) / len(rows),
+        "tool_result_correct_rate": sum(r["tool_result_correct"] for r in rows) / len(rows),
         "tool_call_rate": sum(bool(r["tool_calls"]) for r in rows) / len(rows),
         "mean_model_calls": sum(r["model_calls"] for r in rows) / len(rows),
     }
     print(json.dumps(summary))
+
+
+def run_plain(method: str, limit: int, max_new_tokens: int) -> None:
+    """The model alone: the same questions, no tools, graded like the agent's final message."""
+    from nabla_lc import ChatNablaReasoner
+
+    chat = ChatNablaReasoner.embedded(max_new_tokens=max_new_tokens, **options(method))
+    path = OUT / f"plain-{method}.jsonl"
+    rows = []
+    with path.open("w") as out:
+        for question, truth in questions(limit):
+            start = time.perf_counter()
+            final = chat.invoke(question).text
+            answer = find_answer(final)
+            row = {
+                "question": question,
+                "truth": truth,
+                "final": final,
+                "answer": answer,
+                "correct": answer is not None and answer.replace(",", "") == str(truth),
+                "mentions": str(truth) in re.findall(r"-?\d+", final.replace(",", "")),
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    print(json.dumps({"task": "plain", "method": method, "questions": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows), "mentions_rate": sum(r["mentions"] for r in rows) / len(rows)}))
 
 
 class Answer(BaseModel):
@@ -181,14 +219,34 @@ def run_dspy(method: str, limit: int, max_new_tokens: int) -> None:
     print(json.dumps({"task": "dspy", "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
 
 
+def report() -> None:
+    """A summary line per results file in this folder (a partial run counts the rows it has)."""
+    for path in sorted(OUT.glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.open()]
+        if not rows:
+            continue
+        counts = {key: sum(bool(r[key]) for r in rows) for key in ("correct", "mentions", "tool_result_correct", "tool_calls", "valid", "parsed") if key in rows[0]}
+        calls = [r["model_calls"] for r in rows if "model_calls" in r]
+        extra = f", mean model calls {sum(calls) / len(calls):.1f}" if calls else ""
+        wall = sum(r["wall_s"] for r in rows) / len(rows)
+        print(f"{path.stem}: {len(rows)} questions, " + ", ".join(f"{k} {v}/{len(rows)}" for k, v in counts.items()) + f"{extra}, mean wall {wall:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["agent", "structured", "dspy"])
+    parser.add_argument("task", choices=["agent", "plain", "structured", "dspy", "report"])
     parser.add_argument("--method", choices=["greedy", "bon", "nabla"], default="greedy")
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--resume", action="store_true", help="agent: keep the rows already in the file, run the rest")
     args = parser.parse_args()
-    {"agent": run_agent, "structured": run_structured, "dspy": run_dspy}[args.task](args.method, args.limit, args.max_new_tokens)
+    if args.task == "report":
+        report()
+        return
+    if args.resume:
+        run_agent(args.method, args.limit, args.max_new_tokens, resume=True)
+        return
+    {"agent": run_agent, "plain": run_plain, "structured": run_structured, "dspy": run_dspy}[args.task](args.method, args.limit, args.max_new_tokens)
 
 
 if __name__ == "__main__":
