@@ -33,7 +33,7 @@ class Stats:
     reward_tokens: int = 0
     """Tokens processed by the reward model, forward and backward counted separately."""
     rollouts: int = 0
-    """Sampled continuations, the first included."""
+    """Sampled continuations, the first included (for step-level search, ``pf`` and ``beam``: step rollouts)."""
     rollout_tokens: int = 0
     """Tokens sampled autoregressively over all rollouts."""
     dto_runs: int = 0
