@@ -445,6 +445,13 @@ def test_train_reward_cli(tok: PreTrainedTokenizerFast, tmp_path: Path, capsys: 
     assert summary["out"] == str(out) and summary["heldout_pairs"] > 0
     loaded = LoRAReward.load(out, llama_policy(), tok)
     assert loaded.rank == 2 and loaded.target_modules == ("q_proj", "k_proj")
+    args = parser.parse_args(
+        ["train-reward", "--data", str(tmp_path / "data.jsonl"), "--policy", str(tmp_path / "policy"), "--out", str(out),
+         "--rank", "2", "--head", "implicit", "--max-steps", "1", "--batch-size", "2", "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
+    assert type(LoRAReward.load(out, llama_policy(), tok)) is ImplicitLoRAReward
 
 
 def _lora_file(path: Path, settings: object, tensors: dict[str, torch.Tensor] | None = None) -> Path:

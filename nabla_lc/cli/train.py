@@ -34,6 +34,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="embedded", help='policy checkpoint directory, GGUF file, or "embedded"')
     p.add_argument("--out", required=True, type=Path, help="safetensors file for the adapter and head")
     _add_training_flags(p, targets=",".join(DEFAULT_TARGETS), lr=1e-4, batch_help="pairs (bt) or records (bce) per step")
+    _add_head_flag(p)
     p.add_argument("--objective", choices=("bt", "bce"), default="bt", help="Bradley-Terry pairs or per-record BCE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
@@ -51,6 +52,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens per response")
     p.add_argument("--records", type=Path, default=None, help="JSONL of labeled responses: read if it exists, else written after generating")
     _add_training_flags(p, targets="q_proj,v_proj", lr=2e-4, batch_help="pairs per training step")
+    _add_head_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, the held-out split and training")
     p.add_argument("--swap-steps", type=int, default=DEFAULT_SWAP_STEPS, help="steps of the second phase, Bradley-Terry plus swap consistency (0: none)")
     p.add_argument("--swap-groups", type=int, default=80, help="one-token swap groups drawn from the training responses")
@@ -72,11 +74,17 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--separator", default="\n\n", help="the text that ends a step")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default="last", help="how the step scores make one reward")
     _add_training_flags(p, targets="q_proj,v_proj", lr=2e-4, batch_help="responses per training step")
-    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, the held-out split and training")
     p.add_argument("--compare-default", action="store_true", help="also report the default outcome reward's Best-of-N on the held-out questions")
     p.add_argument("--out", type=Path, required=True, help="safetensors file to write")
     p.set_defaults(func=run_train_process_reward)
+
+
+def _add_head_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--head", choices=("scalar", "implicit"), default="scalar",
+        help="scalar: a linear head on the last hidden state; implicit: the log-probability ratio of the policy with and without the adapter",
+    )
 
 
 def _add_training_flags(p: argparse.ArgumentParser, targets: str, lr: float, batch_help: str) -> None:
@@ -86,21 +94,19 @@ def _add_training_flags(p: argparse.ArgumentParser, targets: str, lr: float, bat
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--batch-size", type=int, default=8, help=batch_help)
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of pairable prompts held out for pairwise accuracy")
-    p.add_argument(
-        "--head", choices=("scalar", "implicit"), default="scalar",
-        help="scalar: a linear head on the last hidden state; implicit: the log-probability ratio of the policy with and without the adapter",
-    )
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
 
 
 def train_from_args(
     args: argparse.Namespace, model: nn.Module, tokenizer: Any, records: Sequence[Record], objective: str, **extra: Any
 ) -> tuple[LoRAReward, TrainReport]:
-    """Train with the shared flags (--rank, --target-modules, --epochs, --lr, --batch-size, --seed, --heldout); ``extra``
+    """Train with the shared flags (--rank, --target-modules, --epochs, --lr, --batch-size, --seed, --heldout, --max-steps,
+    --head); ``extra``
     goes to :func:`train_reward` as it is (and overrides a flag of the same name)."""
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     settings: dict[str, Any] = dict(
         rank=args.rank, target_modules=targets, objective=objective, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, heldout=args.heldout, head=args.head,
+        seed=args.seed, heldout=args.heldout, head=args.head, max_steps=args.max_steps,
     )
     return train_reward(model, tokenizer, records, **{**settings, **extra})
 
