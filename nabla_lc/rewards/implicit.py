@@ -9,23 +9,41 @@ at the last slot has no such term, and its gradient did not predict swaps (docs/
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from ..numerics import upcast
+from ..tensors import CacheSnapshot
 from .base import RewardPrefix, Scores, SoftScore
 from .lora import LoRAReward
-from .transformer import TransformerPrefix
+
+
+@dataclass
+class ImplicitPrefix:
+    """The encoded template head and committed tokens, with the adapter on and off."""
+
+    prompt: str
+    committed: list[int]
+    length: int
+    """Slots encoded."""
+    on: CacheSnapshot
+    off: CacheSnapshot
+    value: torch.Tensor
+    """Scalar: the ratio terms of the committed tokens."""
+    next_ratio: torch.Tensor
+    """[V] log π_θ − log π of the slot after the prefix, read from its last slot."""
 
 
 class ImplicitLoRAReward(LoRAReward):
     """The log-probability ratio of the policy with and without a LoRA adapter, summed over the response.
 
-    Trained like the scalar LoRA reward (Bradley-Terry on the ratio, as DPO does); no prefix cache: every
-    soft score runs the whole input twice (adapter on and off), and is counted so.
+    Trained like the scalar LoRA reward (Bradley-Terry on the ratio, as DPO does). Every scored input runs twice
+    (adapter on and off), and both passes are counted; a prefix keeps a KV cache of each.
     """
 
     head_kind = "implicit"
@@ -44,73 +62,86 @@ class ImplicitLoRAReward(LoRAReward):
         finally:
             self._switch(self._depth > 0)
 
-    def _ratio(self, embeds: torch.Tensor, mask: torch.Tensor | None, spans: Sequence[tuple[int, int]], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Summed log-probability ratios. embeds: [B, T, H]; spans[b]: the scored slots [first, end), the response
-        and the template's tail; targets[b]: their tokens, [S_b, V] (soft) or [S_b] (ids). -> [B] float32."""
-        lm_head = self.model.get_output_embeddings()
-        out = []
-        hidden_on = self.forward_hidden(embeds, mask)  # [B, T, H]
-        with self.reference():
-            hidden_off = self.body(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        for b, ((first, end), target) in enumerate(zip(spans, targets)):
-            # why: slot s is predicted from slot s - 1; only the scored slots go through the [H, V] head
-            on = F.log_softmax(lm_head(hidden_on[b, first - 1 : end - 1]).float(), -1)  # [S, V]
-            off = F.log_softmax(lm_head(hidden_off[b, first - 1 : end - 1]).float(), -1)
-            ratio = on - off
-            picked = (ratio * target).sum(-1) if target.dim() == 2 else ratio.gather(-1, target[:, None])[:, 0]
-            out.append(picked.sum())
-        return upcast(torch.stack(out))
-
     def first_scored(self, prompt: str) -> int:
         """The first scored slot: the response's first token (the template's head is not scored)."""
         return len(self.frame(prompt)[0])
+
+    def _hidden(
+        self, embeds: torch.Tensor, mask: torch.Tensor | None, on: bool, cache: DynamicCache | None = None, start: int = 0
+    ) -> torch.Tensor:
+        """Last hidden states with the adapter on or off. embeds: [B, T, H] -> [B, T, H]."""
+        if on:
+            return self.forward_hidden(embeds, mask, cache, start)
+        T = embeds.shape[1]
+        positions = torch.arange(start, start + T, device=embeds.device)[None].expand(embeds.shape[0], T)
+        with self.reference():
+            out = self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def _ratios(self, hidden_on: torch.Tensor, hidden_off: torch.Tensor) -> torch.Tensor:
+        """log π_θ − log π of the next token at each slot. hidden: [S, H] -> [S, V] float32."""
+        lm_head = self.model.get_output_embeddings()
+        return F.log_softmax(lm_head(hidden_on).float(), -1) - F.log_softmax(lm_head(hidden_off).float(), -1)
 
     def values(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
         lays = [self.layout(p, r) for p, r in zip(prompts, responses)]
         dev = self.embedding.device
         T = max(len(lay.ids) for lay in lays)
-        rows, mask, targets = [], torch.zeros(len(lays), T, dtype=torch.long, device=dev), []
-        spans: list[tuple[int, int]] = []
-        for b, (lay, prompt, resp) in enumerate(zip(lays, prompts, responses)):
+        rows, mask = [], torch.zeros(len(lays), T, dtype=torch.long, device=dev)
+        for b, (lay, resp) in enumerate(zip(lays, responses)):
             ids = torch.tensor(list(resp), dtype=torch.long, device=dev)
             e = self.embeds(lay.ids, lay.source, self.vocab.embed_ids(ids, self.embedding))
-            rows.append(torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]))  # right padding: no slot reads it
+            rows.append(torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]))  # right padding: no scored slot reads it
             mask[b, : e.shape[0]] = 1
-            slot_ids = [resp[s] if s >= 0 else i for i, s in zip(lay.ids, lay.source)]
-            first = self.first_scored(prompt)
-            targets.append(torch.tensor(slot_ids[first:], dtype=torch.long, device=dev))
-            spans.append((first, len(lay.ids)))
-        values = self._ratio(torch.stack(rows), mask, spans, targets)
-        return values, 2 * sum(len(lay.ids) for lay in lays)
+        embeds = torch.stack(rows)  # [B, T, H]
+        hidden_on, hidden_off = self._hidden(embeds, mask, True), self._hidden(embeds, mask, False)
+        out = []
+        for b, (lay, prompt, resp) in enumerate(zip(lays, prompts, responses)):
+            first, end = self.first_scored(prompt), len(lay.ids)
+            targets = torch.tensor([resp[s] if s >= 0 else i for i, s in zip(lay.ids[first:], lay.source[first:])], device=dev)
+            # why: slot s is predicted from slot s - 1; only the scored slots go through the [H, V] output layer
+            ratios = self._ratios(hidden_on[b, first - 1 : end - 1], hidden_off[b, first - 1 : end - 1])  # [S, V]
+            out.append(ratios.gather(-1, targets[:, None]).sum())
+        return upcast(torch.stack(out)), 2 * sum(len(lay.ids) for lay in lays)
 
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         scores = super().score(prompts, responses)
         return Scores(scores.values, 2 * scores.passes, scores.tokens)  # two passes a response: adapter on and off
 
-    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
-        empty = torch.zeros(0, device=self.embedding.device)
-        return RewardPrefix(TransformerPrefix(prompt, list(committed), 0, None, empty), 0, 0)
+    def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[ImplicitPrefix]:
+        committed = list(committed)
+        lay = self.layout(prompt, committed, final=False)
+        first, P, dev = self.first_scored(prompt), len(lay.ids), self.embedding.device
+        caches = DynamicCache(config=self.body.config), DynamicCache(config=self.body.config)
+        with torch.no_grad():
+            vecs = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long, device=dev), self.embedding)
+            embeds = self.embeds(lay.ids, lay.source, vecs)[None]  # [1, P, H]
+            hidden_on = self._hidden(embeds, None, True, caches[0])[0]
+            hidden_off = self._hidden(embeds, None, False, caches[1])[0]
+            ratios = self._ratios(hidden_on[first - 1 :], hidden_off[first - 1 :])  # [P - first + 1, V]
+            targets = torch.tensor(committed, dtype=torch.long, device=dev)
+            value = ratios[:-1].gather(-1, targets[:, None]).sum()
+        state = ImplicitPrefix(prompt, committed, P, CacheSnapshot.take(caches[0]), CacheSnapshot.take(caches[1]), value, ratios[-1])
+        return RewardPrefix(state, 2, 2 * P)
 
-    def extend(self, prefix: RewardPrefix[TransformerPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
-        return self.prepare(prompt, committed)
+    def extend(self, prefix: RewardPrefix[ImplicitPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[ImplicitPrefix]:
+        return self.prepare(prompt, committed)  # why: two passes over the prefix, small beside the DTO steps it serves
 
-    def score_soft(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor) -> SoftScore:
+    def score_soft(self, prefix: RewardPrefix[ImplicitPrefix], y: torch.Tensor) -> SoftScore:  # type: ignore[override]
         # y: [L, V] soft token vectors after the committed tokens
         state = prefix.state
-        committed = state.committed
-        c, dev = len(committed), self.embedding.device
-        lay = self.layout(state.prompt, committed + y.detach().argmax(-1).tolist())
-        hard = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long, device=dev), self.embedding)  # [c, H]
-        vecs = torch.cat([hard, self.vocab.embed(y, self.embedding).to(hard.dtype)])  # [c + L, H]
-        V = y.shape[-1]
-        slot_targets = []
-        for i, s in zip(lay.ids, lay.source):
-            if 0 <= s < c or s < 0:
-                slot_targets.append(F.one_hot(torch.tensor(committed[s] if s >= 0 else i, device=dev), V).to(y.dtype))
-            else:
-                slot_targets.append(y[s - c])
-        first = self.first_scored(state.prompt)
-        target = torch.stack(slot_targets[first:])  # [S, V]
-        value = self._ratio(self.embeds(lay.ids, lay.source, vecs)[None], None, [(first, len(lay.ids))], [target])[0]
-        return SoftScore(value, 2, 2 * len(lay.ids))
-
+        c, P = len(state.committed), state.length
+        lay = self.layout(state.prompt, state.committed + y.detach().argmax(-1).tolist())
+        ids, src = lay.ids[P:], [s - c if s >= 0 else -1 for s in lay.source[P:]]
+        embeds = self.embeds(ids, src, self.vocab.embed(y, self.embedding))[None]  # [1, S, H]
+        try:
+            hidden_on = self._hidden(embeds, None, True, state.on.cache, P)[0]
+            hidden_off = self._hidden(embeds, None, False, state.off.cache, P)[0]
+        finally:
+            state.on.restore()  # why: the next DTO step reuses the prefix entries only, graph-free
+            state.off.restore()
+        ratios = torch.cat([state.next_ratio[None], self._ratios(hidden_on[:-1], hidden_off[:-1])])  # [S, V]
+        V = ratios.shape[-1]
+        targets = torch.stack([y[s] if s >= 0 else F.one_hot(torch.tensor(i, device=y.device), V).to(y.dtype) for i, s in zip(ids, src)])
+        value = state.value + (ratios * targets.to(ratios.dtype)).sum()
+        return SoftScore(upcast(value), 2, 2 * len(ids))
