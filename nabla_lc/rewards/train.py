@@ -8,7 +8,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,41 +154,66 @@ def train_reward(
     if reward is None:
         kind = {"scalar": LoRAReward, "implicit": ImplicitLoRAReward}[head]
         reward = kind(policy_model, tokenizer, rank=rank, target_modules=target_modules)
-    reward.trainable(True)
-    params = reward.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    order = random.Random(seed)
-    total = epochs * ((len(items) + batch_size - 1) // batch_size)
-    total = min(total, max_steps) if max_steps is not None else total
-    loss_value, swap_value = float("nan"), None
-    step = 0
-    with tqdm(total=total, desc="train-reward", disable=not progress) as bar:
-        for _ in range(epochs):
-            order.shuffle(items)
-            for start in range(0, len(items), batch_size):
-                if step == total:
-                    break
-                batch = items[start : start + batch_size]
-                with reward.adapter():  # why: keep the adapter on through backward
-                    loss = _loss(reward, tokenizer, batch, objective)
-                    if swaps:
-                        swap = swap_loss(reward, swaps[step % len(swaps)])
-                        swap_value = float(swap.detach())
-                        loss = loss + swap_weight * swap
-                    optimizer.zero_grad()
-                    loss.backward()
-                optimizer.step()
-                step += 1
-                loss_value = float(loss.detach())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", **({"swap": f"{swap_value:.4f}"} if swap_value is not None else {}))
-    reward.trainable(False)
+
+    def batch_loss(batch: Sequence[Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = _loss(reward, tokenizer, batch, objective)
+        if not swaps:
+            return loss, {}
+        swap = swap_loss(reward, swaps[step % len(swaps)])
+        return loss + swap_weight * swap, {"swap": float(swap.detach())}
+
+    step, loss_value, last = _fit(
+        reward, items, batch_loss, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, max_steps=max_steps,
+        desc="train-reward", progress=progress,
+    )
+    swap_value = last.get("swap")
     accuracy, n_pairs = heldout_accuracy(reward, tokenizer, held, batch_size)
     report = TrainReport(
         objective, step, loss_value, len(train), len(held), n_pairs, accuracy, min(len(swaps), step), swap_value
     )
     log.info("trained the LoRA reward: %s", report)
     return reward, report
+
+
+def _fit(
+    reward: LoRAReward,
+    items: list[Any],
+    batch_loss: Callable[[Sequence[Any], int], tuple[torch.Tensor, dict[str, float]]],
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    max_steps: int | None,
+    desc: str,
+    progress: bool,
+) -> tuple[int, float, dict[str, float]]:
+    """AdamW on the reward's trainable parameters over ``epochs`` shuffled passes of ``items`` in batches (at most
+    ``max_steps``); ``batch_loss(batch, step)`` gives the loss and values to show. Returns (steps, the last loss,
+    the last values)."""
+    reward.trainable(True)
+    optimizer = torch.optim.AdamW(reward.trainable_parameters(), lr=lr)
+    order = random.Random(seed)
+    total = epochs * ((len(items) + batch_size - 1) // batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
+    loss_value, shown, step = float("nan"), {}, 0
+    with tqdm(total=total, desc=desc, disable=not progress) as bar:
+        for _ in range(epochs):
+            order.shuffle(items)
+            for start in range(0, len(items), batch_size):
+                if step == total:
+                    break
+                with reward.adapter():  # why: keep the adapter on through backward
+                    loss, shown = batch_loss(items[start : start + batch_size], step)
+                    optimizer.zero_grad()
+                    loss.backward()
+                optimizer.step()
+                step += 1
+                loss_value = float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in shown.items()})
+    reward.trainable(False)
+    return step, loss_value, shown
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -325,33 +350,16 @@ def train_process_reward(
     if not train:
         raise ValueError(f"no training records (records: {len(records)})")
     reward = LoRAReward(policy_model, tokenizer, rank=rank, target_modules=target_modules, step_separator=step_separator, aggregation=aggregation)  # type: ignore[arg-type]
-    reward.trainable(True)
-    optimizer = torch.optim.AdamW(reward.trainable_parameters(), lr=lr)
-    items, order = list(train), random.Random(seed)
-    total = epochs * ((len(items) + batch_size - 1) // batch_size)
-    total = min(total, max_steps) if max_steps is not None else total
-    loss_value, step = float("nan"), 0
-    with tqdm(total=total, desc="train-process-reward", disable=not progress) as bar:
-        for _ in range(epochs):
-            order.shuffle(items)
-            for start in range(0, len(items), batch_size):
-                if step == total:
-                    break
-                batch = items[start : start + batch_size]
-                with reward.adapter():  # why: keep the adapter on through backward
-                    reads = reward.reads([r.prompt for r in batch], [_ids(tokenizer, r.response) for r in batch])
-                    losses = [
-                        F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(r.correct))) for logits, r in zip(reads, batch)
-                    ]
-                    loss = torch.stack(losses).mean()
-                    optimizer.zero_grad()
-                    loss.backward()
-                optimizer.step()
-                step += 1
-                loss_value = float(loss.detach())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-    reward.trainable(False)
+
+    def batch_loss(batch: Sequence[Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        reads = reward.reads([r.prompt for r in batch], [_ids(tokenizer, r.response) for r in batch])
+        losses = [F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(r.correct))) for logits, r in zip(reads, batch)]
+        return torch.stack(losses).mean(), {}
+
+    step, loss_value, _ = _fit(
+        reward, list(train), batch_loss, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, max_steps=max_steps,
+        desc="train-process-reward", progress=progress,
+    )
     reads = _held_out_reads(reward, tokenizer, held, batch_size)
     labels = [r.correct for r, logits in zip(held, reads) for _ in logits]
     predicted = [v > 0 for logits in reads for v in logits.tolist()]
