@@ -35,4 +35,4 @@ def test_solve_rejects_bad_input(capsys):
     assert main(["solve", "hi", "--top-p", "2"]) == 2
     assert "NablaConfig.top_p" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["solve", "hi", "--method", "beam"])
+        main(["solve", "hi", "--method", "bogus"])
