@@ -28,8 +28,8 @@ from .engine.types import Constraint
 ToolChoice = Literal["auto", "none", "any", "required"] | str | None
 """None or ``auto``: the model decides; ``none``: no tool; ``any``/``required``: some tool; a tool's name: that tool."""
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-"""A tool-call block; one the response cut before its closing tag is read to the end (and is usually invalid)."""
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
+"""A tool-call block; one without its closing tag is read to the next block or the end (and is usually invalid)."""
 
 
 def tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
@@ -50,14 +50,19 @@ def tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def check_tool_choice(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> ToolChoice:
     """The tool choice in our words (``required`` is ``any``); an unknown tool name raises ``ValueError``."""
-    if isinstance(choice, Mapping):  # OpenAI's {"type": "function", "function": {"name": ...}}
-        choice = choice.get("function", {}).get("name") or choice.get("name")
-    if choice in (None, "auto", "none", "any"):
+    if isinstance(choice, Mapping):  # OpenAI's {"type": "function", "function": {"name": ...}}, Anthropic's {"type": "any"}
+        named = choice.get("function", {}).get("name") or choice.get("name")
+        if named is None and choice.get("type") not in ("auto", "none", "any", "required"):
+            raise ValueError(f"tool_choice {dict(choice)!r:.200} names no tool and no known type")
+        choice = named if named is not None else choice["type"]
+    if choice in (None, "auto", "none"):
         return choice
-    if choice == "required":
-        return "any"
-    if choice is True:
-        return "any"
+    if choice in ("required", True):
+        choice = "any"
+    if choice == "any":
+        if not tools:
+            raise ValueError("tool_choice forces a tool call, but no tools are bound")
+        return choice
     names = tool_names(tools)
     if choice not in names:
         raise ValueError(f"tool_choice must be None, 'auto', 'none', 'any', 'required' or one of the tools {names}, got {choice!r}")

@@ -85,6 +85,12 @@ def test_malformed_tool_calls_become_invalid_tool_calls() -> None:
     assert reply.invalid_tool_calls[1]["name"] == "mul"
 
 
+def test_an_unclosed_tool_call_does_not_swallow_the_next_one() -> None:
+    tools = [add.tool_call_schema.model_json_schema() | {"name": "add"}]
+    reply = parse_tool_calls('<tool_call>{"name": "add", "argu<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', tools)
+    assert [c.arguments for c in reply.calls] == [{"a": 1, "b": 2}] and len(reply.invalid) == 1
+
+
 def test_a_reply_cut_inside_a_tool_call_is_invalid_not_an_error() -> None:
     assert parse_tool_calls('<tool_call>\n{"name": "add", "argu', [add.tool_call_schema.model_json_schema() | {"name": "add"}]).invalid
 
@@ -122,12 +128,16 @@ def test_tool_choice_is_checked_and_forced_choices_are_constraints() -> None:
         chat.bind_tools([add], tool_choice="mul")
     chat.bind_tools([add]).invoke("q")
     assert chat.llm.engine.calls[-1].requests[0].constraint is None
-    for choice in ("add", "any", "required", {"type": "function", "function": {"name": "add"}}):
+    for choice in ("add", "any", "required", {"type": "function", "function": {"name": "add"}}, {"type": "any"}):
         chat.bind_tools([add], tool_choice=choice).invoke("q")
         constraint = chat.llm.engine.calls[-1].requests[0].constraint
         assert constraint is not None and constraint.kind == "ebnf" and "<tool_call>" in constraint.spec
     chat.bind_tools([add], tool_choice="none").invoke("q")
     assert "You can call" not in prompt_of(chat)
+    with pytest.raises(ValueError, match="no known type"):
+        chat.bind_tools([add], tool_choice={"type": "sometimes"})
+    with pytest.raises(ValueError, match="no tools are bound"):
+        chat.invoke("q", tool_choice="any")
 
 
 def test_tool_calls_and_options_are_in_the_cache_key() -> None:
@@ -160,10 +170,8 @@ def test_a_forced_tool_call_always_parses(tiny_chat: ChatNablaReasoner) -> None:
 def test_structured_output_always_parses(tiny_chat: ChatNablaReasoner, method: str) -> None:
     schema: Any = Answer if method != "json_mode" else {"type": "object", "properties": {}}
     runnable = tiny_chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
-    for seed in range(3):
-        value = runnable.invoke("What is 2 + 2?", config={"configurable": {}}) if seed == 0 else tiny_chat.with_structured_output(
-            schema, method=method  # type: ignore[arg-type]
-        ).invoke([HumanMessage("What is 2 + 2?")])
+    for seed in range(3):  # sampled (Best-of-2 at temperature 1.5), so each seed is another reply
+        value = runnable.invoke([HumanMessage("What is 2 + 2?")], method="bon", n=2, temperature=1.5, seed=seed)
         if method == "json_mode":
             assert isinstance(value, dict)
         else:

@@ -85,11 +85,10 @@ def test_ray_rows_equal_the_single_process_run_though_a_worker_is_killed(ray_clu
     killed: list[str] = []
 
     def kill_the_victim() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (gate / "victim").exists():
+        deadline, name = time.monotonic() + STALL_S, ""
+        while time.monotonic() < deadline and not name:  # why: the victim creates the file, then writes its name
             time.sleep(0.05)
-        time.sleep(0.1)  # why: the victim writes its name right after creating the file
-        name = (gate / "victim").read_text()
+            name = (gate / "victim").read_text() if (gate / "victim").exists() else ""
         ray.kill(ray.get_actor(name))
         killed.append(name)
 

@@ -81,8 +81,14 @@ def test_a_constrained_nabla_proposal_is_within_the_mask(tiny_engine: Engine) ->
             proposals += 1
             matcher = check_in_grammar(tiny_engine, constraint, result.token_ids[: record.index])
             proposed = record.proposed_token
-            assert proposed in tiny_engine.policy.eos_ids or matcher.accept_token(proposed), record.proposed_text
+            assert matcher.accept_token(proposed), record.proposed_text  # an end token too: only where the grammar may end
     assert proposals >= 5
+
+
+def test_a_schema_keeps_its_property_order() -> None:
+    # xgrammar writes properties in the schema text's order: "reasoning" before "answer" must stay so
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}}}
+    assert Constraint.json_schema(schema).spec.index("reasoning") < Constraint.json_schema(schema).spec.index("answer")
 
 
 def test_accounting_is_unchanged_by_a_constraint(tiny_engine: Engine) -> None:

@@ -35,8 +35,9 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: "dict[str, Any] | str") -> "Constraint":
-        """Responses that are JSON documents valid under ``schema`` (a dict or its JSON text)."""
-        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+        """Responses that are JSON documents valid under ``schema`` (a dict or its JSON text); properties are written in
+        the schema's order (keys are not sorted: a "reasoning" field declared before "answer" comes first)."""
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
 
     @classmethod
     def regex(cls, pattern: str) -> "Constraint":

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..tensors import freeze
 from .base import file_identity
-from .process import AGGREGATIONS, Aggregation, aggregate, step_ends
+from .process import AGGREGATIONS, Aggregation, TokenTexts, aggregate, step_ends
 from .transformer import Layout, TransformerReward, exact_vocab, reply_frame
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class LoRAReward(TransformerReward):
         self.aggregation: Aggregation = aggregation
         self.kind = "process" if step_separator is not None else "outcome"
         self.read_last = step_separator is None
-        self._texts: dict[int, str] = {}
+        self._texts = TokenTexts(tokenizer)
         freeze(policy_model)
         config = LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=list(self.target_modules), lora_dropout=0.0)
         inject_adapter_in_model(config, policy_model, adapter_name=ADAPTER)
@@ -138,7 +138,7 @@ class LoRAReward(TransformerReward):
         ids, src, reads = super().response_slots(response, final)
         if self.step_separator is None:
             return ids, src, reads
-        ends = step_ends((self._token_text(int(t)) for t in response), self.step_separator)
+        ends = step_ends(map(self._texts, response), self.step_separator)
         reads = [j for j, end in enumerate(ends) if end]
         if final and ends and not ends[-1]:
             reads.append(len(ends) - 1)
@@ -152,11 +152,6 @@ class LoRAReward(TransformerReward):
 
     def combine(self, values: torch.Tensor) -> torch.Tensor:
         return values[-1] if self.step_separator is None else aggregate(values, self.aggregation)
-
-    def _token_text(self, token: int) -> str:
-        if token not in self._texts:  # padded embedding rows have no text
-            self._texts[token] = self.tokenizer.decode([token]) if token < len(self.tokenizer) else ""
-        return self._texts[token]
 
     # --- files ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

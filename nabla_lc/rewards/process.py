@@ -18,6 +18,20 @@ Aggregation = Literal["sum", "min", "last", "mean"]
 AGGREGATIONS: tuple[str, ...] = ("sum", "min", "last", "mean")
 
 
+class TokenTexts:
+    """Each token id's text under ``tokenizer``, decoded once; ids past the tokenizer (padded embedding rows) have none."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        token = int(token)
+        if token not in self._texts:
+            self._texts[token] = self.tokenizer.decode([token]) if token < len(self.tokenizer) else ""
+        return self._texts[token]
+
+
 def step_ends(texts: Iterable[str], separator: str) -> list[bool]:
     """Whether each token (given as its text) completes an occurrence of ``separator`` in the joined text."""
     pending, ends = "", []
@@ -85,8 +99,8 @@ class ProcessReward(TransformerReward):
         self.tag_id = int(tag[0])
         self.aggregation: Aggregation = aggregation
         self.system = system
-        self._texts: dict[int, str] = {}
         super().__init__(model.base_model, tokenizer, policy_tokenizer, vocab_bridge)
+        self._texts = TokenTexts(self.policy_tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -121,7 +135,7 @@ class ProcessReward(TransformerReward):
 
     def check_vocab(self, policy_tokenizer: Any) -> None:
         if policy_tokenizer is not self.policy_tokenizer:
-            self._texts = {}
+            self._texts = TokenTexts(policy_tokenizer)
         super().check_vocab(policy_tokenizer)
 
     def frame(self, prompt: str) -> tuple[list[int], list[int]]:
@@ -129,7 +143,7 @@ class ProcessReward(TransformerReward):
 
     def step_ends(self, response: Sequence[int]) -> list[bool]:
         """Whether each response token (policy id) completes an occurrence of the step separator."""
-        return step_ends((self._token_text(int(t)) for t in response), self.step_separator)
+        return step_ends(map(self._texts, response), self.step_separator)
 
     def response_slots(self, response: Sequence[int], final: bool) -> tuple[list[int], list[int], list[int]]:
         ids: list[int] = []
@@ -155,8 +169,3 @@ class ProcessReward(TransformerReward):
 
     def combine(self, values: torch.Tensor) -> torch.Tensor:
         return aggregate(values, self.aggregation)
-
-    def _token_text(self, token: int) -> str:
-        if token not in self._texts:  # padded embedding rows have no text
-            self._texts[token] = self.policy_tokenizer.decode([token]) if token < len(self.policy_tokenizer) else ""
-        return self._texts[token]
