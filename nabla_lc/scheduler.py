@@ -187,8 +187,7 @@ class Scheduler:
         if not call.rows:
             self._advance(task, [], live)
             return
-        s = call.sampling
-        key = (s.temperature, s.top_p, s.top_k, call.keep_logits)
+        key = (call.sampling, call.keep_logits)  # why: the whole Sampling, so a field added to it splits batches too
         if key not in groups:
             groups[key] = _Group(self.policy, call, self.stats)
         group = groups[key]

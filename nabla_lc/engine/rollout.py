@@ -14,7 +14,7 @@ from .policy import Policy
 from .stream import cut_at_stop
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     """How to draw a token from logits."""
 
@@ -191,7 +191,22 @@ class RolloutBatch:
         self.last_position = torch.cat([self.last_position, positions[:, -1:]])
         self.logits = torch.cat([self.logits, logits])
         self.active = self.active + new
+        self._trim_left()
         return done
+
+    def _trim_left(self) -> None:
+        """Drop the leading cache columns no active row attends to.
+
+        why: rows leave and join a long-running batch; without this the padding columns of rows long gone stay in
+        every layer, and each step pays for them. Positions are per row (:attr:`last_position`), so nothing shifts.
+        """
+        assert self.cache is not None and self.mask is not None
+        first = int(self.mask.any(0).nonzero()[0])
+        if first == 0:
+            return
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
     def step(self) -> list[tuple[int, Rollout]]:
         """Sample one token for every active row; the rows that finished, with their rollouts."""
@@ -233,6 +248,9 @@ class RolloutBatch:
             self.cache.batch_select_indices(index)
             mask, positions, step = mask[index], positions[index], step[index]
             active = [active[r] for r in keep_rows]
+            self.mask = mask
+            self._trim_left()
+            mask = self.mask
         self.mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         self.last_position = positions + 1
         out = policy.model(input_ids=step[:, None], attention_mask=self.mask, position_ids=self.last_position, cache=self.cache, use_cache=True)
