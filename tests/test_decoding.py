@@ -286,3 +286,22 @@ def test_bad_input_is_a_clear_error(tokenizer):
     with pytest.raises(ConfigError, match="needs a reward"):
         no_reward.generate([no_reward.request("hi")], NablaConfig(method="bon"))
     assert no_reward.generate([no_reward.request("hi")], NablaConfig(method="sc", n=2, max_new_tokens=4))
+
+
+def test_a_running_batch_drops_the_columns_of_rows_that_left(tokenizer):
+    # a long prefix joins, leaves, and its padding columns must not stay in the cache of the rows still running
+    from nabla_lc.engine.accounting import Stats
+    from nabla_lc.engine.policy import Policy
+    from nabla_lc.engine.rollout import RolloutBatch, RolloutRow, Sampling
+
+    policy = Policy(make_policy(tokenizer), tokenizer)
+    batch = RolloutBatch(policy, Sampling(1.0))
+    row = lambda prefix, budget: RolloutRow(prefix, [], budget, (), torch.Generator().manual_seed(0), Stats())  # noqa: E731
+    batch.add([row([5, 6], 12)])
+    batch.step()
+    batch.add([row(list(range(5, 45)), 1)])  # 40 prefix tokens, one token of budget
+    assert batch.mask is not None and batch.mask.shape[1] == 40
+    finished = batch.step()
+    assert [b for b, _ in finished] == [1]
+    assert batch.mask is not None and batch.mask.shape[1] == 2 + 2  # the short row's prefix and its two steps
+    assert all(layer.keys.shape[2] == batch.mask.shape[1] for layer in batch.cache.layers)  # type: ignore[union-attr]
