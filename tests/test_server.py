@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
+import time
 
 import dspy
 import httpx
@@ -13,7 +16,7 @@ from langchain_openai import ChatOpenAI
 from nabla_lc import Engine, NablaConfig
 from nabla_lc.cli import main
 
-from .fake_engine import FakeEngine
+from .fake_engine import FakeEngine, default_responder
 from .server_harness import API_KEY, running_server
 from .test_dspy import chat_adapter_responder
 
@@ -129,18 +132,29 @@ def test_limits_and_plain_endpoints(url: str, tiny_engine: Engine) -> None:
 
 
 def test_full_queue_is_429_with_retry_after() -> None:
-    engine = FakeEngine(delay_s=0.05)
-    with running_server(engine, max_queue=1, retry_after_s=7) as url:
+    # the first request holds the only place until the test releases it (no race with its decoding time)
+    release = threading.Event()
+
+    def held(prompt_text: str, user_text: str, seed: int | None, sample: int) -> str:
+        if user_text == "slow":
+            release.wait(120)
+        return default_responder(prompt_text, user_text, seed, sample)
+
+    with running_server(FakeEngine(responder=held), max_queue=1, retry_after_s=7) as url:
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "slow"}], "stream": True}
-        with httpx.stream("POST", url + "/chat/completions", headers=auth, json=body, timeout=30) as first:
-            assert first.status_code == 200
-            second = httpx.post(url + "/chat/completions", headers=auth, json={**body, "stream": False})
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "slow"}]}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url + "/chat/completions", headers=auth, json=body, timeout=180)
+            deadline = time.monotonic() + 120
+            while "nabla_requests_in_flight 1" not in httpx.get(url.removesuffix("/v1") + "/metrics", headers=auth).text:
+                assert time.monotonic() < deadline and not first.done(), "the first request never became in flight"
+                time.sleep(0.02)
+            second = httpx.post(url + "/chat/completions", headers=auth, json={**body, "messages": [{"role": "user", "content": "x"}]})
             assert second.status_code == 429 and second.headers["retry-after"] == "7"
             assert second.json()["error"]["type"] == "rate_limit_error"
-            lines = [line for line in first.iter_lines() if line]
-        assert lines[-1] == "data: [DONE]"
-        assert httpx.post(url + "/chat/completions", headers=auth, json={**body, "stream": False}).status_code == 200
+            release.set()
+            assert first.result().status_code == 200
+        assert httpx.post(url + "/chat/completions", headers=auth, json=body).status_code == 200
 
 
 def test_time_limit_is_504() -> None:
@@ -181,6 +195,8 @@ def test_serve_refuses_no_auth_off_loopback_and_a_missing_key(capsys: pytest.Cap
     monkeypatch.delenv("NABLA_LC_API_KEY", raising=False)
     assert main(["serve"]) == 2
     assert "no API key" in capsys.readouterr().err
+    assert main(["serve", "--no-auth", "--api-key-file", "key.txt"]) == 2
+    assert "contradict" in capsys.readouterr().err
 
 
 CALC = {"type": "function", "function": {"name": "calc", "description": "pick", "parameters": {

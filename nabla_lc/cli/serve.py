@@ -49,10 +49,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def api_key(args: argparse.Namespace) -> str | None:
-    """The key requests must send, or None with --no-auth; a missing key or --no-auth off loopback raises ValueError."""
+    """The key requests must send, or None with --no-auth; a missing key, --no-auth off loopback, or --no-auth with
+    --api-key-file raises ValueError."""
     if args.no_auth:
         if not is_loopback(args.host):
             raise ValueError(f"--no-auth is only allowed with a loopback --host (got {args.host!r})")
+        if args.api_key_file is not None:
+            raise ValueError("--no-auth and --api-key-file contradict each other; pass one")
         return None
     if args.api_key_file is not None:
         key = args.api_key_file.read_text().strip()

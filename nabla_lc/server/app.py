@@ -315,6 +315,10 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         except APIError as err:  # headers are sent: the error goes into the stream, as OpenAI does
             status = err.status
             yield _data(err.body())
+        except Exception:  # why: an unexpected failure mid-stream still ends the stream with an OpenAI error, never a cut
+            log.exception("a streamed request failed")
+            status = 500
+            yield _data(APIError(500, "internal server error", type="server_error").body())
         finally:
             state["in_flight"] -= 1
             metrics.request(endpoint, status)
