@@ -157,6 +157,15 @@ def test_full_queue_is_429_with_retry_after() -> None:
         assert httpx.post(url + "/chat/completions", headers=auth, json=body).status_code == 200
 
 
+def test_n_above_the_cap_is_400() -> None:
+    with running_server(FakeEngine(), max_n=4) as url:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "q"}]}
+        out = httpx.post(url + "/chat/completions", headers=auth, json={**body, "nabla": {"method": "bon", "n": 5}}, timeout=30)
+        assert out.status_code == 400 and out.json()["error"]["param"] == "nabla.n"
+        assert httpx.post(url + "/chat/completions", headers=auth, json={**body, "nabla": {"method": "bon", "n": 4}}, timeout=30).status_code == 200
+
+
 def test_time_limit_is_504() -> None:
     with running_server(FakeEngine(delay_s=0.2), request_timeout_s=0.3) as url:
         auth = {"Authorization": f"Bearer {API_KEY}"}

@@ -36,6 +36,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the policy's name)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for (400 above)")
+    p.add_argument("--max-n", type=int, default=16, help="largest nabla.n (samples, N_max, particles) a request may ask for (400 above)")
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     ray = p.add_argument_group("Ray Serve (pip install 'nabla-lc[ray]')")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise ModuleNotFoundError(f"{err}; nabla-lc serve needs the 'serve' extra: pip install 'nabla-lc[serve]'") from None
     key = api_key(args)  # why: before loading any model
     settings = ServerSettings(
-        api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+        api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout,
     )
     if args.ray:

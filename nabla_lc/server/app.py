@@ -52,6 +52,9 @@ class ServerSettings(BaseModel):
     """Largest request body; a larger one gets 413."""
     max_tokens_cap: int = Field(default=1024, ge=1)
     """Largest ``max_tokens`` a request may ask for (400 above it)."""
+    max_n: int = Field(default=16, ge=1)
+    """Largest ``nabla.n`` (samples, N_max, particles) a request may ask for (400 above it): with the token cap, this
+    bounds the rows one request can put in a batch. The server's own default ``n`` is not checked."""
     max_queue: int = Field(default=64, ge=1)
     """Requests admitted at once (decoding or waiting to); one more gets 429 with ``Retry-After``."""
     retry_after_s: int = Field(default=1, ge=0)
@@ -199,6 +202,8 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                 request = engine_request(lambda: engine.request(prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), "prompt")
                 parsed = text
             config = parsed.config(engine.config)
+            if "n" in (parsed.nabla or {}) and config.n > settings.max_n:  # the server's own default n is the operator's
+                raise bad_field("nabla.n", f"is {config.n}; this server's cap is {settings.max_n}")
             admission = admit()
         except APIError as err:
             metrics.request(endpoint, err.status)
