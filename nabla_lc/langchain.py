@@ -24,7 +24,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, InstanceOf, SkipValidation, model_validator
@@ -380,7 +380,8 @@ class ChatNablaReasoner(BaseChatModel):
             return bound | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         failed = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=bound) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+        # why: a sequence forwards per-call options to its first step, a RunnableMap (RunnableParallel) drops them
+        return bound | RunnableLambda(lambda message: {"raw": message}) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # --- decoding ---------------------------------------------------------------------------
     def _generate(

@@ -186,6 +186,9 @@ def test_structured_output_takes_typeddicts_json_schemas_and_include_raw(tiny_ch
     raw = tiny_chat.with_structured_output(Answer, include_raw=True).invoke("2+2?")
     assert isinstance(raw["raw"], AIMessage) and isinstance(raw["parsed"], Answer) and raw["parsing_error"] is None
     assert json.loads(raw["raw"].content) == raw["parsed"].model_dump()
+    chat = scripted('{"answer": 4, "sure": true}')
+    out = chat.with_structured_output(Answer, include_raw=True).invoke("2+2?", method="bon", n=2)  # per-call options reach the engine
+    assert out["parsed"] == Answer(answer=4, sure=True) and chat.llm.engine.calls[-1].config.method == "bon"
 
 
 def test_structured_output_under_nabla_parses(tiny_chat: ChatNablaReasoner) -> None:
