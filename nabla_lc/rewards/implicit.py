@@ -125,7 +125,24 @@ class ImplicitLoRAReward(LoRAReward):
         return RewardPrefix(state, 2, 2 * P)
 
     def extend(self, prefix: RewardPrefix[ImplicitPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[ImplicitPrefix]:
-        return self.prepare(prompt, committed)  # why: two passes over the prefix, small beside the DTO steps it serves
+        state, committed = prefix.state, list(committed)
+        c = len(state.committed)
+        if prompt != state.prompt or committed[:c] != state.committed:
+            return self.prepare(prompt, committed)
+        added = committed[c:]
+        if not added:
+            return RewardPrefix(state, 0, 0)
+        dev = self.embedding.device
+        with torch.no_grad():  # why: encode only the new tokens on both caches (the layout is head + committed, append-only)
+            vecs = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long, device=dev), self.embedding)
+            embeds = self.embeds([-1] * len(added), list(range(c, len(committed))), vecs)[None]  # [1, n, H]
+            hidden_on = self._hidden(embeds, None, True, state.on.cache, state.length)[0]
+            hidden_off = self._hidden(embeds, None, False, state.off.cache, state.length)[0]
+            ratios = torch.cat([state.next_ratio[None], self._ratios(hidden_on, hidden_off)])  # [n + 1, V]
+            value = state.value + ratios[:-1].gather(-1, torch.tensor(added, device=dev)[:, None]).sum()
+        P = state.length + len(added)
+        on, off = CacheSnapshot.take(state.on.cache), CacheSnapshot.take(state.off.cache)
+        return RewardPrefix(ImplicitPrefix(prompt, committed, P, on, off, value, ratios[-1]), 2, 2 * len(added))
 
     def score_soft(self, prefix: RewardPrefix[ImplicitPrefix], y: torch.Tensor) -> SoftScore:  # type: ignore[override]
         # y: [L, V] soft token vectors after the committed tokens
