@@ -456,22 +456,37 @@ class ChatNablaReasoner(BaseChatModel):
         )
 
     def _whole_chunk(self, result: Result, tools: list[dict[str, Any]]) -> ChatGenerationChunk:
-        """A whole reply as one chunk, its tool calls as complete tool-call chunks."""
+        """A whole reply as one chunk with the same tool calls and invalid tool calls as :meth:`_generate`'s message.
+
+        Only the valid calls are tool-call chunks: AIMessageChunk (langchain-core 1.8 has no invalid tool-call
+        chunks) reads every tool-call chunk with a lenient JSON parser, which would turn a cut-off call into a
+        valid-looking one. The invalid calls are set on the chunk after it is built; adding chunks together
+        re-reads the tool-call chunks, so a merged message has the valid calls and not the invalid ones.
+        """
         [generation] = self._chat_result(result, tools).generations
         message = generation.message
         assert isinstance(message, AIMessage)
-        calls = [(c["name"], json.dumps(c["args"]), c["id"]) for c in message.tool_calls]
-        calls += [(c["name"], c["args"], c["id"]) for c in message.invalid_tool_calls]
         chunk = AIMessageChunk(
             content=message.content,
             tool_call_chunks=[
-                ToolCallChunk(name=name, args=args, id=call_id, index=i, type="tool_call_chunk") for i, (name, args, call_id) in enumerate(calls)
+                ToolCallChunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i, type="tool_call_chunk")
+                for i, c in enumerate(message.tool_calls)
             ],
             usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata,
             chunk_position="last",
         )
+        chunk.invalid_tool_calls = list(message.invalid_tool_calls)
         return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)
+
+    def _streaming_disabled(self, **kwargs: Any) -> bool:
+        """BaseChatModel's rule, and: ``invoke`` with tools bound never goes through :meth:`_stream`.
+
+        Why: with tools the reply is read whole anyway, and LangChain's invoke-through-stream (under a streaming
+        callback handler, e.g. LangGraph's ``stream_mode="messages"``) adds the chunks together, which would drop
+        the invalid tool calls (:meth:`_whole_chunk`). ``stream`` (which passes ``stream=True``) still streams.
+        """
+        return super()._streaming_disabled(**kwargs) or (bool(kwargs.get("tools")) and not kwargs.get("stream"))
 
     def _chunk(self, event: StreamEvent) -> ChatGenerationChunk:
         if isinstance(event, TextDelta):

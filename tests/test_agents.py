@@ -3,11 +3,13 @@ the tiny model for the grammar (a forced tool call and a schema always parse), a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Annotated, Any, Literal
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
@@ -58,6 +60,10 @@ def scripted(reply: str | None = None) -> ChatNablaReasoner:
         return 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call>'
 
     return ChatNablaReasoner(llm=NablaReasonerLLM(engine=FakeEngine(respond)))
+
+
+async def alist(items: Any) -> list[Any]:
+    return [item async for item in items]
 
 
 def prompt_of(chat: ChatNablaReasoner, call: int = -1) -> str:
@@ -120,6 +126,32 @@ def test_streaming_with_tools_yields_the_tool_calls() -> None:
     for chunk in chunks[1:]:
         merged += chunk
     assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("add", {"a": 123, "b": 456})]
+
+
+def test_streaming_with_tools_agrees_with_invoke_on_invalid_tool_calls() -> None:
+    cut = '<tool_call>\n{"name": "add", "arguments": {"a": 1,\n</tool_call>\n<tool_call>{"name": "mul", "arguments": {}}</tool_call>'
+    bound = scripted(cut).bind_tools([add])
+    invoked = bound.invoke("q")
+    assert invoked.tool_calls == [] and len(invoked.invalid_tool_calls) == 2
+    [streamed] = list(bound.stream("q"))
+    [astreamed] = asyncio.run(alist(bound.astream("q")))
+    for chunk in (streamed, astreamed):  # LangChain's lenient parser would make both calls valid-looking
+        assert chunk.tool_calls == [] and chunk.invalid_tool_calls == invoked.invalid_tool_calls
+
+
+def test_invoke_with_tools_under_a_streaming_handler_keeps_invalid_tool_calls() -> None:
+    cut = '<tool_call>\n{"name": "add", "arguments": {"a": 1,\n</tool_call>'
+    bound = scripted(cut).bind_tools([add])
+
+    class Streaming(BaseCallbackHandler):  # what makes invoke stream (LangGraph's stream_mode="messages" is one)
+        def tap_output_iter(self, run_id: Any, output: Any) -> Any:
+            return output
+
+        def tap_output_aiter(self, run_id: Any, output: Any) -> Any:
+            return output
+
+    reply = bound.invoke("q", config={"callbacks": [Streaming()]})
+    assert reply.tool_calls == [] and reply.invalid_tool_calls == bound.invoke("q").invalid_tool_calls
 
 
 def test_tool_choice_is_checked_and_forced_choices_are_constraints() -> None:
