@@ -97,7 +97,7 @@ class NablaDSPyEngine:
         """The assistant message (text, then the tool calls read from it when tools were sent) and finish reason."""
         if not request.tools:
             return Message.assistant(result.text), result.finish_reason
-        reply = parse_tool_calls(result.text, _tools(request))
+        reply = parse_tool_calls(result.text, _offered_tools(request))
         invalid = "\n".join(f"<tool_call>{c.text}</tool_call>" for c in reply.invalid)  # why: DSPy has no invalid calls; kept as text
         text = "\n".join(t for t in (reply.content, invalid) if t)
         parts: list[Any] = ([TextPart(text)] if text else []) + [ToolCallPart(c.id, c.name, c.arguments) for c in reply.calls]
@@ -131,9 +131,9 @@ class NablaDSPyEngine:
         for name in (f.name for f in dataclasses.fields(Config)):
             if name not in SUPPORTED_CONFIG and getattr(options, name) not in (None, ()):
                 raise UnsupportedFeatureError(f"nabla-lc does not support Config.{name}", feature=f"config.{name}")
-        tools = _tools(request)
+        tools = _offered_tools(request)
         choice = _tool_choice(options)
-        constraint = tool_call_constraint([t for t in tools if not _allowed(options) or t["function"]["name"] in _allowed(options)], choice) if tools else None
+        constraint = tool_call_constraint(tools, choice) if tools else None
         if options.response_format is not None:
             if constraint is not None:
                 raise UnsupportedFeatureError("a required tool call and response_format cannot both constrain one reply", feature="config.response_format")
@@ -238,8 +238,13 @@ def _tool_choice(options: Config) -> ToolChoice:
     return choice.allowed[0] if len(choice.allowed) == 1 else "any"
 
 
-def _allowed(options: Config) -> tuple[str, ...]:
-    return options.tool_choice.allowed if options.tool_choice is not None else ()
+def _offered_tools(request: Request) -> list[dict[str, Any]]:
+    """The tools the reply may call: those ``tool_choice.allowed`` names (all when it names none). They are the
+    tools shown to the model, the ones a required choice's grammar permits and the ones the reply is read against.
+    (DSPy's ``Request`` refuses an ``allowed`` name that is not one of its tools, naming it.)"""
+    choice = request.config.tool_choice
+    allowed = choice.allowed if choice is not None else ()
+    return [t for t in _tools(request) if not allowed or t["function"]["name"] in allowed]
 
 
 def _turn(message: Message, index: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import warnings
+from typing import Any
 
 import dspy
 import pytest
@@ -12,6 +13,7 @@ from dspy.lm15 import Config, Message, Request, TextPart, UnsupportedFeatureErro
 
 from nabla_lc.integrations.dspy import NablaDSPyEngine
 from nabla_lc.langchain import NablaReasonerLLM
+from nabla_lc.tool_calls import tool_call_constraint
 
 from .fake_engine import FakeEngine
 
@@ -142,6 +144,31 @@ def test_tools_reach_the_engine_and_tool_calls_come_back() -> None:
     assert '<assistant><tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call></assistant><tool>579</tool>' in prompt
     sync.complete(Request(model="m", messages=(Message.user("q"),), tools=tools, config=Config(tool_choice=ToolChoice(mode="required"))))
     assert engine.calls[-1].requests[0].constraint.kind == "ebnf"
+
+
+MUL = {**ADD, "name": "mul", "description": "Multiply two integers."}
+
+
+def test_tool_choice_allowed_restricts_the_tools_and_unknown_names_are_refused() -> None:
+    from dspy.lm15 import FunctionTool, ToolChoice
+
+    engine = FakeEngine(responder=tool_responder)  # replies with a call of ``add``
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine).settings)
+    tools = (FunctionTool(**ADD), FunctionTool(**MUL))
+
+    def complete(choice: ToolChoice) -> tuple[str, str, Any]:
+        response = sync.complete(Request(model="m", messages=(Message.user("q"),), tools=tools, config=Config(tool_choice=choice)))
+        request = engine.calls[-1].requests[0]
+        return engine.policy.tokenizer.decode(request.prompt_ids), response.finish_reason, request.constraint
+
+    prompt, finish, constraint = complete(ToolChoice(mode="required", allowed=("mul",)))
+    assert constraint == tool_call_constraint([{"type": "function", "function": MUL}], "mul")  # the grammar permits the allowed tool only
+    assert '"name": "mul"' in prompt and '"name": "add"' not in prompt
+    assert finish != "tool_call"  # the reply's call of ``add`` is not a call of an allowed tool
+    prompt, finish, constraint = complete(ToolChoice(mode="auto", allowed=("add",)))
+    assert constraint is None and '"name": "add"' in prompt and '"name": "mul"' not in prompt and finish == "tool_call"
+    with pytest.raises(ValueError, match="nope"):  # DSPy's Request checks the names
+        complete(ToolChoice(mode="required", allowed=("mul", "nope")))
 
 
 def test_response_format_is_a_constraint() -> None:
