@@ -175,3 +175,18 @@ def test_search_needs_a_reward_and_checks_its_settings(tokenizer):
         NablaConfig(resample_temperature=0.0)
     with pytest.raises(ConfigError, match="search_answer"):
         NablaConfig(search_answer="vote")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["pf", "beam"])
+def test_a_stop_string_across_two_steps_ends_the_search(tokenizer, method):
+    # one-token steps: a two-character stop string is completed by the step after the one that begins it
+    engine = _engine(tokenizer, n=1, step_tokens=1)
+    config = engine.config.replace(method=method)
+    free = engine.generate([engine.request(PROMPTS[1], seed=5)], config)[0]
+    assert len(free.token_ids) >= 6, free  # the seed's search runs past the stop string below
+    stop = tokenizer.decode(free.token_ids[2:4])
+    assert len(stop) == 2
+    cut = engine.generate([engine.request(PROMPTS[1], seed=5, stop=[stop])], config)[0]
+    before = free.text[: free.text.find(stop)]
+    assert (cut.finish_reason, cut.text) == ("stop", before)
+    assert cut.stats.rollouts == len(before) + 2  # it ended at the step that completed the stop string

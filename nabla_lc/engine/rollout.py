@@ -102,6 +102,9 @@ class RolloutRow:
     grammar: Grammar | None = None
     """The constraint's parse state after ``committed`` (None: free text); the rollout samples under its mask
     and advances it in place, so pass a fork (:meth:`~nabla_lc.engine.constraints.Grammar.fork`)."""
+    own_stop: Sequence[str] = ()
+    """Stop strings looked for in this row's own tokens only, not across ``committed`` (a step separator, which
+    ends the earlier steps); finish reason ``stop`` too."""
 
 
 @torch.no_grad()
@@ -225,7 +228,7 @@ class RolloutBatch:
             else:
                 if grammar is not None:
                     grammar.accept([token])
-                reason = _finish(policy, token, self.tokens[b], rows[b].committed, rows[b].stop, rows[b].budget)
+                reason = _finish(policy, token, self.tokens[b], rows[b])
             if reason not in ("eos", "cancelled"):
                 self.tokens[b].append(token)
                 rows[b].stats.rollout_tokens += 1
@@ -290,22 +293,27 @@ def _masked_rows(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -
     return torch.stack(rows)
 
 
-def _finish(
-    policy: Policy, token: int, tokens: list[int], committed: Sequence[int], stop: Sequence[str], budget: int
-) -> str | None:
-    """Why a row ends after sampling ``token`` (None: it goes on)."""
+def _finish(policy: Policy, token: int, tokens: list[int], row: RolloutRow) -> str | None:
+    """Why a row ends after sampling ``token`` (None: it goes on): the request's stop strings are looked for over
+    ``committed`` and the row's tokens, its ``own_stop`` strings over its tokens only."""
     if token in policy.eos_ids:
         return "eos"
-    if stop:
-        # why: a stop string the new token completes lies in the last few tokens; decoding only those keeps
-        # each step O(1) instead of O(response). A miss only lets the row run on: the final text is cut in full.
-        window = 2 * max(len(s) for s in stop) + 8
-        _, hit = cut_at_stop(policy.decode([*committed, *tokens, token][-window:]), stop)
-        if hit:
-            return "stop"
-    if len(tokens) + 1 >= budget:
+    if _completes(policy, [*row.committed, *tokens, token], row.stop) or _completes(policy, [*tokens, token], row.own_stop):
+        return "stop"
+    if len(tokens) + 1 >= row.budget:
         return "length"
     return None
+
+
+def _completes(policy: Policy, ids: list[int], stop: Sequence[str]) -> bool:
+    """Whether a stop string occurs in the text of the last few ``ids`` (the ones the newest token can complete one in).
+
+    Why only the last few: decoding them keeps each step O(1) instead of O(response). A miss only lets the row run
+    on: the final text is cut in full."""
+    if not stop:
+        return False
+    window = 2 * max(len(s) for s in stop) + 8
+    return cut_at_stop(policy.decode(ids[-window:]), stop)[1]
 
 
 @dataclass

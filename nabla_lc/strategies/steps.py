@@ -95,15 +95,16 @@ def extend(ctx: DecodingContext, searches: Sequence[Search]) -> None:
     owners: list[tuple[Search, Candidate]] = []
     for search in searches:
         total = ctx.budget(search.request)
-        stop = tuple(ctx.stop(search.request)) + ((config.step_separator,) if config.step_separator else ())
+        separator = (config.step_separator,) if config.step_separator else ()
         for slot, cand in enumerate(search.live):
             if cand.finished:
                 continue
             left = total - len(cand.tokens)
             budget = min(left, config.step_tokens) if config.step_tokens > 0 else left
-            # why: committed=[] so that the separators of earlier steps do not end this step at once
+            # why: the request's stop strings are looked for across the earlier steps (one may straddle a step
+            # boundary); the separator in this step only, so the separators of earlier steps do not end it at once
             prefix = [*search.request.prompt_ids, *cand.tokens]
-            rows.append(RolloutRow(prefix, [], budget, stop, search.generators[slot], search.stats))
+            rows.append(RolloutRow(prefix, list(cand.tokens), budget, ctx.stop(search.request), search.generators[slot], search.stats, own_stop=separator))
             owners.append((search, cand))
     if not rows:
         return
