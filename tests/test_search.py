@@ -190,3 +190,15 @@ def test_a_stop_string_across_two_steps_ends_the_search(tokenizer, method):
     before = free.text[: free.text.find(stop)]
     assert (cut.finish_reason, cut.text) == ("stop", before)
     assert cut.stats.rollouts == len(before) + 2  # it ended at the step that completed the stop string
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "last"])
+def test_a_summing_process_reward_is_warned_about(tokenizer, caplog, aggregation):
+    vocab = len(tokenizer) + 3
+    reward = TokenReward(torch.randn(vocab, generator=torch.Generator().manual_seed(0)))
+    reward.kind, reward.aggregation = "process", aggregation  # as ProcessReward and LoRAReward hold them
+    engine = _engine(tokenizer, reward, n=2, max_new_tokens=3)
+    with caplog.at_level("WARNING", logger="nabla_lc.strategies.steps"):
+        engine.generate([engine.request(PROMPTS[0], seed=1)], engine.config.replace(method="pf"))
+    warned = [r for r in caplog.records if "sums its step scores" in r.getMessage()]
+    assert len(warned) == (aggregation == "sum")

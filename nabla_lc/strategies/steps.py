@@ -10,6 +10,7 @@ Accounting: ``Stats.rollouts`` counts step rollouts, each scored once, so ``rewa
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from ..engine.types import Request, Result
 from ..rewards.base import rank
 from .bon import max_reward
 from .weighted_bon import weighted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,8 +170,19 @@ def results(ctx: DecodingContext, searches: Sequence[Search], wall_s: float) -> 
 def run_search(
     ctx: DecodingContext, requests: Sequence[Request], live: int, advance: Callable[[DecodingContext, Search], None]
 ) -> list[Result]:
-    """Start a search per request with ``live`` candidates; extend and ``advance`` (select) until none is live."""
-    ctx.require_reward(ctx.config.method)
+    """Start a search per request with ``live`` candidates; extend and ``advance`` (select) until none is live.
+
+    A process reward that sums its step scores is used, with a warning: its rewards grow with the number of steps,
+    so candidates with different step counts (a finished one against unfinished ones, steps cut by ``step_tokens``)
+    are not compared on their quality."""
+    reward = ctx.require_reward(ctx.config.method)
+    if reward.kind == "process" and getattr(reward, "aggregation", None) == "sum":
+        log.warning(
+            "%s sums its step scores, so %s compares candidates of different step counts unfairly; "
+            "build it with aggregation='last', 'min' or 'mean' for step-level search",
+            reward.identity,
+            ctx.config.method,
+        )
     began = time.perf_counter()
     searches = start(ctx, requests, live)
     active = list(searches)
