@@ -11,6 +11,7 @@ from nabla_lc.rewards.base import RewardAdapter, Scores
 from nabla_lc.strategies import pf, steps
 from nabla_lc.strategies.steps import Candidate, Search
 
+from .test_scheduler import until
 from .tiny import LinearReward, make_policy
 
 PROMPTS = ["What is 2 + 3?", "What is 4 * 5?", "Add 7 and 8."]
@@ -123,7 +124,7 @@ def test_beam_keeps_the_best_partial_responses_at_each_step(tokenizer, monkeypat
 
     def spy(ctx, searches):
         starts.append([list(c.tokens) for c in searches[0].live])
-        original(ctx, searches)
+        yield from original(ctx, searches)
         history.append([c.copy() for c in searches[0].live])
 
     monkeypatch.setattr(steps, "extend", spy)
@@ -202,3 +203,28 @@ def test_a_summing_process_reward_is_warned_about(tokenizer, caplog, aggregation
         engine.generate([engine.request(PROMPTS[0], seed=1)], engine.config.replace(method="pf"))
     warned = [r for r in caplog.records if "sums its step scores" in r.getMessage()]
     assert len(warned) == (aggregation == "sum")
+
+
+@pytest.mark.parametrize("method", ["pf", "beam"])
+def test_a_cancelled_search_takes_no_further_step(tokenizer, method):
+    # the reward cancels the call while it scores the first step (as a server does when its client disconnects)
+    vocab = len(tokenizer) + 3
+    reward = TokenReward(torch.randn(vocab, generator=torch.Generator().manual_seed(0)))
+    engine = _engine(tokenizer, reward, n=2, beam_width=1, step_tokens=1, max_new_tokens=12)
+    config = engine.config.replace(method=method)
+    request = engine.request(PROMPTS[0], seed=3)
+    assert engine.generate([request], config)[0].stats.rollouts > 2 * 2  # alone, it takes more than two steps
+    reward.partial_calls = 0
+    futures = []
+    original = reward.score_partial
+
+    def cancelling(prompts, responses):
+        futures[0].cancel()
+        return original(prompts, responses)
+
+    reward.score_partial = cancelling
+    tokens, jobs = engine.scheduler.stats.tokens, engine.scheduler.stats.jobs
+    futures.append(engine.submit([request], config))
+    until(lambda: engine.scheduler.stats.jobs > jobs, "the scheduler to finish the job")
+    assert futures[0].cancelled() and engine.scheduler.stats.cancelled == 1
+    assert reward.partial_calls <= 1 and 0 < engine.scheduler.stats.tokens - tokens <= 2  # one step of two one-token rows

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..engine.context import DecodingContext
+from ..engine.rollout import Job
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
 from ..rewards.base import rank
+from .sampling import alone
 from .steps import Candidate, Search, run_search
 
 
@@ -40,9 +42,9 @@ def advance(ctx: DecodingContext, search: Search) -> None:
     search.live = [c.copy() for c in kept if not c.finished for _ in range(k)]
 
 
-def beam_search(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
+def beam_search(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[Result]]:
     """Beam search (or DVTS) with ``config.n`` candidates per step and ``beam_width`` beams, all requests in one batch."""
     return run_search(ctx, requests, ctx.config.n, advance)
 
 
-SPEC = MethodSpec("beam", beam_search, needs_reward=True)
+SPEC = MethodSpec("beam", alone(beam_search), needs_reward=True, steps=beam_search)

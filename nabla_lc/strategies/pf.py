@@ -13,8 +13,10 @@ from typing import Sequence
 import torch
 
 from ..engine.context import DecodingContext
+from ..engine.rollout import Job
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
+from .sampling import alone
 from .steps import Search, log_weights, run_search
 
 
@@ -32,9 +34,9 @@ def resample(ctx: DecodingContext, search: Search) -> None:
     search.live = [particles[j].copy() for j in drawn]
 
 
-def particle_filtering(ctx: DecodingContext, requests: Sequence[Request]) -> list[Result]:
+def particle_filtering(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[Result]]:
     """Particle filtering with ``config.n`` particles per request, all requests' steps in one batch."""
     return run_search(ctx, requests, ctx.config.n, resample)
 
 
-SPEC = MethodSpec("pf", particle_filtering, needs_reward=True)
+SPEC = MethodSpec("pf", alone(particle_filtering), needs_reward=True, steps=particle_filtering)

@@ -1,8 +1,8 @@
 """Step-level search: partial responses extended one reasoning step at a time and scored, shared by ``pf`` and ``beam``.
 
-A step is one :func:`~nabla_lc.engine.rollout.rollout` row that stops at the step separator
-(``NablaConfig.step_separator``) or after ``NablaConfig.step_tokens`` tokens. Every step of every live candidate
-of every request is one batch; each request's new steps are scored in one batched reward pass
+A step is one rollout row that stops at the step separator (``NablaConfig.step_separator``) or after
+``NablaConfig.step_tokens`` tokens. Every step of every live candidate of every request is one rollout call (the
+search is a :data:`~nabla_lc.engine.rollout.Job`, so the scheduler batches it with other requests' rows); each request's new steps are scored in one batched reward pass
 (:meth:`~nabla_lc.rewards.base.RewardAdapter.score_partial` while unfinished, ``score`` once finished).
 Accounting: ``Stats.rollouts`` counts step rollouts, each scored once, so ``reward_forward == rollouts``.
 """
@@ -14,13 +14,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
 from ..engine.accounting import Stats
 from ..engine.context import DecodingContext
-from ..engine.rollout import RolloutRow, Sampling, rollout
+from ..engine.rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling
 from ..engine.stream import cut_at_stop
 from ..engine.types import Request, Result
 from ..rewards.base import rank
@@ -88,8 +88,8 @@ def start(ctx: DecodingContext, requests: Sequence[Request], live: int) -> list[
     ]
 
 
-def extend(ctx: DecodingContext, searches: Sequence[Search]) -> None:
-    """Extend every unfinished live candidate of every search by one step (one batch) and score the new steps.
+def extend(ctx: DecodingContext, searches: Sequence[Search]) -> Generator[RolloutCall, "list[Rollout]", None]:
+    """Extend every unfinished live candidate of every search by one step (one rollout call) and score the new steps.
 
     The candidate in slot j of a search samples with its generator j. Scores: one batched reward pass per search.
     """
@@ -111,7 +111,7 @@ def extend(ctx: DecodingContext, searches: Sequence[Search]) -> None:
             owners.append((search, cand))
     if not rows:
         return
-    steps = rollout(ctx.policy, rows, Sampling(config.temperature, config.top_p, config.top_k))
+    steps = yield RolloutCall(rows, Sampling(config.temperature, config.top_p, config.top_k))
     for (search, cand), step in zip(owners, steps):
         search.stats.rollouts += 1
         cand.tokens.extend(step.tokens)
@@ -169,8 +169,10 @@ def results(ctx: DecodingContext, searches: Sequence[Search], wall_s: float) -> 
 
 def run_search(
     ctx: DecodingContext, requests: Sequence[Request], live: int, advance: Callable[[DecodingContext, Search], None]
-) -> list[Result]:
-    """Start a search per request with ``live`` candidates; extend and ``advance`` (select) until none is live.
+) -> Job[list[Result]]:
+    """As a job: start a search per request with ``live`` candidates; extend and ``advance`` (select) until none is
+    live. Each step's rollouts are one call, so the engine's scheduler batches them with other requests', and a
+    cancelled search stops at the next token (and takes no further step).
 
     A process reward that sums its step scores is used, with a warning: its rewards grow with the number of steps,
     so candidates with different step counts (a finished one against unfinished ones, steps cut by ``step_tokens``)
@@ -187,7 +189,7 @@ def run_search(
     searches = start(ctx, requests, live)
     active = list(searches)
     while active:
-        extend(ctx, active)
+        yield from extend(ctx, active)
         for search in active:
             advance(ctx, search)
         active = [s for s in active if s.live]
