@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping
 
-from .methods import method_names
+from .methods import get_method, method_names
 
 
 class ConfigError(ValueError):
@@ -178,6 +178,11 @@ class NablaConfig:
         if isinstance(changes.get("stop"), list):  # why: JSON (to_dict, --set) has lists; any other type is checked as given
             changes["stop"] = tuple(changes["stop"])
         return dataclasses.replace(self, **changes)
+
+    def ran(self) -> "NablaConfig":
+        """The config ``method`` runs with: its fixed fields applied (greedy: ``temperature=0``, ``n=1``)."""
+        fixed = dict(get_method(self.method).fixed)
+        return self.replace(**fixed) if fixed else self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON-ready)."""

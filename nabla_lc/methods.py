@@ -39,6 +39,9 @@ class MethodSpec:
     constrained: bool = False
     """Whether it decodes under a request's grammar constraint (``Request.constraint``); the engine refuses a
     constrained request for a method that would ignore it."""
+    fixed: tuple[tuple[str, Any], ...] = ()
+    """Config fields the method always runs with, whatever the call asks (greedy: ``temperature`` 0 and ``n`` 1), as
+    (name, value) pairs; :meth:`~nabla_lc.config.NablaConfig.ran` applies them, so reports say what ran."""
     steps: Callable[..., Any] | None = None
     """``steps(ctx, requests) -> Job[list[Result]]``: the method as a job (:data:`nabla_lc.engine.rollout.Job`), so that
     the engine's scheduler batches its rollouts with other requests'. None: ``run`` runs alone, between batches."""

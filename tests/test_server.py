@@ -62,6 +62,14 @@ def test_nabla_request_carries_its_statistics(client: openai.OpenAI, tiny_engine
     assert stats["model_calls"] == expected.stats.model_calls and out.model_extra["nabla"]["n"] == 2
 
 
+def test_statistics_report_what_ran(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "2+2?"}]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0.9, extra_body={"nabla": {"method": "greedy", "n": 3}})
+    assert {k: greedy.model_extra["nabla"][k] for k in ("method", "n", "temperature")} == {"method": "greedy", "n": 1, "temperature": 0.0}
+    bon = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0.9, extra_body={"nabla": {"method": "bon", "n": 3}})
+    assert {k: bon.model_extra["nabla"][k] for k in ("method", "n", "temperature")} == {"method": "bon", "n": 3, "temperature": 0.9}
+
+
 def test_chat_stream_with_usage(client: openai.OpenAI, tiny_engine: Engine) -> None:
     chunks = list(client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16, seed=1, stream=True,

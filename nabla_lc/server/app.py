@@ -385,10 +385,12 @@ def _usage(result: Result) -> dict[str, int]:
 
 
 def _nabla(result: Result, config: NablaConfig) -> dict[str, object]:
-    """The ∇ extension of a response: the method, the reward, the extracted answer and the request's statistics."""
+    """The ∇ extension of a response: the method, ``n`` and temperature it ran with (greedy: 1 and 0, whatever was
+    asked), the reward, the extracted answer and the request's statistics."""
     stats = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.stats.to_dict().items()}
     reward = result.reward if result.reward is None or math.isfinite(result.reward) else None
-    return {"method": config.method, "n": config.n, "reward": reward, "answer": result.answer, "stats": stats}
+    ran = config.ran()
+    return {"method": ran.method, "n": ran.n, "temperature": ran.temperature, "reward": reward, "answer": result.answer, "stats": stats}
 
 
 def _data(payload: dict[str, object]) -> str:
