@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
+import sys
 import threading
 import time
 
@@ -15,10 +17,12 @@ from langchain_openai import ChatOpenAI
 
 from nabla_lc import Engine, NablaConfig
 from nabla_lc.cli import main
+from nabla_lc.server import app as app_module
 
 from .fake_engine import FakeEngine, default_responder
 from .server_harness import API_KEY, running_server
 from .test_dspy import chat_adapter_responder
+from .tiny import make_policy
 
 GREEDY = {"nabla": {"method": "greedy"}}
 
@@ -244,3 +248,41 @@ def test_forced_tool_call_and_json_response_format(client: openai.OpenAI) -> Non
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, tools=[CALC], tool_choice={"type": "function", "function": {"name": "nope"}})
     assert caught.value.body["param"] == "tool_choice"
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}}}
+
+
+def test_grammars_compile_off_the_event_loop(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    real = app_module.compile_constraint
+
+    def recorded(policy, constraint):
+        threads.append(threading.current_thread().name)
+        return real(policy, constraint)
+
+    monkeypatch.setattr(app_module, "compile_constraint", recorded)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=20, response_format=SCHEMA_FORMAT, extra_body=GREEDY)
+    assert out.choices[0].message.content.startswith("{")
+    assert threads and "nabla-server" not in threads  # the loopback server's event loop runs on the thread "nabla-server"
+
+
+def test_a_missing_xgrammar_is_400_naming_the_field(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar now fails
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, response_format=SCHEMA_FORMAT)
+    error = caught.value.body
+    assert error["param"] == "response_format" and "xgrammar" in error["message"]
+
+
+def test_a_chat_template_error_is_400_naming_messages(tokenizer) -> None:
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}" + strict.chat_template
+    engine = Engine(make_policy(strict), strict, None, NablaConfig(method="greedy", max_new_tokens=4))
+    with running_server(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], max_tokens=2)
+        error = caught.value.body
+        assert error["param"] == "messages" and "one message only" in error["message"] and error["type"] == "invalid_request_error"
+        assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2).choices

@@ -20,13 +20,15 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import NablaConfig
+from ..engine.constraints import compile_constraint
 from ..engine.policy import template_renders_tools
 from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta
 from ..frontend import FrontEndEngine, default_model_id
-from ..tool_calls import conversation, parse_tool_calls
+from ..tool_calls import ToolChoice, conversation, parse_tool_calls
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_field, parse
 
@@ -147,8 +149,32 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
     def engine_request(make: Callable[[], EngineRequest], param: str) -> EngineRequest:
         try:
             return make()
+        except TemplateError as err:  # why: a chat template may refuse a conversation (roles that do not alternate, ...)
+            raise bad_field(param, f"the chat template refused them: {err}") from None
         except (ValueError, TypeError) as err:
             raise bad_field(param, str(err)) from None
+
+    def chat_request(
+        chat: ChatCompletionRequest, budget: int | None, stop: tuple[str, ...] | None, choice: ToolChoice
+    ) -> tuple[EngineRequest, list[dict[str, Any]]]:
+        """The engine request of a chat body and the tools its reply is read against. Runs in a worker thread: the
+        chat template and the grammar's construction and compilation are CPU work that would hold up the event loop."""
+        constraint, param = chat.constraint(choice)
+        tools = [] if choice == "none" else chat.tool_dicts()
+        native = bool(tools) and native_tools()
+        rendered, template_tools = conversation(chat.turns(), tools, native)
+        request = engine_request(
+            lambda: engine.request_from_messages(rendered, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=template_tools, constraint=constraint),
+            "messages",
+        )
+        if constraint is not None:
+            try:  # why: compiled here, off the event loop; the engine's own check later finds it in xgrammar's cache
+                compile_constraint(engine.policy, constraint)
+            except ImportError as err:
+                raise bad_field(param, f"a grammar needs xgrammar, which is not installed: {err}") from None
+            except ValueError as err:
+                raise bad_field(param, str(err)) from None
+        return request, tools
 
     # --- routes ---------------------------------------------------------------------------
     @app.get("/health")
@@ -184,22 +210,16 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                 assert isinstance(chat, ChatCompletionRequest)
                 check_model(chat.model)
                 budget, stop, choice = check_budget(chat.budget()), chat.stop_strings(), chat.choice()
-                constraint, tools = chat.constraint(choice), ([] if choice == "none" else chat.tool_dicts())
-                native = bool(tools) and native_tools()
-                rendered, template_tools = conversation(chat.turns(), tools, native)
-                request = engine_request(
-                    lambda: engine.request_from_messages(
-                        rendered, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=template_tools, constraint=constraint
-                    ),
-                    "messages",
-                )
+                request, tools = await anyio.to_thread.run_sync(chat_request, chat, budget, stop, choice)
                 parsed: ChatCompletionRequest | CompletionRequest = chat
             else:
                 text = parse(CompletionRequest, body)
                 assert isinstance(text, CompletionRequest)
                 check_model(text.model)
                 budget, stop, prompt, tools = check_budget(text.budget()), text.stop_strings(), text.text(), []
-                request = engine_request(lambda: engine.request(prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), "prompt")
+                request = await anyio.to_thread.run_sync(
+                    engine_request, lambda: engine.request(prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), "prompt"
+                )
                 parsed = text
             config = parsed.config(engine.config)
             if "n" in (parsed.nabla or {}) and config.n > settings.max_n:  # the server's own default n is the operator's

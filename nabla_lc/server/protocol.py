@@ -310,24 +310,24 @@ class ChatCompletionRequest(_Common):
         except ValueError as err:
             raise bad_field("tool_choice", str(err)) from None
 
-    def constraint(self, choice: ToolChoice) -> Constraint | None:
-        """The grammar of a forced tool call or of the response format (not both)."""
+    def constraint(self, choice: ToolChoice) -> tuple[Constraint | None, str]:
+        """The grammar of a forced tool call or of the response format (not both), and the field it comes from."""
         try:
             forced = tool_call_constraint(self.tool_dicts(), choice) if self.tools else None
         except ModuleNotFoundError as err:
             raise bad_field("tool_choice", f"a forced tool call needs the 'agents' extra ({err})") from None
         fmt = self.response_format
         if fmt is None:
-            return forced
+            return forced, "tool_choice"
         try:
             schema = response_format_schema(fmt.model_dump(by_alias=True, exclude_none=True))
         except ValueError as err:
             raise bad_field("response_format", str(err)) from None
         if schema is None:
-            return forced
+            return forced, "tool_choice"
         if forced is not None:
             raise bad_field("response_format", "cannot constrain a reply whose tool call is forced by tool_choice")
-        return Constraint.json_schema(schema)
+        return Constraint.json_schema(schema), "response_format"
 
     def budget(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
