@@ -305,3 +305,48 @@ def test_a_running_batch_drops_the_columns_of_rows_that_left(tokenizer):
     assert [b for b, _ in finished] == [1]
     assert batch.mask is not None and batch.mask.shape[1] == 2 + 2  # the short row's prefix and its two steps
     assert all(layer.keys.shape[2] == batch.mask.shape[1] for layer in batch.cache.layers)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("fail", ["encoding", "merging"])
+def test_a_failed_join_leaves_the_batch_as_it_was(tokenizer, monkeypatch, fail):
+    # a row runs; a join fails (its prefix pass, or the cache merge after one layer); the row goes on as if alone
+    from nabla_lc.engine import rollout as rollout_module
+    from nabla_lc.engine.accounting import Stats
+    from nabla_lc.engine.policy import Policy
+    from nabla_lc.engine.rollout import RolloutBatch, RolloutRow, Sampling, rollout
+
+    policy = Policy(make_policy(tokenizer), tokenizer)
+    row = lambda prefix, budget: RolloutRow(prefix, [], budget, (), torch.Generator().manual_seed(0), Stats())  # noqa: E731
+    [alone] = rollout(policy, [row([5, 6, 7], 8)], Sampling(1.0))
+    batch = RolloutBatch(policy, Sampling(1.0))
+    batch.add([row([5, 6, 7], 8)])
+    finished = batch.step() + batch.step()
+    before = (batch.count, list(batch.active), set(batch.rows), set(batch.tokens), set(batch.kept), set(batch.kept_allowed))
+    shapes = [layer.keys.shape for layer in batch.cache.layers], batch.mask.shape, batch.logits.shape, batch.last_position.shape
+
+    if fail == "encoding":
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(policy, "model", broken)
+    else:
+        calls = [0]
+        original = rollout_module._merge
+
+        def broken(old, new):  # the mask merges first, then each layer's keys and values: fail in the second layer
+            calls[0] += 1
+            if calls[0] == 4:
+                raise RuntimeError("injected")
+            return original(old, new)
+
+        monkeypatch.setattr(rollout_module, "_merge", broken)
+    stats = Stats()
+    with pytest.raises(RuntimeError, match="injected"):
+        batch.add([RolloutRow(list(range(5, 25)), [], 4, (), None, stats), row([8], 0)])
+    monkeypatch.undo()
+    assert (batch.count, list(batch.active), set(batch.rows), set(batch.tokens), set(batch.kept), set(batch.kept_allowed)) == before
+    assert ([layer.keys.shape for layer in batch.cache.layers], batch.mask.shape, batch.logits.shape, batch.last_position.shape) == shapes
+    assert stats.policy_forward == 0  # the failed row's pass is not counted
+    while batch.active:
+        finished += batch.step()
+    assert [(b, r.tokens) for b, r in finished] == [(0, alone.tokens)]

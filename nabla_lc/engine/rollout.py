@@ -161,41 +161,60 @@ class RolloutBatch:
         self.logits: torch.Tensor | None = None  # [A, V]: the next token's, not yet sampled
 
     def add(self, rows: Sequence[RolloutRow]) -> list[tuple[int, Rollout]]:
-        """Join ``rows`` (numbered from :attr:`count` on); rows with no budget finish at once and are returned."""
+        """Join ``rows`` (numbered from :attr:`count` on); rows with no budget finish at once and are returned.
+
+        Atomic: if encoding or merging raises, the batch is as it was (no row joined, :attr:`count` unchanged)."""
         policy, done, new = self.policy, [], []
-        for row in rows:
-            b = self.count
-            self.count += 1
-            if row.budget <= 0:
+        for j, row in enumerate(rows):
+            if row.budget > 0:
+                new.append((self.count + j, row))
+            else:
                 masks = torch.empty(0, policy.vocab_size, dtype=torch.bool) if self.keep_logits and row.grammar is not None else None
-                done.append((b, Rollout([], torch.empty(0, policy.vocab_size) if self.keep_logits else None, "length", masks)))
-                continue
-            self.rows[b], self.tokens[b], self.kept[b], self.kept_allowed[b] = row, [], [], []
-            new.append(b)
-        if not new:
-            return done
-        ids, mask = _left_pad([self.rows[b].prefix for b in new], policy.pad_id, policy.device)
+                done.append((self.count + j, Rollout([], torch.empty(0, policy.vocab_size) if self.keep_logits else None, "length", masks)))
+        if new:
+            self._join(new)
+        self.count += len(rows)
+        return done
+
+    def _join(self, new: list[tuple[int, RolloutRow]]) -> None:
+        """Encode the new rows' prefixes and merge them into the batch; the bookkeeping changes only once both worked."""
+        policy = self.policy
+        ids, mask = _left_pad([row.prefix for _, row in new], policy.pad_id, policy.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        for b in new:
-            self.rows[b].stats.count_policy(1, len(self.rows[b].prefix))
         logits = out.logits[:, -1].float()  # [B_new, V]
         if self.cache is None:
-            self.cache, self.mask, self.last_position, self.logits, self.active = cache, mask, positions[:, -1:], logits, new
-            return done
-        assert self.mask is not None and self.last_position is not None and self.logits is not None
-        # why: the two caches differ in length; left-padding the shorter (masked out) lines every row up at its end
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
-            old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
-            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
-        self.last_position = torch.cat([self.last_position, positions[:, -1:]])
-        self.logits = torch.cat([self.logits, logits])
-        self.active = self.active + new
+            self.cache, self.mask, self.last_position, self.logits = cache, mask, positions[:, -1:], logits
+        else:
+            assert self.mask is not None and self.last_position is not None and self.logits is not None
+            merged_mask = _merge(self.mask, mask)
+            last_position, all_logits = torch.cat([self.last_position, positions[:, -1:]]), torch.cat([self.logits, logits])
+            self._merge_cache(cache, merged_mask.shape[1])
+            self.mask, self.last_position, self.logits = merged_mask, last_position, all_logits
+        for b, row in new:
+            self.rows[b], self.tokens[b], self.kept[b], self.kept_allowed[b] = row, [], [], []
+            row.stats.count_policy(1, len(row.prefix))
+        self.active = self.active + [b for b, _ in new]
         self._trim_left()
-        return done
+
+    def _merge_cache(self, cache: DynamicCache, width: int) -> None:
+        """Append ``cache``'s rows to the batch's, both left-padded to ``width`` (the shorter side is masked out).
+
+        Layer by layer, in place (one layer's copy at a time); if a layer fails, the layers merged before it are
+        cut back to the batch's own rows and columns (views), so the cache is as it was."""
+        assert self.cache is not None and self.mask is not None
+        rows, columns = self.mask.shape
+        merged = 0
+        try:
+            for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+                keys, values = _merge(old_layer.keys, new_layer.keys), _merge(old_layer.values, new_layer.values)
+                old_layer.keys, old_layer.values = keys, values
+                merged += 1
+        except BaseException:
+            for layer in self.cache.layers[:merged]:
+                layer.keys, layer.values = layer.keys[:rows, :, width - columns :], layer.values[:rows, :, width - columns :]
+            raise
 
     def _trim_left(self) -> None:
         """Drop the leading cache columns no active row attends to.
@@ -272,6 +291,15 @@ class RolloutBatch:
         if self.keep_logits and constrained:
             masks = torch.stack(kept_allowed) if kept_allowed else torch.empty(0, vocab, dtype=torch.bool)
         return Rollout(tokens, stacked if self.keep_logits else None, reason, masks)
+
+
+def _merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``old``'s rows, then ``new``'s ([B, L] or [B, H, L, D]), both left-padded to the longer L.
+
+    why: the two differ in length; left-padding the shorter (masked out) lines every row up at its end."""
+    dim = 1 if old.dim() == 2 else 2
+    width = max(old.shape[dim], new.shape[dim])
+    return torch.cat([_pad_left(old, width), _pad_left(new, width)])
 
 
 def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
