@@ -143,18 +143,18 @@ class NablaDSPyEngine:
         turns = ([{"role": "system", "content": _text(request.system, "system")}] if request.system is not None else []) + [
             _turn(m, i) for i, m in enumerate(request.messages)
         ]
-        native = bool(tools) and template_renders_tools(self.settings.engine.policy.tokenizer)
-        rendered, template_tools = conversation(turns, tools, native)
+        chat = conversation(turns, tools, template_renders_tools(self.settings.engine.policy.tokenizer))
         seed = options.seed if options.seed is not None else self._next_seed()
         changes = {k: v for k, v in (("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k)) if v is not None}
         config = self.settings.config.replace(**changes) if changes else self.settings.config
         engine_request = self.settings.engine.request_from_messages(
-            rendered,
+            chat.messages,
             seed=seed,
             max_new_tokens=options.max_tokens,
             stop=self.settings.stop_strings(options.stop),
-            tools=template_tools,
+            tools=chat.tools,
             constraint=constraint,
+            question=chat.question,
         )
         return engine_request, config, seed
 

@@ -76,8 +76,10 @@ class Engine:
         stop: Sequence[str] | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         constraint: Constraint | None = None,
+        question: str | None = None,
     ) -> Request:
-        """A request for a conversation (role/content dicts); the reward sees the last user message.
+        """A request for a conversation (role/content dicts); the reward sees ``question`` (default: the last user
+        message).
 
         Contents are checked as :meth:`request` checks a prompt. Assistant messages may carry ``tool_calls`` and
         ``tool`` messages answer them, as the chat template takes them; ``tools`` (OpenAI-style function
@@ -89,7 +91,8 @@ class Engine:
         if not users or not any(m["content"].strip() for m in messages):
             raise ValueError("the conversation has no user message")
         ids = self.policy.template_messages(messages, tools)
-        return Request(tuple(ids), users[-1], seed, max_new_tokens, tuple(stop) if stop is not None else None, constraint)
+        reward_prompt = users[-1] if question is None else checked_text("question", question)
+        return Request(tuple(ids), reward_prompt, seed, max_new_tokens, tuple(stop) if stop is not None else None, constraint)
 
     def context(
         self, config: NablaConfig | None = None, on_token: TokenCallback | None = None, extract_answer: AnswerExtractor | None = None

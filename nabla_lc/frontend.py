@@ -49,6 +49,7 @@ class FrontEndEngine(Protocol):
         stop: Sequence[str] | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         constraint: Constraint | None = None,
+        question: str | None = None,
     ) -> Request: ...
 
     def generate(

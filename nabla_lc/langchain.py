@@ -522,10 +522,9 @@ class ChatNablaReasoner(BaseChatModel):
         turns = [_turn(m) for m in messages]
         if self.llm.system and not any(t["role"] == "system" for t in turns):
             turns.insert(0, {"role": "system", "content": self.llm.system})
-        native = bool(tools) and template_renders_tools(self.llm.engine.policy.tokenizer)
-        rendered, template_tools = conversation(turns, tools, native)
+        chat = conversation(turns, tools, template_renders_tools(self.llm.engine.policy.tokenizer))
         request = self.llm.engine.request_from_messages(
-            rendered, stop=self.llm.settings.stop_strings(stop, config), tools=template_tools, constraint=constraint
+            chat.messages, stop=self.llm.settings.stop_strings(stop, config), tools=chat.tools, constraint=constraint, question=chat.question
         )
         return request, config, tools
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 from .engine.types import Constraint
 
@@ -152,19 +152,34 @@ def render_call(call: ToolCall) -> str:
     return "<tool_call>\n" + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
-def conversation(
-    turns: Sequence[dict[str, Any]], tools: Sequence[Mapping[str, Any]], native: bool
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """Turns (role, content, and ``tool_calls``: list of :class:`ToolCall` on assistant turns) as the chat template
-    takes them, and the tools to pass to it.
+class Conversation(NamedTuple):
+    """A conversation as the chat template takes it (:func:`conversation`)."""
 
-    ``native``: the template renders tools (:func:`nabla_lc.engine.policy.template_renders_tools`), so tool calls
-    and tools go to it in OpenAI's shape. Otherwise tool calls become text in the assistant's turn, and the tool
-    prompt joins the system message (one is added when there is none). Tool results keep the ``tool`` role
-    either way (the reward keeps seeing the user's last message).
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    """The tools to pass to the chat template (None when they are in the system message or there are none)."""
+    question: str
+    """The user's last message, the question the reward sees (tool results are not questions)."""
+
+
+def conversation(turns: Sequence[dict[str, Any]], tools: Sequence[Mapping[str, Any]], native: bool) -> Conversation:
+    """Turns (role, content, and ``tool_calls``: list of :class:`ToolCall` on assistant turns) as the chat template
+    takes them.
+
+    ``native``: the template renders tools (:func:`nabla_lc.engine.policy.template_renders_tools`), so tool calls,
+    tool results and tools go to it in OpenAI's shape. Otherwise tool calls become text in the assistant's turn, the
+    tool prompt joins the system message (one is added when there is none), and the tool results after an assistant
+    turn become one user turn (:func:`tool_results_text`): such a template has no ``tool`` role the model knows.
     """
     out: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for turn in turns:
+        if turn["role"] == "tool" and not native:
+            results.append(turn)
+            continue
+        if results:
+            out.append({"role": "user", "content": tool_results_text(results)})
+            results = []
         calls: list[ToolCall] = turn.get("tool_calls") or []
         if turn["role"] != "assistant" or not calls:
             out.append({k: v for k, v in turn.items() if k != "tool_calls"})
@@ -174,16 +189,31 @@ def conversation(
         else:
             text = "\n".join([turn["content"]] * bool(turn["content"]) + [render_call(c) for c in calls])
             out.append({"role": "assistant", "content": text})
+    if results:
+        out.append({"role": "user", "content": tool_results_text(results)})
+    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
     if not tools:
-        return out, None
+        return Conversation(out, None, question)
     if native:
-        return out, list(tools)
+        return Conversation(out, list(tools), question)
     section = tool_prompt(tools)
     if out and out[0]["role"] == "system":
         out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{section}"}
     else:
         out.insert(0, {"role": "system", "content": section})
-    return out, None
+    return Conversation(out, None, question)
+
+
+def tool_results_text(results: Sequence[Mapping[str, Any]]) -> str:
+    """Tool results (``tool`` turns) as the user turn that follows the calls, for templates without a tool role.
+
+    One line per result, then an instruction. Why: such a template renders a ``tool`` turn under a role its model
+    was not trained on, and the embedded SmolLM2 then wrote about the calculator instead of the result
+    (BENCHMARKS.md, "Tools and structured output").
+    """
+    lines = [f"The {r['name'] + ' ' if r.get('name') else ''}tool returned: {r['content']}" for r in results]
+    these = "this result" if len(results) == 1 else "these results"
+    return "\n".join(lines) + f"\nAnswer my question with {these}."
 
 
 def json_schema_of(schema: Any) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class FakeEngine:
         stop: Sequence[str] | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         constraint: Constraint | None = None,
+        question: str | None = None,
     ) -> Request:
         """Tools are refused: the fake's template has no tool section (front-ends render them into a system message)."""
         assert not tools, "the fake chat template renders no tools"
@@ -113,7 +114,7 @@ class FakeEngine:
         if not users:
             raise ValueError("the conversation has no user message")
         ids = self.policy.tokenizer.encode(self.template(messages))
-        return Request(tuple(ids), users[-1], seed, max_new_tokens, _stop(stop), constraint)
+        return Request(tuple(ids), users[-1] if question is None else question, seed, max_new_tokens, _stop(stop), constraint)
 
     def template(self, messages: Sequence[dict[str, Any]]) -> str:
         return "".join(CharTokenizer.chat_template.format(role=m["role"], content=m["content"]) for m in messages) + "<assistant>"

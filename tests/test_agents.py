@@ -17,7 +17,7 @@ from typing_extensions import TypedDict
 
 from nabla_lc import Engine, NablaConfig
 from nabla_lc.langchain import ChatNablaReasoner, NablaReasonerLLM
-from nabla_lc.tool_calls import parse_tool_calls
+from nabla_lc.tool_calls import ToolCall, conversation, parse_tool_calls
 
 from .fake_engine import FakeEngine
 
@@ -54,7 +54,7 @@ def scripted(reply: str | None = None) -> ChatNablaReasoner:
     def respond(prompt: str, user: str, seed: int | None, sample: int) -> str:
         if reply is not None:
             return reply
-        result = re.search(r"<tool>(.*?)</tool>", prompt)
+        result = re.search(r"tool returned: (\d+)", prompt)
         if result:
             return f"The sum is {result.group(1)}."
         return 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call>'
@@ -116,7 +116,7 @@ def test_tool_calls_round_trip_through_a_tool_message() -> None:
     assert final.content == "The sum is 579." and final.tool_calls == []
     prompt = prompt_of(chat)
     assert '<assistant>Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call></assistant>' in prompt
-    assert prompt.endswith("<tool>579</tool><assistant>")
+    assert prompt.endswith("<user>The add tool returned: 579\nAnswer my question with this result.</user><assistant>")
     assert chat.llm.engine.calls[-1].requests[0].reward_prompt == "What is 123 + 456?"  # the reward still sees the question
 
 
@@ -282,3 +282,21 @@ def test_openai_shaped_response_formats_are_read(tiny_chat: ChatNablaReasoner) -
     assert isinstance(json.loads(tiny_chat.bind(response_format={"type": "json_object"}).invoke("2+2?").content), dict)
     with pytest.raises(ValueError, match="needs a 'schema' object"):
         tiny_chat.bind(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).invoke("2+2?")
+
+
+def test_tool_results_become_one_user_turn_unless_the_template_has_a_tool_role() -> None:
+    calls = [ToolCall("add", {"a": 1, "b": 2}, "c1"), ToolCall("mul", {"a": 3, "b": 4}, "c2")]
+    turns = [
+        {"role": "user", "content": "What is 1 + 2 and 3 * 4?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "add"},
+        {"role": "tool", "content": "12", "tool_call_id": "c2", "name": ""},
+    ]
+    plain = conversation(turns, [], native=False)
+    assert [t["role"] for t in plain.messages] == ["user", "assistant", "user"]
+    assert plain.messages[2]["content"] == "The add tool returned: 3\nThe tool returned: 12\nAnswer my question with these results."
+    assert plain.question == "What is 1 + 2 and 3 * 4?" and plain.tools is None
+    native = conversation(turns, [], native=True)  # a template with a tool role (Qwen2.5's) renders the results itself
+    assert [t["role"] for t in native.messages] == ["user", "assistant", "tool", "tool"]
+    assert native.messages[1]["tool_calls"][1]["function"] == {"name": "mul", "arguments": {"a": 3, "b": 4}}
+    assert native.question == "What is 1 + 2 and 3 * 4?"

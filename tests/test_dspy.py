@@ -116,7 +116,7 @@ def test_no_deprecation_warnings(lm: dspy.LM) -> None:
 
 # --- tools and response_format ------------------------------------------------------------------
 def tool_responder(prompt_text: str, user_text: str, seed: int | None, sample: int) -> str:
-    if "<tool>" in prompt_text:
+    if "tool returned:" in prompt_text:
         return "It is 579."
     return '<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call>'
 
@@ -141,7 +141,8 @@ def test_tools_reach_the_engine_and_tool_calls_come_back() -> None:
     final = sync.complete(Request(model="m", messages=history, tools=tools))
     assert final.text == "It is 579."
     prompt = engine.policy.tokenizer.decode(engine.calls[-1].requests[0].prompt_ids)
-    assert '<assistant><tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call></assistant><tool>579</tool>' in prompt
+    assert '<assistant><tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call></assistant><user>The add tool returned: 579\nAnswer my question with this result.</user>' in prompt
+    assert engine.calls[-1].requests[0].reward_prompt == "What is 123 + 456?"  # the reward sees the question, not the result
     sync.complete(Request(model="m", messages=(Message.user("q"),), tools=tools, config=Config(tool_choice=ToolChoice(mode="required"))))
     assert engine.calls[-1].requests[0].constraint.kind == "ebnf"
 

@@ -161,10 +161,11 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         chat template and the grammar's construction and compilation are CPU work that would hold up the event loop."""
         constraint, param = chat.constraint(choice)
         tools = [] if choice == "none" else chat.tool_dicts()
-        native = bool(tools) and native_tools()
-        rendered, template_tools = conversation(chat.turns(), tools, native)
+        turns = conversation(chat.turns(), tools, native_tools())
         request = engine_request(
-            lambda: engine.request_from_messages(rendered, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=template_tools, constraint=constraint),
+            lambda: engine.request_from_messages(
+                turns.messages, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=turns.tools, constraint=constraint, question=turns.question
+            ),
             "messages",
         )
         if constraint is not None:
