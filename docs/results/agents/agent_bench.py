@@ -6,6 +6,7 @@
     python docs/results/agents/agent_bench.py report
     python docs/results/agents/agent_bench.py structured --method bon --limit 20
     python docs/results/agents/agent_bench.py dspy --limit 20
+    python docs/results/agents/agent_bench.py react --limit 20 --max-new-tokens 200
 
 Agent rows: ``correct`` grades the final message with the project's answer rule (``nabla_lc.answers.find_answer``:
 a box, "the answer is", else the last number); ``mentions`` says whether the right number appears in it as a
@@ -219,6 +220,49 @@ def run_dspy(method: str, limit: int, max_new_tokens: int) -> None:
     print(json.dumps({"task": "dspy", "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
 
 
+def run_react(method: str, limit: int, max_new_tokens: int) -> None:
+    """DSPy ``ReAct`` with the calculator (the same function as the agent's tool) under ``JSONAdapter``."""
+    import dspy
+
+    from nabla_lc import NablaReasonerLLM
+
+    calculator = calculator_tool()
+
+    def calc(expression: str) -> str:
+        """Evaluate an arithmetic expression of integers and + - * /."""
+        return calculator.func(expression)
+
+    llm = NablaReasonerLLM.embedded(max_new_tokens=max_new_tokens, **options(method))
+    dspy.configure(lm=llm.as_dspy_lm(cache=False), adapter=dspy.JSONAdapter())
+    program = dspy.ReAct("question -> answer: int", tools=[calc], max_iters=3)
+    path = OUT / f"react-{method}.jsonl"
+    rows = []
+    with path.open("w") as out:
+        for question, truth in questions(limit):
+            start = time.perf_counter()
+            try:
+                prediction = program(question=question)
+                answer, error, trajectory = prediction.answer, None, prediction.trajectory
+            except Exception as err:  # why: a parse failure is what this run counts
+                answer, error, trajectory = None, f"{type(err).__name__}: {err}"[:300], {}
+            tools_called = [v for k, v in trajectory.items() if k.startswith("tool_name_") and v == "calc"]
+            row = {
+                "question": question,
+                "truth": truth,
+                "answer": answer,
+                "parsed": error is None,
+                "correct": answer == truth,
+                "tool_calls": len(tools_called),
+                "error": error,
+                "trajectory": {k: str(v)[:200] for k, v in trajectory.items()},
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    print(json.dumps({"task": "react", "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
+
+
 def report() -> None:
     """A summary line per results file in this folder (a partial run counts the rows it has)."""
     for path in sorted(OUT.glob("*.jsonl")):
@@ -234,7 +278,7 @@ def report() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["agent", "plain", "structured", "dspy", "report"])
+    parser.add_argument("task", choices=["agent", "plain", "structured", "dspy", "react", "report"])
     parser.add_argument("--method", choices=["greedy", "bon", "nabla"], default="greedy")
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -246,7 +290,7 @@ def main() -> None:
     if args.resume:
         run_agent(args.method, args.limit, args.max_new_tokens, resume=True)
         return
-    {"agent": run_agent, "plain": run_plain, "structured": run_structured, "dspy": run_dspy}[args.task](args.method, args.limit, args.max_new_tokens)
+    {"agent": run_agent, "plain": run_plain, "structured": run_structured, "dspy": run_dspy, "react": run_react}[args.task](args.method, args.limit, args.max_new_tokens)
 
 
 if __name__ == "__main__":
