@@ -30,6 +30,7 @@ import threading
 from typing import Any, AsyncIterator, Iterator
 
 import dspy
+import pydantic
 from dspy.lm15 import TextDelta as DSPyTextDelta
 from dspy.lm15 import (
     Config,
@@ -53,7 +54,7 @@ from nabla_lc.engine.types import Request as EngineRequest
 from nabla_lc.frontend import FrontEndSettings
 from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, response_format_schema, tool_call_constraint
 
-__all__ = ["AsyncNablaDSPyEngine", "NablaDSPyEngine", "dspy_lm"]
+__all__ = ["AsyncNablaDSPyEngine", "GrammarJSONAdapter", "NablaDSPyEngine", "dspy_lm"]
 
 SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "response_format", "tool_choice"})
 """``dspy.lm15.Config`` fields this engine carries; any other field that is set is refused."""
@@ -205,6 +206,22 @@ def dspy_lm(settings: FrontEndSettings, *, model: str | None = None, **kwargs: A
     """
     sync = NablaDSPyEngine(settings)
     return dspy.LM(model or default_model_name(settings), engine=sync, async_engine=AsyncNablaDSPyEngine(sync), **kwargs)
+
+
+class GrammarJSONAdapter(dspy.JSONAdapter):
+    """``dspy.JSONAdapter`` that sends a JSON schema also for signatures with open-ended mapping fields.
+
+    ``JSONAdapter`` falls back to JSON mode (any JSON object) when an output field is a ``dict`` (``ReAct``'s
+    ``next_tool_args``), because OpenAI's strict structured outputs need every property declared. This engine's
+    grammar takes any JSON schema, so here such a field is an open object and the other fields keep their types
+    (``next_tool_name`` one of the tools' names): the reply always parses.
+    """
+
+    def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[dspy.Signature]) -> None:
+        super()._prepare_response_format(lm, lm_kwargs, signature)
+        if lm_kwargs.get("response_format") == {"type": "json_object"}:
+            fields = {name: (field.annotation, ...) for name, field in signature.output_fields.items()}
+            lm_kwargs["response_format"] = pydantic.create_model("DSPyProgramOutputs", **fields)  # type: ignore[call-overload]
 
 
 def default_model_name(settings: FrontEndSettings) -> str:

@@ -11,7 +11,7 @@ import dspy
 import pytest
 from dspy.lm15 import Config, Message, Request, TextPart, UnsupportedFeatureError
 
-from nabla_lc.integrations.dspy import NablaDSPyEngine
+from nabla_lc.integrations.dspy import GrammarJSONAdapter, NablaDSPyEngine
 from nabla_lc.langchain import NablaReasonerLLM
 from nabla_lc.tool_calls import tool_call_constraint
 
@@ -190,3 +190,32 @@ def test_json_adapter_parses_on_the_tiny_model(wide_engine) -> None:
         prediction = dspy.Predict("question -> answer: bool")(question="Is 7 odd?")
     assert isinstance(prediction.answer, bool)
     assert json.loads(lm.history[-1]["response"].text) == {"answer": prediction.answer}
+
+
+def test_grammar_json_adapter_gives_react_a_schema() -> None:
+    """JSONAdapter sends ReAct's step JSON mode only (its tool arguments are an open mapping), so a small model's
+    reply need not have the fields; GrammarJSONAdapter sends the fields' schema, the tool name one of the tools'."""
+
+    def reply(prompt: str, user: str, seed: int | None, sample: int) -> str:
+        if "next_tool_name" in prompt:
+            return '{"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}}'
+        return '{"reasoning": "it is 3", "answer": 3}'
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    engine = FakeEngine(responder=reply)
+    lm = NablaReasonerLLM(engine=engine).as_dspy_lm(cache=False)
+    for adapter, step_format in ((dspy.JSONAdapter(), None), (GrammarJSONAdapter(), "schema")):
+        engine.calls.clear()
+        with dspy.context(lm=lm, adapter=adapter):
+            prediction = dspy.ReAct("question -> answer: int", tools=[add], max_iters=2)(question="What is 1 + 2?")
+        assert prediction.answer == 3
+        step = json.loads(engine.calls[0].requests[0].constraint.spec)
+        if step_format is None:
+            assert "properties" not in step  # JSON mode: any object
+        else:
+            assert list(step["properties"]) == ["next_thought", "next_tool_name", "next_tool_args"]
+            assert step["properties"]["next_tool_name"]["enum"] == ["add", "finish"]
+            assert step["properties"]["next_tool_args"]["type"] == "object"

@@ -221,10 +221,11 @@ def run_dspy(method: str, limit: int, max_new_tokens: int) -> None:
 
 
 def run_react(method: str, limit: int, max_new_tokens: int) -> None:
-    """DSPy ``ReAct`` with the calculator (the same function as the agent's tool) under ``JSONAdapter``."""
+    """DSPy ``ReAct`` with the calculator (the same function as the agent's tool) under ``GrammarJSONAdapter``."""
     import dspy
 
     from nabla_lc import NablaReasonerLLM
+    from nabla_lc.integrations.dspy import GrammarJSONAdapter
 
     calculator = calculator_tool()
 
@@ -233,7 +234,7 @@ def run_react(method: str, limit: int, max_new_tokens: int) -> None:
         return calculator.func(expression)
 
     llm = NablaReasonerLLM.embedded(max_new_tokens=max_new_tokens, **options(method))
-    dspy.configure(lm=llm.as_dspy_lm(cache=False), adapter=dspy.JSONAdapter())
+    dspy.configure(lm=llm.as_dspy_lm(cache=False), adapter=GrammarJSONAdapter())
     program = dspy.ReAct("question -> answer: int", tools=[calc], max_iters=3)
     path = OUT / f"react-{method}.jsonl"
     rows = []
