@@ -1,10 +1,11 @@
 """Continuous batching: one thread owns the models and samples the rollouts of every job in flight together.
 
 Every submitted job (a method's batch of requests, a sample set) is a :data:`~nabla_lc.engine.rollout.Job`: it
-runs its own work (probes, DTO, scoring) until it needs rollouts, then waits. The scheduler keeps one running
-:class:`~nabla_lc.engine.rollout.RolloutBatch` per sampling setting and loops: admit new jobs, drop cancelled ones,
-join the rows of every job that waits to its batch (at a token boundary: their prefixes are encoded and their KV
-cache merged in), then sample one token for every row of every batch. A row that finishes goes back to its job at
+runs its own work (gates, DTO steps, scoring) until it needs rollouts or DTO passes, then waits. The scheduler keeps
+one running :class:`~nabla_lc.engine.rollout.RolloutBatch` per sampling setting and loops: admit new jobs, drop
+cancelled ones, run the DTO passes every waiting job asks for in one batched pass (again, until every job waits on
+rollouts; while rows decode, a pass waits a few steps for others to join it: :data:`PASS_WAIT_STEPS`), join the rows of every job that waits to its batch (at a token boundary: their prefixes are encoded and
+their KV cache merged in), then sample one token for every row of every batch. A row that finishes goes back to its job at
 once, which runs on until it needs rollouts again; a cancelled job's rows leave at the next token. Each row keeps its own seeded generator, so a
 job's outcome does not depend on what else is in flight. Jobs that are not generators (a method registered without
 ``steps``, :meth:`Scheduler.call`) run alone between batches.
@@ -21,6 +22,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from .engine.dto import PassCall, run_passes
 from .engine.policy import Policy
 from .engine.rollout import Job, Rollout, RolloutBatch, RolloutCall
 
@@ -34,6 +36,10 @@ ARRIVAL_WINDOW_S = 0.01
 while others run joins them at the next boundary without waiting."""
 ARRIVAL_CAP_S = 0.05
 
+PASS_WAIT_STEPS = 8
+"""While rows are decoding, a job's DTO pass waits (its job does not go on) until half of the jobs in flight wait on
+passes too, or until it has waited this many decoding steps, so that passes run in larger batches."""
+
 IDLE_EXIT_S = 2.0
 """Seconds the scheduler thread waits for work before it exits (the next submit starts another), so that an
 engine nobody uses holds no thread and can be garbage-collected."""
@@ -46,10 +52,12 @@ class _Task:
     future: Future[Any]
     job: Job[Any] | None
     function: Callable[[], Any] | None = None
-    call: RolloutCall | None = None
-    """The rollouts it waits on."""
+    call: RolloutCall | PassCall | None = None
+    """The rollouts (or DTO passes) it waits on."""
     placed: bool = False
     """Whether the call's rows joined a batch."""
+    since: int = 0
+    """The scheduler's step count when the call was made."""
     got: list[Rollout | None] = field(default_factory=list)
     """The call's rollouts, as its rows finish."""
     waiting: int = 0
@@ -72,7 +80,7 @@ class _Group:
     def on_token(self, b: int, token: int) -> None:
         self.stats.tokens += 1
         task, j = self.owners[b]
-        assert task.call is not None
+        assert isinstance(task.call, RolloutCall)
         if task.call.on_token is not None and task.error is None:
             try:
                 task.call.on_token(j, token)
@@ -103,6 +111,10 @@ class SchedulerStats:
     """Most rows in one step."""
     sizes: list[int] = field(default_factory=list)
     """Jobs with rows in each step, the last 1000."""
+    passes: int = 0
+    """Batched DTO passes (one forward and backward pass of each model over the rows of every waiting job)."""
+    pass_rows: int = 0
+    """DTO passes (one per decoding) summed over the batched passes."""
 
 
 class Scheduler:
@@ -162,7 +174,8 @@ class Scheduler:
                         self._advance(task, None, live)
                 for task in [t for t in live if t.gone()]:
                     self._drop(task, live)
-                for task in [t for t in live if not t.placed]:
+                self._run_passes(live, decoding=any(g.batch.active for g in groups.values()))
+                for task in [t for t in live if isinstance(t.call, RolloutCall) and not t.placed]:
                     self._place(task, groups, live)
                 for key, group in list(groups.items()):
                     if group.batch.active:
@@ -179,10 +192,35 @@ class Scheduler:
             if len(self._incoming) == seen or time.monotonic() >= deadline:
                 return
 
+    def _run_passes(self, live: list[_Task], decoding: bool) -> None:
+        """Run the DTO passes of every job that waits on some in one batch, again until none does, or, while rows
+        are decoding, until too few do (:data:`PASS_WAIT_STEPS`)."""
+        while True:
+            waiting = [t for t in live if isinstance(t.call, PassCall)]
+            if not waiting:
+                return
+            oldest = min(t.since for t in waiting)
+            if decoding and 2 * len(waiting) < len(live) and self.stats.steps - oldest < PASS_WAIT_STEPS:
+                return
+            requests = [r for t in waiting for r in t.call.requests]  # type: ignore[union-attr]
+            self.stats.passes += 1
+            self.stats.pass_rows += len(requests)
+            try:
+                found = run_passes(requests)
+            except BaseException as err:  # the pass failed: every task in it fails with it
+                for task in waiting:
+                    self._finish(task, live, error=err)
+                continue
+            start = 0
+            for task in waiting:
+                n = len(task.call.requests)  # type: ignore[union-attr]
+                self._advance(task, found[start : start + n], live)
+                start += n
+
     def _place(self, task: _Task, groups: dict[tuple[float, float, int, bool], _Group], live: list[_Task]) -> None:
         """Join the task's call to the running batch of its sampling setting (its prefixes are encoded now)."""
         call = task.call
-        assert call is not None
+        assert isinstance(call, RolloutCall)
         task.placed, task.got, task.waiting = True, [None] * len(call.rows), len(call.rows)
         if not call.rows:
             self._advance(task, [], live)
@@ -247,7 +285,7 @@ class Scheduler:
         except BaseException as err:
             self._finish(task, live, error=err)
         else:
-            task.placed = False
+            task.placed, task.since = False, self.stats.steps
             if task not in live:
                 live.append(task)
 

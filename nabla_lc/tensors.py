@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -32,3 +34,29 @@ class CacheSnapshot:
         """Put the snapshot back: drops what later passes appended, and the autograd graph attached to it."""
         for layer, (keys, values) in zip(self.cache.layers, self.tensors):
             layer.keys, layer.values = keys, values
+
+
+def pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` ([B, L] or [B, H, L, D]) left-padded with zeros to ``width`` along L."""
+    dim = 1 if x.dim() == 2 else 2
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def stacked_cache(snapshots: Sequence[CacheSnapshot]) -> tuple[DynamicCache, torch.Tensor]:
+    """One batch's KV cache from one-row prefix caches of different lengths, each left-padded to the longest, and
+    the [B, P] mask of their real entries. The snapshots' own caches are not touched."""
+    lengths = [s.tensors[0][0].shape[2] if s.tensors else 0 for s in snapshots]
+    width = max(lengths)
+    cache = copy.copy(snapshots[0].cache)
+    cache.layers = [copy.copy(layer) for layer in snapshots[0].cache.layers]
+    for i, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([pad_left(s.tensors[i][0], width) for s in snapshots])
+        layer.values = torch.cat([pad_left(s.tensors[i][1], width) for s in snapshots])
+    device = snapshots[0].tensors[0][0].device
+    mask = torch.stack([torch.arange(width, device=device) >= width - n for n in lengths]).long()
+    return cache, mask

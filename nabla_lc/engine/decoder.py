@@ -12,7 +12,7 @@ from ..config import NablaConfig
 from ..rewards.base import RewardAdapter, RewardPrefix, rank
 from .accounting import Stats
 from .constraints import Grammar, masked
-from .dto import DTORun, NonFiniteGradient, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
+from .dto import DTORun, NonFiniteGradient, Pass, PassCall, PassRequest, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
 from .policy import Policy
 from .rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, differ_chance, run_alone, sample
 from .stream import TextStream
@@ -34,8 +34,9 @@ class Decoded:
     trace: list[PositionRecord]
 
 
-Steps = Generator[RolloutRow, Rollout, Decoded]
-"""A decoding in progress: yields each rollout it needs, is sent its result, returns what it decoded."""
+Steps = Generator["RolloutRow | PassRequest", "Rollout | Pass", Decoded]
+"""A decoding in progress: yields each rollout or DTO pass it needs, is sent its result (a pass's
+:class:`NonFiniteGradient` is thrown in), returns what it decoded."""
 
 
 def entropy(logits: torch.Tensor) -> float:
@@ -72,7 +73,8 @@ def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> 
 class Decoder:
     """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only).
 
-    :meth:`steps` hands out the rollouts it needs, so :func:`decode_steps` can batch those of many requests.
+    :meth:`steps` hands out the rollouts and DTO passes it needs, so :func:`decode_steps` can batch those of many
+    requests.
     """
 
     def __init__(
@@ -123,7 +125,7 @@ class Decoder:
             self.grammar.accept(head)
         return current.drop(k)
 
-    def position(self, current: Rollout) -> Generator[RolloutRow, Rollout, Rollout]:
+    def position(self, current: Rollout) -> Steps:
         """One position: select, optimize, propose, accept; commits exactly one token."""
         assert current.logits is not None
         self.stats.positions += 1
@@ -143,7 +145,7 @@ class Decoder:
         if self.config.trace:
             self.trace.append(record)
         if self.config.dto_steps > 0:
-            optimized = self.optimize(current, record)
+            optimized = yield from self.optimize(current, record)
             if optimized is None:
                 return self.commit(current, 1)
             record.kl = float(kl_rows(optimized[None], z1[None].float(), self.config.tau)[0])
@@ -153,7 +155,7 @@ class Decoder:
             return self.commit(current, 1)
         return self.commit((yield from self.compare(current, proposal, record)), 1)
 
-    def optimize(self, current: Rollout, record: PositionRecord) -> torch.Tensor | None:
+    def optimize(self, current: Rollout, record: PositionRecord) -> Generator[PassRequest, Pass, torch.Tensor | None]:
         """Probe, then DTO; the optimized first-position logits, or None when the position is skipped."""
         assert current.logits is not None
         run = DTORun(
@@ -169,14 +171,14 @@ class Decoder:
             prefixes=self.extend_prefixes,  # why: called only when a pass runs, so a reused probe encodes nothing
         )
         try:
-            record.grad_norm = run.probe(self.probe_pass)
+            record.grad_norm = yield from run.probe_steps(self.probe_pass)
             record.probe_reused = run.probe_reused
             if self.config.probe_reuse:
                 self.probe_pass = run.probe_pass
             if record.grad_norm <= self.config.grad_threshold:
                 self.stats.skipped_gradient += 1
                 return None
-            z = run.optimize()
+            z = yield from run.optimize_steps()
         except NonFiniteGradient as err:  # documented fallback: commit the rollout's token unchanged
             log.warning("position %d: %s; keeping the rollout's token", record.index, err)
             self.stats.nonfinite_gradients += 1
@@ -215,31 +217,44 @@ class Decoder:
 
 
 def decode_steps(sampling: Sampling, decodings: Sequence[Steps]) -> Job[list[Decoded]]:
-    """Run decodings side by side, as a job: the rollouts they wait on at the same time form one call.
+    """Run decodings side by side, as a job: the DTO passes they wait on at the same time form one call, and so do
+    the rollouts.
 
-    Each decoding runs its own positions (probes, DTO, comparisons) until it needs a rollout; then the
-    waiting rollouts are sampled together, each row with its own generator and statistics.
+    Each decoding runs its own positions until it needs a pass or a rollout. The waiting passes are run first
+    (together), until every decoding waits on a rollout or is done; then the waiting rollouts are sampled together,
+    each row with its own generator and statistics.
     """
     done: dict[int, Decoded] = {}
-    waiting: dict[int, RolloutRow] = {}
+    waiting: dict[int, RolloutRow | PassRequest] = {}
 
-    def advance(i: int, result: Rollout | None) -> None:
+    def advance(i: int, result: Rollout | Pass | NonFiniteGradient | None) -> None:
         try:
-            waiting[i] = decodings[i].send(result)  # type: ignore[arg-type]  # why: a generator starts on None
+            if isinstance(result, NonFiniteGradient):
+                waiting[i] = decodings[i].throw(result)
+            else:
+                waiting[i] = decodings[i].send(result)  # type: ignore[arg-type]  # why: a generator starts on None
         except StopIteration as finished:
             done[i] = finished.value
 
     for i in range(len(decodings)):
         advance(i, None)
     while waiting:
-        calls = list(waiting.items())
+        passes = [(i, w) for i, w in sorted(waiting.items()) if isinstance(w, PassRequest)]
+        if passes:
+            for i, _ in passes:
+                del waiting[i]
+            found = yield PassCall([w for _, w in passes])
+            for (i, _), result in zip(passes, found):
+                advance(i, result)
+            continue
+        calls = sorted(waiting.items())  # why: rows in request order, however the passes reordered the waiting
         waiting.clear()
-        rollouts = yield RolloutCall([c for _, c in calls], sampling, keep_logits=True)
+        rollouts = yield RolloutCall([c for _, c in calls], sampling, keep_logits=True)  # type: ignore[misc]
         for (i, _), result in zip(calls, rollouts):
-            advance(i, result)
+            advance(i, result)  # type: ignore[arg-type]
     return [done[i] for i in range(len(decodings))]
 
 
 def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Steps]) -> list[Decoded]:
-    """:func:`decode_steps` driven by itself (each call sampled at once)."""
+    """:func:`decode_steps` driven by itself (each call run at once)."""
     return run_alone(policy, decode_steps(sampling, decodings))

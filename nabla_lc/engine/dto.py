@@ -13,15 +13,15 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Generator, NamedTuple, Sequence, TypeVar
 
 import torch
 from transformers import DynamicCache
 
 from ..config import NablaConfig
 from ..numerics import upcast
-from ..rewards.base import RewardAdapter, RewardPrefix, checked_soft
-from ..tensors import CacheSnapshot
+from ..rewards.base import RewardAdapter, RewardPrefix, SoftScore, checked_soft
+from ..tensors import CacheSnapshot, stacked_cache
 from .accounting import Stats
 from .policy import Policy
 
@@ -303,21 +303,35 @@ class DTORun:
 
     def loss_and_grad(self, hard: torch.Tensor) -> Pass:
         """One forward and backward pass of each model at hard one-hots: L, dL/dy ([L, V]) and log π per token."""
-        L = hard.shape[0]
         prefix, reward_prefix = self.prefixes()
         with torch.enable_grad():
-            y = torch.zeros(L, self.policy.vocab_size, device=hard.device).scatter_(1, hard[:, None], 1.0).requires_grad_(True)
+            y = self.one_hots(hard)
             logp = token_logprobs(self.policy, prefix, y, hard)
-            loss = -logp.sum()
-            extra = 0 if prefix.cache is not None else len(prefix.ids)
-            if self.reward is not None:
-                assert reward_prefix is not None
-                soft = checked_soft(self.reward, self.reward.score_soft(reward_prefix, y))
-                loss = loss - self.config.reward_weight * soft.value
+            soft = checked_soft(self.reward, self.reward.score_soft(reward_prefix, y)) if self.reward is not None and reward_prefix is not None else None
+            loss = self.loss(logp, soft)
             loss.backward()
+        return self.found(y, logp, soft, loss)
+
+    def one_hots(self, hard: torch.Tensor) -> torch.Tensor:
+        """[L, V] one-hots of ``hard`` that take gradients."""
+        return torch.zeros(hard.shape[0], self.policy.vocab_size, device=hard.device).scatter_(1, hard[:, None], 1.0).requires_grad_(True)
+
+    def loss(self, logp: torch.Tensor, soft: SoftScore | None) -> torch.Tensor:
+        """L = −log π(y) − λ·r(y)."""
+        loss = -logp.sum()
+        if self.reward is not None:
+            assert soft is not None
+            loss = loss - self.config.reward_weight * soft.value
+        return loss
+
+    def found(self, y: torch.Tensor, logp: torch.Tensor, soft: SoftScore | None, loss: torch.Tensor) -> Pass:
+        """The pass after its backward: counted in the run's stats, checked for non-finite values."""
+        L = y.shape[0]
+        prefix, _ = self.prefixes()
+        extra = 0 if prefix.cache is not None else len(prefix.ids)
         self.stats.count_policy(1, L + extra)
         self.stats.count_policy(1, L + extra, backward=True)
-        if self.reward is not None:
+        if soft is not None:
             self.stats.count_reward(soft.passes, soft.tokens)
             self.stats.count_reward(soft.passes, soft.tokens, backward=True)
         g = y.grad
@@ -327,12 +341,12 @@ class DTORun:
             raise NonFiniteGradient("DTO produced a non-finite loss or gradient")
         return Pass(loss_value, g, logp.detach())
 
-    def _grad(self, hard: torch.Tensor) -> torch.Tensor:
+    def _grad(self, hard: torch.Tensor) -> "PassSteps[torch.Tensor]":
         if self._cached is not None and torch.equal(hard, self._cached[0]):
             self.cache_hits += 1
             self.stats.cache_hits += 1
             return self._cached[1]
-        loss, g, _ = self.loss_and_grad(hard)
+        loss, g, _ = yield PassRequest(self, hard)
         if self.loss_start is None:
             self.loss_start = loss
         self.loss_end = loss
@@ -346,6 +360,10 @@ class DTORun:
         ``earlier``: a probe pass from a previous position; used instead of a new pass when it was taken
         on the same response (:attr:`probe_reused`). The pass that served, new or earlier, is :attr:`probe_pass`.
         """
+        return run_alone(self.probe_steps(earlier))
+
+    def probe_steps(self, earlier: ProbePass | None = None) -> "PassSteps[float]":
+        """:meth:`probe`, yielding the pass it needs (:func:`run_passes` runs those of many runs in one batch)."""
         self.stats.probes += 1
         hard = self.hard()
         tokens = hard.tolist()
@@ -354,7 +372,7 @@ class DTORun:
             self.probe_pass, self.probe_reused = earlier, True
             self.stats.probes_reused += 1
         else:
-            found = self.loss_and_grad(hard)
+            found = yield PassRequest(self, hard)
             self.probe_pass = ProbePass([*self.committed, *tokens], found)
         loss, g, _ = found
         self.loss_start = self.loss_end = loss
@@ -366,13 +384,17 @@ class DTORun:
 
         With ``step="trust_region"`` the steps' net move is rescaled, row by row, to the KL ``target_kl``.
         """
+        return run_alone(self.optimize_steps())
+
+    def optimize_steps(self) -> "PassSteps[torch.Tensor]":
+        """:meth:`optimize`, yielding each pass it needs (:func:`run_passes` runs those of many runs in one batch)."""
         steps = self.config.dto_steps
         # why: the fused kernel updates [L, V] logits in one pass (about 10x faster than foreach on CPU)
         opt = torch.optim.AdamW([self.z], lr=self.config.lr, weight_decay=self.config.weight_decay, fused=True)
         for t in range(steps):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(t, steps, self.config.lr, self.config.min_lr)
-            g = self._grad(self.hard())
+            g = yield from self._grad(self.hard())
             self.z.grad = straight_through_grad(self.z.detach(), g[: self.z.shape[0]], self.config.st_tau)
             opt.step()
             self.stats.dto_steps += 1
@@ -382,3 +404,109 @@ class DTORun:
             # why: AdamW moves every logit by about ±Σ lr whatever the logits' scale; the direction is kept, the size is set in KL
             return trust_region(self.z0, self.z.detach(), self.config.tau, self.config.target_kl)
         return self.z.detach()
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class PassRequest:
+    """A DTO run waiting on one pass of each model at ``hard`` (what :meth:`DTORun.loss_and_grad` computes)."""
+
+    run: DTORun
+    hard: torch.Tensor
+
+
+@dataclass
+class PassCall:
+    """The DTO passes a job waits on, one per decoding; sent back in order (a :class:`NonFiniteGradient` in place
+    of a pass that was not finite). A scheduler runs those of many jobs in one :func:`run_passes`."""
+
+    requests: list[PassRequest]
+
+
+PassSteps = Generator[PassRequest, Pass, T]
+"""A probe or optimization in progress: yields each pass it needs, is sent the pass (or has its
+:class:`NonFiniteGradient` thrown in), returns its outcome."""
+
+
+def run_alone(steps: PassSteps[T]) -> T:
+    """Drive ``steps`` by itself, each pass run at once."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(request.run.loss_and_grad(request.hard))
+    except StopIteration as done:
+        return done.value
+
+
+def run_passes(requests: Sequence[PassRequest]) -> list[Pass | NonFiniteGradient]:
+    """The passes of several DTO runs (of one policy and reward), in one batched pass of each model where they can
+    share one; each counted in its own run's stats as if it ran alone. A run whose pass is not finite gets its
+    :class:`NonFiniteGradient` (the others are unaffected: rows do not mix).
+
+    Runs without a prefix cache (``prefix_cache=False``) pass alone, as does a lone request.
+    """
+    out: list[Pass | NonFiniteGradient | None] = [None] * len(requests)
+    together = [i for i, r in enumerate(requests) if r.run.prefixes()[0].snapshot is not None]
+    if len(together) < 2 or len({(id(requests[i].run.policy), id(requests[i].run.reward)) for i in together}) > 1:
+        together = []
+    for i, request in enumerate(requests):
+        if i not in together:
+            try:
+                out[i] = request.run.loss_and_grad(request.hard)
+            except NonFiniteGradient as err:
+                out[i] = err
+    if together:
+        for i, found in zip(together, _passes_together([requests[i] for i in together])):
+            out[i] = found
+    return out  # type: ignore[return-value]
+
+
+def _passes_together(requests: Sequence[PassRequest]) -> list[Pass | NonFiniteGradient]:
+    """One batched forward and backward pass for runs that share a policy and a reward and have prefix caches."""
+    runs = [r.run for r in requests]
+    policy, reward = runs[0].policy, runs[0].reward
+    prefixes = [run.prefixes() for run in runs]
+    with torch.enable_grad():
+        ys = [run.one_hots(r.hard) for run, r in zip(runs, requests)]
+        logps = _batched_logprobs(policy, [p for p, _ in prefixes], ys, [r.hard for r in requests])
+        softs: list[SoftScore | None] = [None] * len(runs)
+        scored = [i for i, (_, rp) in enumerate(prefixes) if reward is not None and rp is not None]
+        if scored:
+            assert reward is not None
+            found = reward.score_soft_batch([prefixes[i][1] for i in scored], [ys[i] for i in scored])  # type: ignore[misc]
+            for i, soft in zip(scored, found):
+                softs[i] = checked_soft(reward, soft)
+        losses = [run.loss(logp, soft) for run, logp, soft in zip(runs, logps, softs)]
+        torch.stack(losses).sum().backward()  # why: rows do not mix, so each y gets its own run's dL/dy
+    out: list[Pass | NonFiniteGradient] = []
+    for run, y, logp, soft, loss in zip(runs, ys, logps, softs, losses):
+        try:
+            out.append(run.found(y, logp, soft, loss))
+        except NonFiniteGradient as err:
+            out.append(err)
+    return out
+
+
+def _batched_logprobs(policy: Policy, prefixes: Sequence[PolicyPrefix], ys: Sequence[torch.Tensor], hards: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`token_logprobs` of several rows in one pass: the prefix caches left-padded into one, the rows
+    after them right-padded. Each result is [L_b]."""
+    cache, prefix_mask = stacked_cache([p.snapshot for p in prefixes])  # type: ignore[misc]
+    lengths = [y.shape[0] for y in ys]
+    width = max(lengths)
+    rows = []
+    for y, hard in zip(ys, hards):
+        emb = embed(y, policy.embedding, hard)  # [L, H]
+        rows.append(torch.cat([emb, emb.new_zeros(width - emb.shape[0], emb.shape[1])]))
+    device = policy.device
+    new_mask = (torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).long()
+    positions = torch.tensor([len(p.ids) for p in prefixes], device=device)[:, None] + torch.arange(width, device=device)[None]
+    out = policy.model(
+        inputs_embeds=torch.stack(rows), attention_mask=torch.cat([prefix_mask.to(device), new_mask], dim=1), position_ids=positions, cache=cache, use_cache=True
+    )
+    result = []
+    for b, (prefix, y) in enumerate(zip(prefixes, ys)):
+        first = (y[0] * prefix.next_logp).sum()[None]
+        result.append(torch.cat([first, (y[1:] * upcast(out.logits[b, : lengths[b] - 1]).log_softmax(-1)).sum(-1)]))
+    return result

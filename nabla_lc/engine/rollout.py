@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, Sequence, TypeVar
+from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import torch
 from transformers import DynamicCache
 
+from ..tensors import pad_left
 from .accounting import Stats
 from .constraints import Grammar, masked
+from .dto import PassCall, run_passes
 from .policy import Policy
 from .stream import cut_at_stop
 
@@ -299,18 +301,7 @@ def _merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     why: the two differ in length; left-padding the shorter (masked out) lines every row up at its end."""
     dim = 1 if old.dim() == 2 else 2
     width = max(old.shape[dim], new.shape[dim])
-    return torch.cat([_pad_left(old, width), _pad_left(new, width)])
-
-
-def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``x`` ([B, L] or [B, H, L, D]) left-padded with zeros to ``width`` along L."""
-    dim = 1 if x.dim() == 2 else 2
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+    return torch.cat([pad_left(old, width), pad_left(new, width)])
 
 
 def _masked_rows(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -357,16 +348,20 @@ class RolloutCall:
 
 T = TypeVar("T")
 
-Job = Generator[RolloutCall, "list[Rollout]", T]
-"""A decoding in progress (a method's batch, a sample set): yields each :class:`RolloutCall` it needs, is sent
-their rollouts in row order, returns its outcome. A scheduler may sample the calls of many jobs in one batch."""
+Job = Generator["RolloutCall | PassCall", "list[Any]", T]
+"""A decoding in progress (a method's batch, a sample set): yields each :class:`RolloutCall` (or
+:class:`~nabla_lc.engine.dto.PassCall`) it needs, is sent their rollouts (passes) in row order, returns its outcome.
+A scheduler may run the calls of many jobs in one batch."""
 
 
 def run_alone(policy: Policy, job: Job[T]) -> T:
-    """Drive ``job`` by itself: each call it yields is sampled at once, in its own batch."""
+    """Drive ``job`` by itself: each call it yields is run at once, in its own batch."""
     try:
         call = next(job)
         while True:
-            call = job.send(rollout(policy, call.rows, call.sampling, call.keep_logits, call.on_token))
+            if isinstance(call, PassCall):
+                call = job.send(run_passes(call.requests))
+            else:
+                call = job.send(rollout(policy, call.rows, call.sampling, call.keep_logits, call.on_token))
     except StopIteration as done:
         return done.value

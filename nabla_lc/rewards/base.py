@@ -113,6 +113,11 @@ class RewardAdapter(ABC, Generic[State]):
         """
         raise NoGradientError(f"{type(self).__name__} cannot take gradients")
 
+    def score_soft_batch(self, prefixes: Sequence[RewardPrefix[State]], ys: Sequence[torch.Tensor]) -> list[SoftScore]:
+        """:meth:`score_soft` of several prefixes and token vectors (DTO passes of several requests). This default
+        scores them one by one; adapters that can run them in one batched pass override it."""
+        return [self.score_soft(prefix, y) for prefix, y in zip(prefixes, ys)]
+
     def check_vocab(self, policy_tokenizer: Any) -> None:
         """Raise a clear error when the policy's tokens cannot be fed to this reward."""
 

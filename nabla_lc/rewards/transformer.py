@@ -12,7 +12,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..numerics import upcast
-from ..tensors import CacheSnapshot
+from ..tensors import CacheSnapshot, stacked_cache
 from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .vocab import VocabMap, VocabMismatchError, check_vocab
 
@@ -180,11 +180,17 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         return out * self.embed_scale if self.embed_scale != 1.0 else out
 
     def forward_hidden(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: DynamicCache | None = None, start: int = 0
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """Last hidden states. embeds: [B, T, H] -> [B, T, H]; with ``cache``, continues at position ``start``."""
+        """Last hidden states. embeds: [B, T, H] -> [B, T, H]; with ``cache``, continues at position ``start`` (or
+        at ``start[b]`` for row b, a [B] tensor)."""
         T = embeds.shape[1]
-        positions = torch.arange(start, start + T, device=embeds.device)[None].expand(embeds.shape[0], T)
+        steps = torch.arange(T, device=embeds.device)[None]
+        positions = start.to(embeds.device)[:, None] + steps if isinstance(start, torch.Tensor) else (start + steps).expand(embeds.shape[0], T)
         with self.reward_pass():
             out = self.body(
                 inputs_embeds=embeds,
@@ -267,7 +273,8 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             values = torch.cat([state.values, self.read(hidden[0, reads])]) if reads else state.values
         return RewardPrefix(TransformerPrefix(prompt, committed, len(lay.ids), CacheSnapshot.take(cache), values), 1, len(lay.ids) - P)
 
-    def score_soft(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor) -> SoftScore:
+    def _soft_input(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The input vectors after the prefix ([T, H]) of ``committed + y`` and the reads among them."""
         # y: [L, V_policy] soft token vectors; the response is committed + y
         state = prefix.state
         c = len(state.committed)
@@ -278,15 +285,38 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             raise RuntimeError(f"{type(self).__name__}.response_slots changed the slots of committed tokens")
         ids, src = lay.ids[P:], [s - c if s >= 0 else -1 for s in lay.source[P:]]
         vecs = self.vocab.embed(y, self.embedding)  # [L, H]
-        embeds = self.embeds(ids, src, vecs)[None]
+        return self.embeds(ids, src, vecs), [r - P for r in lay.reads if r >= P]
+
+    def _soft_score(self, prefix: RewardPrefix[TransformerPrefix], hidden: torch.Tensor, reads: list[int]) -> SoftScore:
+        """The score of one row from its hidden states after the prefix ([T, H])."""
+        values = torch.cat([prefix.state.values, self.read(hidden[reads])])
+        return SoftScore(upcast(self.combine(values)), 1, hidden.shape[0])
+
+    def score_soft(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor) -> SoftScore:
+        state = prefix.state
+        embeds, reads = self._soft_input(prefix, y)
         try:
-            hidden = self.forward_hidden(embeds, cache=state.snapshot.cache if state.snapshot is not None else None, start=P)
+            hidden = self.forward_hidden(embeds[None], cache=state.snapshot.cache if state.snapshot is not None else None, start=state.length)
         finally:
             if state.snapshot is not None:
                 state.snapshot.restore()  # why: the next DTO step reuses the prefix entries only, graph-free
-        reads = [r - P for r in lay.reads if r >= P]
-        values = torch.cat([state.values, self.read(hidden[0, reads])])
-        return SoftScore(upcast(self.combine(values)), 1, len(ids))
+        return self._soft_score(prefix, hidden[0], reads)
+
+    def score_soft_batch(self, prefixes: Sequence[RewardPrefix[TransformerPrefix]], ys: Sequence[torch.Tensor]) -> list[SoftScore]:
+        """One pass over every row: the prefixes' caches left-padded into one, the rows after them right-padded."""
+        snapshots = [p.state.snapshot for p in prefixes]
+        # why: a subclass with its own score_soft (the implicit reward) is scored its own way, row by row
+        if len(prefixes) < 2 or type(self).score_soft is not TransformerReward.score_soft or any(s is None for s in snapshots):
+            return super().score_soft_batch(prefixes, ys)
+        inputs = [self._soft_input(p, y) for p, y in zip(prefixes, ys)]
+        lengths = [e.shape[0] for e, _ in inputs]
+        T = max(lengths)
+        embeds = torch.stack([torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]) for e, _ in inputs])  # right padding
+        cache, prefix_mask = stacked_cache(snapshots)  # type: ignore[arg-type]
+        new_mask = (torch.arange(T, device=prefix_mask.device)[None] < torch.tensor(lengths, device=prefix_mask.device)[:, None]).long()
+        starts = torch.tensor([p.state.length for p in prefixes])
+        hidden = self.forward_hidden(embeds, torch.cat([prefix_mask, new_mask], dim=1), cache=cache, start=starts)
+        return [self._soft_score(p, hidden[b, :n], reads) for b, (p, n, (_, reads)) in enumerate(zip(prefixes, lengths, inputs))]
 
 
 def exact_vocab(policy_tokenizer: Any, tokenizer: Any, owner: str) -> None:
