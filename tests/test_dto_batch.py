@@ -27,7 +27,8 @@ def _runs(tokenizer, reward_kind: str = "classifier", arch: str = "llama") -> li
     if reward_kind == "classifier":
         reward = make_classifier_reward(tokenizer, arch)
     else:
-        reward = (LoRAReward if reward_kind == "lora" else ImplicitLoRAReward)(model, tokenizer, rank=2)
+        kind, options = {"lora": (LoRAReward, {}), "process": (LoRAReward, {"step_separator": " "}), "implicit": (ImplicitLoRAReward, {})}[reward_kind]
+        reward = kind(model, tokenizer, rank=2, **options)
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for p in reward.adapter_parameters():  # a fresh adapter is a no-op (B = 0): give it an effect
@@ -44,9 +45,9 @@ def _runs(tokenizer, reward_kind: str = "classifier", arch: str = "llama") -> li
     return runs
 
 
-@pytest.mark.parametrize("reward_kind", ["classifier", "lora", "implicit"])
-def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward_kind):
-    alone, together = _runs(tokenizer, reward_kind), _runs(tokenizer, reward_kind)
+@pytest.mark.parametrize(("reward_kind", "arch"), [("classifier", "llama"), ("classifier", "qwen2"), ("lora", "llama"), ("process", "llama"), ("implicit", "llama")])
+def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward_kind, arch):
+    alone, together = _runs(tokenizer, reward_kind, arch), _runs(tokenizer, reward_kind, arch)
     expected = [run.loss_and_grad(run.hard()) for run in alone]
     found = run_passes([PassRequest(run, run.hard()) for run in together])
     for a, b, run_a, run_b in zip(expected, found, alone, together):
