@@ -194,7 +194,8 @@ class Scheduler:
 
     def _run_passes(self, live: list[_Task], decoding: bool) -> None:
         """Run the DTO passes of every job that waits on some in one batch, again until none does, or, while rows
-        are decoding, until too few do (:data:`PASS_WAIT_STEPS`)."""
+        are decoding, until too few do (:data:`PASS_WAIT_STEPS`). A batch that raises runs again job by job, so that
+        only a job whose own passes fail fails."""
         while True:
             waiting = [t for t in live if isinstance(t.call, PassCall)]
             if not waiting:
@@ -207,7 +208,15 @@ class Scheduler:
             self.stats.pass_rows += len(requests)
             try:
                 found = run_passes(requests)
-            except BaseException as err:  # the pass failed: every task in it fails with it
+            except Exception as err:  # why: one request's failure must not fail the others: each job's passes run again alone
+                if len(waiting) == 1:
+                    self._finish(waiting[0], live, error=err)
+                    continue
+                log.debug("a batched DTO pass failed; running each job's passes alone", exc_info=True)
+                for task in waiting:
+                    self._run_own_passes(task, live)
+                continue
+            except BaseException as err:  # not an error of a request (an interrupt): every task in the pass fails with it
                 for task in waiting:
                     self._finish(task, live, error=err)
                 continue
@@ -216,6 +225,18 @@ class Scheduler:
                 n = len(task.call.requests)  # type: ignore[union-attr]
                 self._advance(task, found[start : start + n], live)
                 start += n
+
+    def _run_own_passes(self, task: _Task, live: list[_Task]) -> None:
+        """Run one task's DTO passes by themselves; if they fail, the task fails with their error."""
+        assert isinstance(task.call, PassCall)
+        self.stats.passes += 1
+        self.stats.pass_rows += len(task.call.requests)
+        try:
+            found = run_passes(task.call.requests)
+        except Exception as err:
+            self._finish(task, live, error=err)
+        else:
+            self._advance(task, found, live)
 
     def _place(self, task: _Task, groups: dict[tuple[float, float, int, bool], _Group], live: list[_Task]) -> None:
         """Join the task's call to the running batch of its sampling setting (its prefixes are encoded now)."""

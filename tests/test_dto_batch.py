@@ -90,3 +90,32 @@ def test_concurrent_nabla_requests_share_passes_and_decode_as_alone(tokenizer):
     rows = engine.scheduler.stats.pass_rows - before.pass_rows
     assert 0 < passes < rows  # some of the requests' passes ran in shared batches
     assert rows == sum(r.stats.policy_backward for r in together)
+
+
+def test_a_request_whose_pass_fails_fails_alone(tokenizer):
+    model = make_policy(tokenizer)
+    reward = make_classifier_reward(tokenizer)
+    real = reward._soft_input
+
+    def failing(prefix, y):
+        if prefix.state.prompt == "hi":
+            raise RuntimeError("the reward failed on 'hi'")
+        return real(prefix, y)
+
+    reward._soft_input = failing  # type: ignore[method-assign]  # the batched and the single-row pass both read it
+    engine = Engine(model, tokenizer, reward, NablaConfig(max_new_tokens=10))
+    config = engine.config.replace(method="nabla", n=3, dto_steps=2, grad_threshold=0.0, entropy_threshold=0.0)
+    requests = [engine.request(q, seed=i) for i, (q, _) in enumerate(QUESTIONS * 2)]
+    alone = [engine.generate([r], config)[0] if r.reward_prompt != "hi" else None for r in requests]
+    before = dataclasses.replace(engine.scheduler.stats)
+    with engine.lock:  # why: every job is admitted at the same boundary, so their first passes run in one batch
+        futures = [engine.submit([r], config) for r in requests]
+    for request, expected, future in zip(requests, alone, futures):
+        if expected is None:
+            with pytest.raises(RuntimeError, match="failed on 'hi'"):
+                future.result(timeout=300)
+        else:
+            found = future.result(timeout=300)[0]
+            assert found.token_ids == expected.token_ids
+            assert dataclasses.replace(found.stats, wall_s=0.0) == dataclasses.replace(expected.stats, wall_s=0.0)
+    assert engine.scheduler.stats.pass_rows - before.pass_rows > engine.scheduler.stats.passes - before.passes  # passes were shared
