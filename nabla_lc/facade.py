@@ -142,7 +142,7 @@ class Engine:
             return done
         if spec.steps is None:
             return self.scheduler.call(lambda: spec.run(ctx, requests))
-        return self.scheduler.submit(spec.steps(ctx, requests))
+        return self.scheduler.submit(spec.steps(ctx, requests), passes=spec.dto_passes)
 
     def stream(self, request: Request, config: NablaConfig | None = None) -> Iterator[StreamEvent]:
         """:class:`~nabla_lc.engine.types.TextDelta` events as text is committed, then

@@ -45,6 +45,9 @@ class MethodSpec:
     steps: Callable[..., Any] | None = None
     """``steps(ctx, requests) -> Job[list[Result]]``: the method as a job (:data:`nabla_lc.engine.rollout.Job`), so that
     the engine's scheduler batches its rollouts with other requests'. None: ``run`` runs alone, between batches."""
+    dto_passes: bool = False
+    """Whether its job yields DTO passes (:class:`~nabla_lc.engine.dto.PassCall`): while another such job is in
+    flight, the scheduler holds a pass back for it to join (:data:`~nabla_lc.scheduler.PASS_WAIT_STEPS`)."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -37,8 +37,9 @@ while others run joins them at the next boundary without waiting."""
 ARRIVAL_CAP_S = 0.05
 
 PASS_WAIT_STEPS = 8
-"""While rows are decoding, a job's DTO pass waits (its job does not go on) until half of the jobs in flight wait on
-passes too, or until it has waited this many decoding steps, so that passes run in larger batches."""
+"""While rows are decoding, a job's DTO pass waits (its job does not go on) until half of the jobs in flight that
+yield DTO passes (∇ jobs; see :meth:`Scheduler.submit`) wait on passes too, or until it has waited this many decoding
+steps, so that passes run in larger batches. A pass with no other such job in flight runs at once."""
 
 IDLE_EXIT_S = 2.0
 """Seconds the scheduler thread waits for work before it exits (the next submit starts another), so that an
@@ -64,6 +65,8 @@ class _Task:
     """Rows of the call not finished yet."""
     error: BaseException | None = None
     """Raised by its ``on_token`` during a step; the task fails at the next boundary."""
+    passes: bool = False
+    """Whether the job yields DTO passes (declared at submit, or seen): only such jobs hold a pass back."""
 
     def gone(self) -> bool:
         return self.future.cancelled() or self.error is not None
@@ -130,9 +133,12 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     # --- callers --------------------------------------------------------------------------
-    def submit(self, job: Job[T]) -> Future[T]:
-        """Queue ``job``; its future holds what it returns. Cancelling the future stops it at the next token."""
-        return self._queue(_Task(Future(), job))
+    def submit(self, job: Job[T], passes: bool = False) -> Future[T]:
+        """Queue ``job``; its future holds what it returns. Cancelling the future stops it at the next token.
+
+        ``passes``: the job yields DTO passes (:class:`~nabla_lc.engine.dto.PassCall`), so another job's pass waits for
+        it to join (:data:`PASS_WAIT_STEPS`); a job not declared so counts once it yields one."""
+        return self._queue(_Task(Future(), job, passes=passes))
 
     def call(self, function: Callable[[], T]) -> Future[T]:
         """Run ``function`` on the scheduler's thread, alone, between batches."""
@@ -201,7 +207,8 @@ class Scheduler:
             if not waiting:
                 return
             oldest = min(t.since for t in waiting)
-            if decoding and 2 * len(waiting) < len(live) and self.stats.steps - oldest < PASS_WAIT_STEPS:
+            capable = sum(t.passes for t in live)  # why: a job that never yields passes cannot join the batch
+            if decoding and 2 * len(waiting) < capable and self.stats.steps - oldest < PASS_WAIT_STEPS:
                 return
             requests = [r for t in waiting for r in t.call.requests]  # type: ignore[union-attr]
             self.stats.passes += 1
@@ -307,6 +314,7 @@ class Scheduler:
             self._finish(task, live, error=err)
         else:
             task.placed, task.since = False, self.stats.steps
+            task.passes = task.passes or isinstance(task.call, PassCall)
             if task not in live:
                 live.append(task)
 

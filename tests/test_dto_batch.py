@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from nabla_lc import Engine, NablaConfig, Stats
+from nabla_lc import Engine, NablaConfig, Stats, scheduler
 from nabla_lc.engine import dto
 from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassRequest, run_passes
 from nabla_lc.engine.policy import Policy
@@ -119,3 +119,29 @@ def test_a_request_whose_pass_fails_fails_alone(tokenizer):
             assert found.token_ids == expected.token_ids
             assert dataclasses.replace(found.stats, wall_s=0.0) == dataclasses.replace(expected.stats, wall_s=0.0)
     assert engine.scheduler.stats.pass_rows - before.pass_rows > engine.scheduler.stats.passes - before.passes  # passes were shared
+
+
+def test_a_lone_nabla_job_beside_greedy_jobs_does_not_hold_its_passes(tokenizer, monkeypatch):
+    engine = Engine(make_policy(tokenizer), tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=10))
+    nabla = engine.config.replace(method="nabla", n=3, dto_steps=2, grad_threshold=0.0, entropy_threshold=0.0, gradient_cache=False, probe_reuse=False)
+    greedy = engine.config.replace(method="greedy")
+
+    def run(wait: int) -> tuple[int, int, object]:
+        """The scheduler steps until the ∇ job is done and until the greedy jobs are, counted from its submission."""
+        monkeypatch.setattr(scheduler, "PASS_WAIT_STEPS", wait)
+        start, done = engine.scheduler.stats.steps, {}
+        with engine.lock:  # why: every job is admitted at the same boundary; no job can finish before its callback is set
+            long = [engine.submit([engine.request("a long one", seed=i, max_new_tokens=120)], greedy) for i in range(2)]
+            job = engine.submit([engine.request(QUESTIONS[0][0], seed=0)], nabla)
+            job.add_done_callback(lambda _: done.setdefault("nabla", engine.scheduler.stats.steps - start))
+            long[1].add_done_callback(lambda _: done.setdefault("greedy", engine.scheduler.stats.steps - start))
+        result = job.result(timeout=300)[0]
+        [f.result(timeout=300) for f in long]
+        return done["nabla"], done["greedy"], result
+
+    wait = scheduler.PASS_WAIT_STEPS
+    at_once, greedy_done, expected = run(0)
+    assert expected.stats.policy_backward > 1 and at_once < greedy_done  # the precondition: its passes ran while rows decoded
+    waited, _, result = run(wait)
+    assert waited == at_once  # no pass waited for a job that can never join it
+    assert result.token_ids == expected.token_ids

@@ -46,4 +46,4 @@ def nabla_steps(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[R
     return results
 
 
-SPEC = MethodSpec("nabla", alone(nabla_steps), needs_reward=True, steps=nabla_steps, constrained=True)
+SPEC = MethodSpec("nabla", alone(nabla_steps), needs_reward=True, steps=nabla_steps, constrained=True, dto_passes=True)
