@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import pytest
 import torch
@@ -45,11 +47,34 @@ def _runs(tokenizer, reward_kind: str = "classifier", arch: str = "llama") -> li
     return runs
 
 
+@contextlib.contextmanager
+def _forwards(module: torch.nn.Module) -> Iterator[list[int]]:
+    """Counts the forward passes of ``module`` in the block."""
+    count = [0]
+
+    def hook(*_) -> None:
+        count[0] += 1
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize(("reward_kind", "arch"), [("classifier", "llama"), ("classifier", "qwen2"), ("lora", "llama"), ("process", "llama"), ("implicit", "llama")])
 def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward_kind, arch):
     alone, together = _runs(tokenizer, reward_kind, arch), _runs(tokenizer, reward_kind, arch)
     expected = [run.loss_and_grad(run.hard()) for run in alone]
-    found = run_passes([PassRequest(run, run.hard()) for run in together])
+    for run in together:
+        run.prefixes()  # encoded before the passes are counted
+    policy, body = together[0].policy.model, together[0].reward.body
+    with _forwards(policy) as policy_passes, _forwards(body) as body_passes:
+        found = run_passes([PassRequest(run, run.hard()) for run in together])
+    assert policy_passes == [1]  # one batched pass of the policy for the three rows
+    shared = any(m is body for m in policy.modules())  # the LoRA rewards run on the policy's own model
+    reward_passes = body_passes[0] - (policy_passes[0] if shared else 0)
+    assert reward_passes == (1 if reward_kind != "implicit" else 2 * len(together))  # the implicit reward: row by row, adapter on and off
     for a, b, run_a, run_b in zip(expected, found, alone, together):
         assert isinstance(b, dto.Pass)
         assert b.loss == pytest.approx(a.loss, rel=1e-5)
