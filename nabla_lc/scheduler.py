@@ -115,7 +115,8 @@ class SchedulerStats:
     sizes: list[int] = field(default_factory=list)
     """Jobs with rows in each step, the last 1000."""
     passes: int = 0
-    """Batched DTO passes (one forward and backward pass of each model over the rows of every waiting job)."""
+    """Batched DTO passes (one :func:`~nabla_lc.engine.dto.run_passes` over the rows of every waiting job: one forward
+    and backward pass of each model, several past :data:`~nabla_lc.engine.dto.PASS_ROWS` rows)."""
     pass_rows: int = 0
     """DTO passes (one per decoding) summed over the batched passes."""
 

@@ -84,6 +84,22 @@ def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward
     assert together[0].stats.policy_backward == 1 and together[0].stats.reward_backward > 0  # one pass each, the reward in it
 
 
+def test_more_rows_than_the_cap_run_as_several_batched_passes(tokenizer, monkeypatch):
+    alone, together = _runs(tokenizer), _runs(tokenizer)
+    expected = [run.loss_and_grad(run.hard()) for run in alone]
+    for run in together:
+        run.prefixes()  # encoded before the passes are counted
+    monkeypatch.setattr(dto, "PASS_ROWS", 2)
+    with _forwards(together[0].policy.model) as policy_passes, _forwards(together[0].reward.body) as reward_passes:
+        found = run_passes([PassRequest(run, run.hard()) for run in together])
+    assert policy_passes == [2] and reward_passes == [2]  # two rows in one pass, the third alone
+    for a, b, run_a, run_b in zip(expected, found, alone, together):
+        assert isinstance(b, dto.Pass)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+        assert run_b.stats == run_a.stats
+
+
 def test_a_non_finite_row_fails_alone(tokenizer, monkeypatch):
     runs = _runs(tokenizer)
     real = dto.DTORun.loss

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 PIN_MARGIN = 1e-3
 """How far above the row's max a sampled (non-argmax) rollout token starts, in the hard choice only."""
 
+PASS_ROWS = 8
+"""Most DTO passes (rows, one per decoding) in one batched pass of a model: a batched pass holds [rows, max L, V]
+logits and their gradients, so :func:`run_passes` runs more as several batched passes of at most this many rows."""
+
 
 class NonFiniteGradient(RuntimeError):
     """A DTO pass produced NaN or infinite gradients."""
@@ -445,20 +449,23 @@ def run_passes(requests: Sequence[PassRequest]) -> list[Pass | NonFiniteGradient
     share one; each counted in its own run's stats as if it ran alone. A run whose pass is not finite gets its
     :class:`NonFiniteGradient` (the others are unaffected: rows do not mix).
 
-    Runs without a prefix cache (``prefix_cache=False``) pass alone, as does a lone request.
+    Runs without a prefix cache (``prefix_cache=False``) pass alone, as does a lone request. More than
+    :data:`PASS_ROWS` requests run as several batched passes.
     """
     out: list[Pass | NonFiniteGradient | None] = [None] * len(requests)
     together = [i for i, r in enumerate(requests) if r.run.prefixes()[0].snapshot is not None]
-    if len(together) < 2 or len({(id(requests[i].run.policy), id(requests[i].run.reward)) for i in together}) > 1:
+    if len({(id(requests[i].run.policy), id(requests[i].run.reward)) for i in together}) > 1:
         together = []
+    chunks = [chunk for k in range(0, len(together), PASS_ROWS) if len(chunk := together[k : k + PASS_ROWS]) > 1]
+    batched = {i for chunk in chunks for i in chunk}
     for i, request in enumerate(requests):
-        if i not in together:
+        if i not in batched:
             try:
                 out[i] = request.run.loss_and_grad(request.hard)
             except NonFiniteGradient as err:
                 out[i] = err
-    if together:
-        for i, found in zip(together, _passes_together([requests[i] for i in together])):
+    for chunk in chunks:
+        for i, found in zip(chunk, _passes_together([requests[i] for i in chunk])):
             out[i] = found
     return out  # type: ignore[return-value]
 
