@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -49,7 +50,16 @@ def pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def stacked_cache(snapshots: Sequence[CacheSnapshot]) -> tuple[DynamicCache, torch.Tensor]:
     """One batch's KV cache from one-row prefix caches of different lengths, each left-padded to the longest, and
-    the [B, P] mask of their real entries. The snapshots' own caches are not touched."""
+    the [B, P] mask of their real entries. The snapshots' own caches are not touched.
+
+    Only plain :class:`DynamicLayer` layers (a ``DynamicCache()`` built without a config, which keeps every entry and
+    leaves sliding windows to the attention mask) can be stacked; others raise TypeError."""
+    for layer in snapshots[0].cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise TypeError(
+                f"stacked_cache needs plain DynamicLayer caches, got {type(layer).__name__}: build the prefix caches "
+                "with DynamicCache() (without a config)"
+            )
     lengths = [s.tensors[0][0].shape[2] if s.tensors else 0 for s in snapshots]
     width = max(lengths)
     cache = copy.copy(snapshots[0].cache)

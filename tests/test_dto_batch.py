@@ -8,11 +8,13 @@ from typing import Iterator
 
 import pytest
 import torch
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from nabla_lc import Engine, NablaConfig, Stats, scheduler
 from nabla_lc.engine import dto
 from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassRequest, run_passes
 from nabla_lc.engine.policy import Policy
+from nabla_lc.tensors import CacheSnapshot, stacked_cache
 from nabla_lc.engine.rollout import RolloutRow, Sampling, rollout
 from nabla_lc.rewards.implicit import ImplicitLoRAReward
 from nabla_lc.rewards.lora import LoRAReward
@@ -26,8 +28,8 @@ def _runs(tokenizer, reward_kind: str = "classifier", arch: str = "llama") -> li
     """DTO runs of three requests whose prefixes and rollouts have different lengths."""
     model = make_policy(tokenizer, arch)
     policy = Policy(model, tokenizer)
-    if reward_kind == "classifier":
-        reward = make_classifier_reward(tokenizer, arch)
+    if reward_kind.startswith("classifier"):
+        reward = make_classifier_reward(tokenizer, arch, sliding_window=4 if reward_kind == "classifier_sliding" else None)
     else:
         kind, options = {"lora": (LoRAReward, {}), "process": (LoRAReward, {"step_separator": " "}), "implicit": (ImplicitLoRAReward, {})}[reward_kind]
         reward = kind(model, tokenizer, rank=2, **options)
@@ -62,7 +64,7 @@ def _forwards(module: torch.nn.Module) -> Iterator[list[int]]:
         handle.remove()
 
 
-@pytest.mark.parametrize(("reward_kind", "arch"), [("classifier", "llama"), ("classifier", "qwen2"), ("lora", "llama"), ("process", "llama"), ("implicit", "llama")])
+@pytest.mark.parametrize(("reward_kind", "arch"), [("classifier", "llama"), ("classifier", "qwen2"), ("classifier_sliding", "qwen2"), ("lora", "llama"), ("process", "llama"), ("implicit", "llama")])
 def test_a_batched_pass_gives_each_run_its_own_pass_and_counts(tokenizer, reward_kind, arch):
     alone, together = _runs(tokenizer, reward_kind, arch), _runs(tokenizer, reward_kind, arch)
     expected = [run.loss_and_grad(run.hard()) for run in alone]
@@ -186,3 +188,16 @@ def test_a_lone_nabla_job_beside_greedy_jobs_does_not_hold_its_passes(tokenizer,
     waited, _, result = run(wait)
     assert waited == at_once  # no pass waited for a job that can never join it
     assert result.token_ids == expected.token_ids
+
+
+def test_stacking_refuses_sliding_window_caches():
+    config = Qwen2Config(
+        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        use_sliding_window=True, sliding_window=4, max_window_layers=0,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        model(input_ids=torch.arange(6)[None], cache=cache, use_cache=True)
+    with pytest.raises(TypeError, match="DynamicSlidingWindowLayer"):
+        stacked_cache([CacheSnapshot.take(cache), CacheSnapshot.take(cache)])

@@ -79,8 +79,11 @@ class LinearReward(RewardAdapter):
         return SoftScore(total / (len(committed) + y.shape[0]), 1, len(committed) + y.shape[0])
 
 
-def make_classifier_reward(tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 1, dtype: torch.dtype = torch.float32):
-    """A 2-layer one-label sequence classifier over the same vocabulary, as a SequenceClassifierReward."""
+def make_classifier_reward(
+    tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 1, dtype: torch.dtype = torch.float32, sliding_window: int | None = None
+):
+    """A 2-layer one-label sequence classifier over the same vocabulary, as a SequenceClassifierReward; with
+    ``sliding_window`` (qwen2 only), both layers attend to that many tokens only."""
     from transformers import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 
     from nabla_lc.rewards import SequenceClassifierReward
@@ -91,6 +94,8 @@ def make_classifier_reward(tokenizer: PreTrainedTokenizerFast, arch: str = "llam
         num_key_value_heads=2, max_position_embeddings=512, num_labels=1, pad_token_id=tokenizer.pad_token_id,
     )
     cls, config = (LlamaForSequenceClassification, LlamaConfig) if arch == "llama" else (Qwen2ForSequenceClassification, Qwen2Config)
+    if sliding_window is not None:
+        common.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=0)
     model = cls(config(**common)).to(dtype).eval()
     return SequenceClassifierReward(model, tokenizer, tokenizer)
 

@@ -112,7 +112,7 @@ class ImplicitLoRAReward(LoRAReward):
         committed = list(committed)
         lay = self.layout(prompt, committed, final=False)
         first, P, dev = self.first_scored(prompt), len(lay.ids), self.embedding.device
-        caches = DynamicCache(config=self.body.config), DynamicCache(config=self.body.config)
+        caches = DynamicCache(), DynamicCache()
         with torch.no_grad():
             vecs = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long, device=dev), self.embedding)
             embeds = self.embeds(lay.ids, lay.source, vecs)[None]  # [1, P, H]

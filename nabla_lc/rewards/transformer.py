@@ -239,7 +239,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         values = torch.zeros(0, device=self.embedding.device)
         if P == 0:
             return RewardPrefix(TransformerPrefix(prompt, list(committed), 0, None, values), 0, 0)
-        cache = DynamicCache(config=self.body.config)
+        cache = DynamicCache()
         with torch.no_grad():
             vecs = self.vocab.embed_ids(torch.tensor(list(committed), dtype=torch.long), self.embedding)
             hidden = self.forward_hidden(self.embeds(lay.ids, lay.source, vecs)[None], cache=cache)
