@@ -162,3 +162,7 @@ class ImplicitLoRAReward(LoRAReward):
         targets = torch.stack([y[s] if s >= 0 else F.one_hot(torch.tensor(i, device=y.device), V).to(y.dtype) for i, s in zip(ids, src)])
         value = state.value + (ratios * targets.to(ratios.dtype)).sum()
         return SoftScore(upcast(value), 2, 2 * len(ids))
+
+    def score_soft_batch(self, prefixes: Sequence[RewardPrefix[ImplicitPrefix]], ys: Sequence[torch.Tensor]) -> list[SoftScore]:  # type: ignore[override]
+        """Row by row: each row continues its own adapter-on and adapter-off prefix caches (:meth:`score_soft`)."""
+        return [self.score_soft(prefix, y) for prefix, y in zip(prefixes, ys)]

@@ -304,8 +304,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
 
     def score_soft_batch(self, prefixes: Sequence[RewardPrefix[TransformerPrefix]], ys: Sequence[torch.Tensor]) -> list[SoftScore]:
         """One pass over every row: the prefixes' caches left-padded into one, the rows after them right-padded."""
-        # why: a subclass with its own score_soft (the implicit reward, with its own prefix state) is scored its own way, row by row
-        if len(prefixes) < 2 or type(self).score_soft is not TransformerReward.score_soft:
+        if len(prefixes) < 2:
             return super().score_soft_batch(prefixes, ys)
         snapshots = [p.state.snapshot for p in prefixes]
         if any(s is None for s in snapshots):
