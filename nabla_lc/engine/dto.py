@@ -364,7 +364,7 @@ class DTORun:
         ``earlier``: a probe pass from a previous position; used instead of a new pass when it was taken
         on the same response (:attr:`probe_reused`). The pass that served, new or earlier, is :attr:`probe_pass`.
         """
-        return run_alone(self.probe_steps(earlier))
+        return drive_alone(self.probe_steps(earlier))
 
     def probe_steps(self, earlier: ProbePass | None = None) -> "PassSteps[float]":
         """:meth:`probe`, yielding the pass it needs (:func:`run_passes` runs those of many runs in one batch)."""
@@ -388,7 +388,7 @@ class DTORun:
 
         With ``step="trust_region"`` the steps' net move is rescaled, row by row, to the KL ``target_kl``.
         """
-        return run_alone(self.optimize_steps())
+        return drive_alone(self.optimize_steps())
 
     def optimize_steps(self) -> "PassSteps[torch.Tensor]":
         """:meth:`optimize`, yielding each pass it needs (:func:`run_passes` runs those of many runs in one batch)."""
@@ -434,7 +434,7 @@ PassSteps = Generator[PassRequest, Pass, T]
 :class:`NonFiniteGradient` thrown in), returns its outcome."""
 
 
-def run_alone(steps: PassSteps[T]) -> T:
+def drive_alone(steps: PassSteps[T]) -> T:
     """Drive ``steps`` by itself, each pass run at once."""
     try:
         request = next(steps)
