@@ -202,22 +202,7 @@ def run_dspy(method: str, limit: int, max_new_tokens: int) -> None:
 
     llm = NablaReasonerLLM.embedded(max_new_tokens=max_new_tokens, **options(method))
     dspy.configure(lm=llm.as_dspy_lm(cache=False), adapter=dspy.JSONAdapter())
-    program = dspy.ChainOfThought("question -> answer: int")
-    path = OUT / f"dspy-{method}.jsonl"
-    rows = []
-    with path.open("w") as out:
-        for question, truth in questions(limit):
-            start = time.perf_counter()
-            try:
-                prediction = program(question=question)
-                answer, error = prediction.answer, None
-            except Exception as err:  # why: a parse failure is what this run counts
-                answer, error = None, f"{type(err).__name__}: {err}"[:300]
-            row = {"question": question, "truth": truth, "answer": answer, "parsed": error is None, "correct": answer == truth, "error": error, "wall_s": round(time.perf_counter() - start, 1)}
-            rows.append(row)
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-    print(json.dumps({"task": "dspy", "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
+    run_program("dspy", method, dspy.ChainOfThought("question -> answer: int"), limit)
 
 
 def run_react(method: str, limit: int, max_new_tokens: int) -> None:
@@ -233,40 +218,39 @@ def run_react(method: str, limit: int, max_new_tokens: int) -> None:
         """Evaluate an arithmetic expression of integers and + - * /."""
         return calculator.func(expression)
 
+    def trajectory(prediction) -> dict:
+        steps = prediction.trajectory if prediction is not None else {}
+        calls = [v for k, v in steps.items() if k.startswith("tool_name_") and v == "calc"]
+        return {"tool_calls": len(calls), "trajectory": {k: str(v)[:200] for k, v in steps.items()}}
+
     llm = NablaReasonerLLM.embedded(max_new_tokens=max_new_tokens, **options(method))
     dspy.configure(lm=llm.as_dspy_lm(cache=False), adapter=GrammarJSONAdapter())
-    program = dspy.ReAct("question -> answer: int", tools=[calc], max_iters=3)
-    path = OUT / f"react-{method}.jsonl"
+    run_program("react", method, dspy.ReAct("question -> answer: int", tools=[calc], max_iters=3), limit, trajectory)
+
+
+def run_program(task: str, method: str, program, limit: int, details=lambda prediction: {}) -> None:
+    """Run a DSPy program on the questions; a row per question in docs/results/agents/<task>-<method>.jsonl."""
+    path = OUT / f"{task}-{method}.jsonl"
     rows = []
     with path.open("w") as out:
         for question, truth in questions(limit):
             start = time.perf_counter()
             try:
                 prediction = program(question=question)
-                answer, error, trajectory = prediction.answer, None, prediction.trajectory
+                answer, error = prediction.answer, None
             except Exception as err:  # why: a parse failure is what this run counts
-                answer, error, trajectory = None, f"{type(err).__name__}: {err}"[:300], {}
-            tools_called = [v for k, v in trajectory.items() if k.startswith("tool_name_") and v == "calc"]
-            row = {
-                "question": question,
-                "truth": truth,
-                "answer": answer,
-                "parsed": error is None,
-                "correct": answer == truth,
-                "tool_calls": len(tools_called),
-                "error": error,
-                "trajectory": {k: str(v)[:200] for k, v in trajectory.items()},
-                "wall_s": round(time.perf_counter() - start, 1),
-            }
+                prediction, answer, error = None, None, f"{type(err).__name__}: {err}"[:300]
+            row = {"question": question, "truth": truth, "answer": answer, "parsed": error is None, "correct": answer == truth}
+            row |= {**details(prediction), "error": error, "wall_s": round(time.perf_counter() - start, 1)}
             rows.append(row)
             out.write(json.dumps(row) + "\n")
             out.flush()
-    print(json.dumps({"task": "react", "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
+    print(json.dumps({"task": task, "method": method, "questions": len(rows), "parsed": sum(r["parsed"] for r in rows), "correct": sum(r["correct"] for r in rows)}))
 
 
 def report() -> None:
     """A summary line per results file in this folder (a partial run counts the rows it has)."""
-    for path in sorted(OUT.glob("*.jsonl")):
+    for path in sorted(OUT.glob("*-*.jsonl")):  # <task>-<method>.jsonl (answer_turn.py writes answer_turn.jsonl)
         rows = [json.loads(line) for line in path.open()]
         if not rows:
             continue
