@@ -11,6 +11,7 @@ and the paper's rule per problem, both rejection rates) and paired counts agains
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def runs(dirs: list[str]) -> dict[str, dict[int, dict]]:
                 label = f"{LABELS.get(row['method'], row['method'])} [{Path(d).name}]"
             out.setdefault(label, {})[row["index"]] = row
     return out
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test on the discordant pairs."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def main() -> None:
@@ -60,7 +67,7 @@ def main() -> None:
         if label.startswith("∇"):
             wins = sum(rows[i]["correct"] and not bon[i]["correct"] for i in common)
             losses = sum(bon[i]["correct"] and not rows[i]["correct"] for i in common)
-            print(f"{label} against Best-of-8: solves {wins} it misses, misses {losses} it solves")
+            print(f"{label} against Best-of-8: solves {wins} it misses, misses {losses} it solves (sign test p = {sign_test(wins, losses):.2f})")
 
 
 if __name__ == "__main__":
