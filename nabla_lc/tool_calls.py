@@ -158,8 +158,9 @@ class Conversation(NamedTuple):
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     """The tools to pass to the chat template (None when they are in the system message or there are none)."""
-    question: str
-    """The user's last message, the question the reward sees (tool results are not questions)."""
+    question: str | None
+    """The user's last message, the question the reward sees (tool results are not questions); None when there is
+    no user turn (``request_from_messages`` then gives the reward the last user-role message, the results' turn)."""
 
 
 def conversation(turns: Sequence[dict[str, Any]], tools: Sequence[Mapping[str, Any]], native: bool) -> Conversation:
@@ -191,7 +192,7 @@ def conversation(turns: Sequence[dict[str, Any]], tools: Sequence[Mapping[str, A
             out.append({"role": "assistant", "content": text})
     if results:
         out.append({"role": "user", "content": tool_results_text(results)})
-    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), None)
     if not tools:
         return Conversation(out, None, question)
     if native:

@@ -300,3 +300,11 @@ def test_tool_results_become_one_user_turn_unless_the_template_has_a_tool_role()
     assert [t["role"] for t in native.messages] == ["user", "assistant", "tool", "tool"]
     assert native.messages[1]["tool_calls"][1]["function"] == {"name": "mul", "arguments": {"a": 3, "b": 4}}
     assert native.question == "What is 1 + 2 and 3 * 4?"
+
+
+def test_without_a_user_turn_the_reward_sees_the_last_user_role_turn() -> None:
+    turns = [{"role": "assistant", "content": "", "tool_calls": [ToolCall("add", {"a": 1, "b": 2}, "c1")]}, {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "add"}]
+    chat = conversation(turns, [], native=False)
+    assert chat.question is None
+    request = FakeEngine().request_from_messages(chat.messages, question=chat.question)
+    assert request.reward_prompt == "The add tool returned: 3\nAnswer my question with this result."
