@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -32,6 +34,10 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'nabla-lc[ray]')")
     from nabla_lc.cluster import joined
 
+    # why: Ray Serve kills a proxy that does not answer its readiness check within 5 s (health check: 10 s); on busy
+    # cores it then failed serve.start with ActorDiedError. The cluster's processes inherit these from this one.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, "120")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=80 * 1024**2)
     try:
         with joined() as resources:  # joins the cluster above, as the CLI would, and leaves it running
