@@ -48,6 +48,14 @@ def pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
+def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ([T_b, H] each) right-padded with zeros into one [B, T, H] batch, and the [B, T] mask of their real entries."""
+    lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    width = int(lengths.max())
+    batch = torch.stack([torch.cat([r, r.new_zeros(width - r.shape[0], r.shape[1])]) for r in rows])
+    return batch, (torch.arange(width, device=rows[0].device)[None] < lengths[:, None]).long()
+
+
 def stacked_cache(snapshots: Sequence[CacheSnapshot]) -> tuple[DynamicCache, torch.Tensor]:
     """One batch's KV cache from one-row prefix caches of different lengths, each left-padded to the longest, and
     the [B, P] mask of their real entries. The snapshots' own caches are not touched.

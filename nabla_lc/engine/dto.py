@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from ..config import NablaConfig
 from ..numerics import upcast
 from ..rewards.base import RewardAdapter, RewardPrefix, SoftScore, checked_soft
-from ..tensors import CacheSnapshot, stacked_cache
+from ..tensors import CacheSnapshot, pad_rows, stacked_cache
 from .accounting import Stats
 from .policy import Policy
 
@@ -501,16 +501,11 @@ def _batched_logprobs(policy: Policy, prefixes: Sequence[PolicyPrefix], ys: Sequ
     after them right-padded. Each result is [L_b]."""
     cache, prefix_mask = stacked_cache([p.snapshot for p in prefixes])  # type: ignore[misc]
     lengths = [y.shape[0] for y in ys]
-    width = max(lengths)
-    rows = []
-    for y, hard in zip(ys, hards):
-        emb = embed(y, policy.embedding, hard)  # [L, H]
-        rows.append(torch.cat([emb, emb.new_zeros(width - emb.shape[0], emb.shape[1])]))
-    device = policy.device
-    new_mask = (torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).long()
+    embeds, new_mask = pad_rows([embed(y, policy.embedding, hard) for y, hard in zip(ys, hards)])  # [B, T, H], [B, T]
+    device, width = policy.device, embeds.shape[1]
     positions = torch.tensor([len(p.ids) for p in prefixes], device=device)[:, None] + torch.arange(width, device=device)[None]
     out = policy.model(
-        inputs_embeds=torch.stack(rows), attention_mask=torch.cat([prefix_mask.to(device), new_mask], dim=1), position_ids=positions, cache=cache, use_cache=True
+        inputs_embeds=embeds, attention_mask=torch.cat([prefix_mask.to(device), new_mask.to(device)], dim=1), position_ids=positions, cache=cache, use_cache=True
     )
     result = []
     for b, (prefix, y) in enumerate(zip(prefixes, ys)):

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from ..numerics import upcast
 from ..tensors import CacheSnapshot
-from .base import RewardPrefix, Scores, SoftScore
+from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .lora import LoRAReward
 
 
@@ -165,4 +165,4 @@ class ImplicitLoRAReward(LoRAReward):
 
     def score_soft_batch(self, prefixes: Sequence[RewardPrefix[ImplicitPrefix]], ys: Sequence[torch.Tensor]) -> list[SoftScore]:  # type: ignore[override]
         """Row by row: each row continues its own adapter-on and adapter-off prefix caches (:meth:`score_soft`)."""
-        return [self.score_soft(prefix, y) for prefix, y in zip(prefixes, ys)]
+        return RewardAdapter.score_soft_batch(self, prefixes, ys)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..numerics import upcast
-from ..tensors import CacheSnapshot, stacked_cache
+from ..tensors import CacheSnapshot, pad_rows, stacked_cache
 from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .vocab import VocabMap, VocabMismatchError, check_vocab
 
@@ -311,10 +311,9 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             return super().score_soft_batch(prefixes, ys)
         inputs = [self._soft_input(p, y) for p, y in zip(prefixes, ys)]
         lengths = [e.shape[0] for e, _ in inputs]
-        T = max(lengths)
-        embeds = torch.stack([torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]) for e, _ in inputs])  # right padding
+        embeds, new_mask = pad_rows([e for e, _ in inputs])  # right padding
         cache, prefix_mask = stacked_cache(snapshots)  # type: ignore[arg-type]
-        new_mask = (torch.arange(T, device=prefix_mask.device)[None] < torch.tensor(lengths, device=prefix_mask.device)[:, None]).long()
+        new_mask = new_mask.to(prefix_mask.device)
         starts = torch.tensor([p.state.length for p in prefixes])
         hidden = self.forward_hidden(embeds, torch.cat([prefix_mask, new_mask], dim=1), cache=cache, start=starts)
         return [self._soft_score(p, hidden[b, :n], reads) for b, (p, n, (_, reads)) in enumerate(zip(prefixes, lengths, inputs))]
