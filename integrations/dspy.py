@@ -48,7 +48,6 @@ from dspy.lm15 import (
 )
 
 from nabla_lc.config import NablaConfig
-from nabla_lc.engine.policy import template_renders_tools
 from nabla_lc.engine.types import Constraint, Result, TextDelta
 from nabla_lc.engine.types import Request as EngineRequest
 from nabla_lc.frontend import FrontEndSettings
@@ -144,7 +143,7 @@ class NablaDSPyEngine:
         turns = ([{"role": "system", "content": _text(request.system, "system")}] if request.system is not None else []) + [
             _turn(m, i) for i, m in enumerate(request.messages)
         ]
-        chat = conversation(turns, tools, template_renders_tools(self.settings.engine.policy.tokenizer))
+        chat = conversation(turns, tools, self.settings.engine.policy.renders_tools)
         seed = options.seed if options.seed is not None else self._next_seed()
         changes = {k: v for k, v in (("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k)) if v is not None}
         config = self.settings.config.replace(**changes) if changes else self.settings.config

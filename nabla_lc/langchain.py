@@ -30,7 +30,6 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, InstanceOf, SkipValidation, model_validator
 
 from .config import NablaConfig
-from .engine.policy import template_renders_tools
 from .engine.types import Constraint, Finished, Request, Result, StreamEvent, TextDelta
 from .frontend import CONFIG_FIELDS, FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
 from .loading import load_engine
@@ -522,7 +521,7 @@ class ChatNablaReasoner(BaseChatModel):
         turns = [_turn(m) for m in messages]
         if self.llm.system and not any(t["role"] == "system" for t in turns):
             turns.insert(0, {"role": "system", "content": self.llm.system})
-        chat = conversation(turns, tools, template_renders_tools(self.llm.engine.policy.tokenizer))
+        chat = conversation(turns, tools, self.llm.engine.policy.renders_tools)
         request = self.llm.engine.request_from_messages(
             chat.messages, stop=self.llm.settings.stop_strings(stop, config), tools=chat.tools, constraint=constraint, question=chat.question
         )

@@ -51,6 +51,7 @@ class FakeModel:
 class FakePolicy:
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
     model: FakeModel = field(default_factory=FakeModel)
+    renders_tools: bool = False
 
 
 @dataclass

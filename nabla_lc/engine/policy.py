@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from typing import Any, Sequence
 
@@ -27,6 +29,11 @@ class Policy:
         self.max_length = int(max_length or config_max or 4096)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders tools (:func:`template_renders_tools`), checked once per policy."""
+        return template_renders_tools(self.tokenizer)
 
     def template(self, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
         """Token ids of a prompt: the chat template with a generation prompt, or the plain text."""

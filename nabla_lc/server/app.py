@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import NablaConfig
 from ..engine.constraints import compile_constraint
-from ..engine.policy import template_renders_tools
 from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta
 from ..frontend import FrontEndEngine, default_model_id
 from ..tool_calls import ToolChoice, conversation, parse_tool_calls
@@ -85,14 +84,6 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
     state = {"in_flight": 0}
     metrics = Metrics(lambda: state["in_flight"])
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
-
-    renders_tools: list[bool] = []
-
-    def native_tools() -> bool:
-        """Whether the chat template renders tools (checked once)."""
-        if not renders_tools:
-            renders_tools.append(template_renders_tools(engine.policy.tokenizer))
-        return renders_tools[0]
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> Response:
@@ -161,7 +152,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         chat template and the grammar's construction and compilation are CPU work that would hold up the event loop."""
         constraint, param = chat.constraint(choice)
         tools = [] if choice == "none" else chat.tool_dicts()
-        turns = conversation(chat.turns(), tools, native_tools())
+        turns = conversation(chat.turns(), tools, engine.policy.renders_tools)
         request = engine_request(
             lambda: engine.request_from_messages(
                 turns.messages, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=turns.tools, constraint=constraint, question=turns.question
