@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
+import torch
 import xgrammar as xgr
 
 from nabla_lc import Engine, NablaConfig
-from nabla_lc.engine.constraints import compile_constraint
+from nabla_lc.engine.constraints import Grammar, compile_constraint, completion_length, scan
 from nabla_lc.engine.types import Constraint, Request
 
 SCHEMA = {
@@ -140,3 +142,44 @@ def test_a_method_that_would_ignore_the_constraint_refuses_it(tiny_engine: Engin
             tiny_engine.generate([constrained(tiny_engine, Constraint.regex("a"), 0)], NablaConfig(method="unconstrained_test"))
     finally:
         unregister("unconstrained_test")
+
+
+REASONING = {
+    "type": "object",
+    "properties": {"reasoning": {"type": "string"}, "done": {"type": "boolean"}},
+    "required": ["reasoning", "done"],
+}
+
+
+@pytest.mark.parametrize("method", ["greedy", "bon", "nabla"])
+def test_a_json_reply_that_runs_on_in_a_string_is_closed_within_its_budget(tiny_engine: Engine, method: str) -> None:
+    """The random policy rarely ends a free string: without the closing rule these replies are cut unfinished."""
+    constraint = Constraint.json_schema(REASONING)
+    config = NablaConfig(method=method, n=2, temperature=1.5, dto_steps=2)
+    for seed in SEEDS[:4]:
+        request = Request(tiny_engine.request("q?").prompt_ids, "q?", seed=seed, max_new_tokens=40, constraint=constraint)
+        [result] = tiny_engine.generate([request], config)
+        check_in_grammar(tiny_engine, constraint, result.token_ids)
+        assert set(json.loads(result.text)) == {"reasoning", "done"}, result.text
+        assert len(result.token_ids) <= 40
+
+
+def test_the_closing_rule_measures_the_completion_and_narrows_only_when_it_needs_every_token(tiny_engine: Engine) -> None:
+    policy, constraint = tiny_engine.policy, Constraint.json_schema(REASONING)
+    head = policy.tokenizer.encode('{"reasoning": "a\\', add_special_tokens=False)  # inside the string, after a backslash
+    grammar = Grammar.start(policy, constraint, budget=len(head) + 40)
+    grammar.accept(head)
+    closing = grammar.closing
+    assert closing is not None and closing.in_string and closing.escaped
+    # the escaped character, the string's end, then the forced key and the smallest boolean
+    assert completion_length(grammar.matcher, True, True, 100) == len('"", "done": false}')
+    assert completion_length(grammar.matcher, True, True, 5) == 6  # more than the limit
+    escaped = scan(True, False, b'\\"')
+    assert escaped == (True, False) and scan(*escaped, b'"}') == (False, False)  # \" stays in the string; " ends it
+    free = grammar.allowed()
+    assert free.sum() > 1
+    for left in (19, 18):  # 18 = the completion's characters: from there only a quote may come
+        grammar.closing = replace(closing, budget=closing.position + left)
+        narrowed = grammar.allowed()
+        texts = {policy.token_text(int(t)) for t in narrowed.nonzero()}
+        assert (left == 19 and torch.equal(narrowed, free)) or (left == 18 and texts and all(t.startswith('"') for t in texts)), texts

@@ -87,7 +87,7 @@ class DecodingContext:
 
     def grammar(self, request: Request) -> Grammar | None:
         """A fresh parse state of the request's constraint (None without one)."""
-        return Grammar.start(self.policy, request.constraint) if request.constraint is not None else None
+        return Grammar.start(self.policy, request.constraint, self.budget(request)) if request.constraint is not None else None
 
     def text_stream(self, request: Request, index: int) -> TextStream:
         """The stream of request ``index``'s committed text, reported to ``on_token``."""
