@@ -27,13 +27,14 @@ import hashlib
 import json
 import random
 import threading
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Mapping
 
 import dspy
 import pydantic
 from dspy.lm15 import TextDelta as DSPyTextDelta
 from dspy.lm15 import (
     Config,
+    InvalidRequestError,
     Message,
     Request,
     Response,
@@ -50,13 +51,17 @@ from dspy.lm15 import (
 from nabla_lc.config import NablaConfig
 from nabla_lc.engine.types import Constraint, Result, TextDelta
 from nabla_lc.engine.types import Request as EngineRequest
-from nabla_lc.frontend import FrontEndSettings
+from nabla_lc.frontend import FrontEndSettings, call_config
 from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, response_format_schema, tool_call_constraint
 
 __all__ = ["AsyncNablaDSPyEngine", "GrammarJSONAdapter", "NablaDSPyEngine", "dspy_lm"]
 
-SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "response_format", "tool_choice"})
-"""``dspy.lm15.Config`` fields this engine carries; any other field that is set is refused."""
+SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "response_format", "tool_choice", "extensions"})
+"""``dspy.lm15.Config`` fields this engine carries; any other field that is set is refused. Of ``extensions``, only
+``"nabla"`` (NablaConfig fields for this call, as the server's ``nabla`` object)."""
+
+_OWN_FIELDS = {"max_new_tokens": "max_tokens", "max_tokens": "max_tokens", "seed": "seed", "stop": "stop"}
+"""NablaConfig fields (and aliases) that ``Config`` carries itself, so refused in ``extensions["nabla"]``."""
 
 _ROLES = {"user": "user", "assistant": "assistant", "developer": "system", "tool": "tool"}
 
@@ -145,8 +150,10 @@ class NablaDSPyEngine:
         ]
         chat = conversation(turns, tools, self.settings.engine.policy.renders_tools)
         seed = options.seed if options.seed is not None else self._next_seed()
-        changes = {k: v for k, v in (("temperature", options.temperature), ("top_p", options.top_p), ("top_k", options.top_k)) if v is not None}
-        config = self.settings.config.replace(**changes) if changes else self.settings.config
+        try:
+            config = call_config(self.settings.config, _call_options(options))
+        except (TypeError, ValueError) as err:  # why: an lm15 error reaches the caller as DSPy's LMInvalidRequestError, not retried
+            raise InvalidRequestError(str(err), code="invalid_value") from None
         engine_request = self.settings.engine.request_from_messages(
             chat.messages,
             seed=seed,
@@ -171,6 +178,30 @@ class NablaDSPyEngine:
             return None
         with self._seed_lock:
             return self._seeds.randrange(2**31)
+
+
+def _call_options(options: Config) -> dict[str, Any]:
+    """This call's NablaConfig changes: ``temperature``, ``top_p``, ``top_k``, then ``Config.extensions["nabla"]``.
+
+    A field that ``Config`` carries itself is refused in ``nabla``, and one set in both must agree."""
+    extensions = dict(options.extensions or {})
+    nabla = extensions.pop("nabla", None) or {}
+    if extensions:
+        raise UnsupportedFeatureError(f"nabla-lc reads only Config.extensions['nabla'], got {sorted(extensions)}", feature="config.extensions")
+    if not isinstance(nabla, Mapping):
+        raise TypeError(f"Config.extensions['nabla'] must be an object of NablaConfig fields, got {type(nabla).__name__}")
+    for name in nabla:
+        if name in _OWN_FIELDS:
+            raise ValueError(f"Config.extensions['nabla'].{name}: set Config.{_OWN_FIELDS[name]} instead")
+    changes = dict(nabla)
+    for name in ("temperature", "top_p", "top_k"):
+        value = getattr(options, name)
+        if value is None:
+            continue
+        if name in changes and changes[name] != value:
+            raise ValueError(f"Config.extensions['nabla'].{name} disagrees with Config.{name} ({changes[name]!r} != {value!r})")
+        changes[name] = value
+    return changes
 
 
 class AsyncNablaDSPyEngine:

@@ -9,6 +9,7 @@ from typing import Any
 
 import dspy
 import pytest
+from dspy.clients.errors import LMInvalidRequestError, LMUnsupportedFeatureError
 from dspy.lm15 import Config, Message, Request, TextPart, UnsupportedFeatureError
 
 from nabla_lc.integrations.dspy import GrammarJSONAdapter, NablaDSPyEngine
@@ -80,6 +81,35 @@ def test_request_settings_reach_the_engine(lm: dspy.LM, engine: FakeEngine) -> N
     assert (request.seed, request.max_new_tokens, request.stop) == (7, 10, ("##",))
     assert (config.temperature, config.top_p) == (0.9, 0.5)
     assert text == "[[ "
+
+
+def test_nabla_config_fields_per_call_through_config_extensions(engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DSPy's keyword options are OpenAI chat fields; NablaConfig fields travel in a typed Request's extensions."""
+    monkeypatch.setattr(dspy, "cache", dspy.clients.Cache(enable_disk_cache=False, enable_memory_cache=True, disk_cache_dir=None))
+    lm = NablaReasonerLLM(engine=engine).as_dspy_lm(cache=True)
+
+    def call(nabla: dict[str, Any], **config: Any) -> Any:
+        return lm(Request(model=lm.model, messages=(Message.user("hi"),), config=Config(seed=1, extensions={"nabla": nabla}, **config)))
+
+    call({"method": "bon", "n": 2, "dto_steps": 3}, temperature=0.7)
+    config = engine.calls[-1].config
+    assert (config.method, config.n, config.dto_steps, config.temperature) == ("bon", 2, 3, 0.7)
+    assert lm.history[-1]["response"].provider_data["method"] == "bon"
+    call({"method": "bon", "n": 2, "dto_steps": 3}, temperature=0.7)
+    assert len(engine.calls) == 1  # the same options: DSPy's cache answers
+    call({"method": "bon", "n": 3, "dto_steps": 3}, temperature=0.7)
+    assert len(engine.calls) == 2 and engine.calls[-1].config.n == 3  # the options are in the cache key
+    for nabla, config, match in [
+        ({"dto_stepz": 1}, {}, "dto_stepz"),
+        ({"n": 0}, {}, "NablaConfig.n"),
+        ({"max_tokens": 5}, {}, r"\['nabla'\].max_tokens: set Config.max_tokens"),
+        ({"temperature": 0.3}, {"temperature": 0.5}, "disagrees with Config.temperature"),
+    ]:
+        with pytest.raises(LMInvalidRequestError, match=match):
+            call(nabla, **config)
+    with pytest.raises(LMUnsupportedFeatureError, match="foo"):
+        lm(Request(model=lm.model, messages=(Message.user("hi"),), config=Config(extensions={"foo": 1})))
+    assert len(engine.calls) == 2
 
 
 def test_unsupported_request_features_are_refused(engine: FakeEngine) -> None:
