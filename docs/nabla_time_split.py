@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from nabla_lc.bench.runner import load_task
 from nabla_lc.engine import context, dto, rollout
 from nabla_lc.loading import load_engine
+from nabla_lc.rewards.transformer import TransformerReward
 
 log = logging.getLogger("nabla_time_split")
 
@@ -46,6 +47,7 @@ KINDS = (
     (dto, "_passes_together", "DTO passes"),
     (dto.PrefixEncoder, "encode", "DTO prefix encodings"),
     (context.DecodingContext, "score", "scoring"),
+    (TransformerReward, "score_groups", "scoring"),
 )
 
 

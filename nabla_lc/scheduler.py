@@ -1,11 +1,13 @@
 """Continuous batching: one thread owns the models and samples the rollouts of every job in flight together.
 
 Every submitted job (a method's batch of requests, a sample set) is a :data:`~nabla_lc.engine.rollout.Job`: it
-runs its own work (gates, DTO steps, scoring) until it needs rollouts or DTO passes, then waits. The scheduler keeps
-one running :class:`~nabla_lc.engine.rollout.RolloutBatch` per sampling setting and loops: admit new jobs, drop
-cancelled ones, run the DTO passes every waiting job asks for in one batched pass (again, until every job waits on
-rollouts; while rows decode, a pass waits a few steps for others to join it: :data:`PASS_WAIT_STEPS`), join the rows of every job that waits to its batch (at a token boundary: their prefixes are encoded and
-their KV cache merged in), then sample one token for every row of every batch. A row that finishes goes back to its job at
+runs its own work (gates, DTO steps) until it needs rollouts, DTO passes or scorings of complete responses, then
+waits. The scheduler keeps one running :class:`~nabla_lc.engine.rollout.RolloutBatch` per sampling setting and loops:
+admit new jobs, drop cancelled ones, run the DTO passes every waiting job asks for in one batched pass and their
+scorings in another (again, until every job waits on rollouts; while rows decode, a pass or scoring waits a few steps
+for others to join it: :data:`PASS_WAIT_STEPS`), join the rows of every job that waits to its batch in one call (at a
+token boundary: their prefixes are encoded in one pass and their KV cache merged in), then sample one token for every
+row of every batch. A row that finishes goes back to its job at
 once, which runs on until it needs rollouts again; a cancelled job's rows leave at the next token. Each row keeps its own seeded generator, so a
 job's outcome does not depend on what else is in flight. Jobs that are not generators (a method registered without
 ``steps``, :meth:`Scheduler.call`) run alone between batches.
@@ -25,6 +27,7 @@ import torch
 from .engine.dto import PassCall, run_passes
 from .engine.policy import Policy
 from .engine.rollout import Job, Rollout, RolloutBatch, RolloutCall
+from .engine.scoring import ScoreCall, run_scores
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,10 @@ while others run joins them at the next boundary without waiting."""
 ARRIVAL_CAP_S = 0.05
 
 PASS_WAIT_STEPS = 8
-"""While rows are decoding, a job's DTO pass waits (its job does not go on) until half of the jobs in flight that
-yield DTO passes (∇ jobs; see :meth:`Scheduler.submit`) wait on passes too, or until it has waited this many decoding
-steps, so that passes run in larger batches. A pass with no other such job in flight runs at once."""
+"""While rows are decoding (or are about to: a job waits on rollouts), a job's DTO pass waits (its job does not go
+on) until half of the jobs in flight that yield DTO passes (∇ jobs; see :meth:`Scheduler.submit`) wait on passes too,
+or until it has waited this many decoding steps, so that passes run in larger batches; so does a scoring, for
+scorings. A pass with no other such job in flight runs at once."""
 
 IDLE_EXIT_S = 2.0
 """Seconds the scheduler thread waits for work before it exits (the next submit starts another), so that an
@@ -53,8 +57,8 @@ class _Task:
     future: Future[Any]
     job: Job[Any] | None
     function: Callable[[], Any] | None = None
-    call: RolloutCall | PassCall | None = None
-    """The rollouts (or DTO passes) it waits on."""
+    call: RolloutCall | PassCall | ScoreCall | None = None
+    """The rollouts (or DTO passes, or scorings) it waits on."""
     placed: bool = False
     """Whether the call's rows joined a batch."""
     since: int = 0
@@ -66,7 +70,7 @@ class _Task:
     error: BaseException | None = None
     """Raised by its ``on_token`` during a step; the task fails at the next boundary."""
     passes: bool = False
-    """Whether the job yields DTO passes (declared at submit, or seen): only such jobs hold a pass back."""
+    """Whether the job yields DTO passes or scorings (declared at submit, or seen): only such jobs hold a pass back."""
 
     def gone(self) -> bool:
         return self.future.cancelled() or self.error is not None
@@ -119,6 +123,11 @@ class SchedulerStats:
     and backward pass of each model, several past :data:`~nabla_lc.engine.dto.PASS_ROWS` rows)."""
     pass_rows: int = 0
     """DTO passes (one per decoding) summed over the batched passes."""
+    scorings: int = 0
+    """Batched scorings of complete responses (one :func:`~nabla_lc.engine.scoring.run_scores` over the scorings of
+    every waiting job: one reward pass where the reward batches them)."""
+    scoring_rows: int = 0
+    """Scorings (one per decoding, each of its responses) summed over the batched scorings."""
 
 
 class Scheduler:
@@ -181,9 +190,8 @@ class Scheduler:
                         self._advance(task, None, live)
                 for task in [t for t in live if t.gone()]:
                     self._drop(task, live)
-                self._run_passes(live, decoding=any(g.batch.active for g in groups.values()))
-                for task in [t for t in live if isinstance(t.call, RolloutCall) and not t.placed]:
-                    self._place(task, groups, live)
+                self._run_passes(live, groups)
+                self._place([t for t in live if isinstance(t.call, RolloutCall) and not t.placed], groups, live)
                 for key, group in list(groups.items()):
                     if group.batch.active:
                         self._step(group, live)
@@ -199,77 +207,110 @@ class Scheduler:
             if len(self._incoming) == seen or time.monotonic() >= deadline:
                 return
 
-    def _run_passes(self, live: list[_Task], decoding: bool) -> None:
-        """Run the DTO passes of every job that waits on some in one batch, again until none does, or, while rows
-        are decoding, until too few do (:data:`PASS_WAIT_STEPS`). A batch that raises runs again job by job, so that
-        only a job whose own passes fail fails."""
+    def _run_passes(self, live: list[_Task], groups: dict[tuple[float, float, int, bool], _Group]) -> None:
+        """Run the DTO passes of every job that waits on some in one batch, and the scorings in another, again until
+        none does, or, while rows are decoding or about to, until too few do (:data:`PASS_WAIT_STEPS`). A batch that
+        raises runs again job by job, so that only a job whose own calls fail fails."""
         while True:
-            waiting = [t for t in live if isinstance(t.call, PassCall)]
-            if not waiting:
+            ran = False
+            for kind in (PassCall, ScoreCall):
+                waiting = [t for t in live if isinstance(t.call, kind)]
+                if not waiting:
+                    continue
+                oldest = min(t.since for t in waiting)
+                decoding = any(g.batch.active for g in groups.values()) or any(isinstance(t.call, RolloutCall) for t in live)
+                capable = sum(t.passes for t in live)  # why: a job that never yields passes cannot join the batch
+                if decoding and 2 * len(waiting) < capable and self.stats.steps - oldest < PASS_WAIT_STEPS:
+                    continue
+                self._run_batch(waiting, live)
+                ran = True
+            if not ran:
                 return
-            oldest = min(t.since for t in waiting)
-            capable = sum(t.passes for t in live)  # why: a job that never yields passes cannot join the batch
-            if decoding and 2 * len(waiting) < capable and self.stats.steps - oldest < PASS_WAIT_STEPS:
+
+    def _run_batch(self, tasks: list[_Task], live: list[_Task]) -> None:
+        """Run the calls of ``tasks`` (all DTO passes or all scorings) in one batch and send each task its part; if
+        that raises, each task's calls run again by themselves."""
+        requests = [r for t in tasks for r in t.call.requests]  # type: ignore[union-attr]
+        try:
+            found = self._run_calls(tasks[0].call, requests)  # type: ignore[arg-type]
+        except Exception as err:  # why: one request's failure must not fail the others: each job's calls run again alone
+            if len(tasks) == 1:
+                self._finish(tasks[0], live, error=err)
                 return
-            requests = [r for t in waiting for r in t.call.requests]  # type: ignore[union-attr]
+            log.debug("a batched DTO pass or scoring failed; running each job's alone", exc_info=True)
+            for task in tasks:
+                self._run_batch([task], live)
+            return
+        except BaseException as err:  # not an error of a request (an interrupt): every task in the batch fails with it
+            for task in tasks:
+                self._finish(task, live, error=err)
+            return
+        start = 0
+        for task in tasks:
+            n = len(task.call.requests)  # type: ignore[union-attr]
+            self._advance(task, found[start : start + n], live)
+            start += n
+
+    def _run_calls(self, kind: PassCall | ScoreCall, requests: list[Any]) -> list[Any]:
+        """:func:`~nabla_lc.engine.dto.run_passes` or :func:`~nabla_lc.engine.scoring.run_scores` (as ``kind`` is),
+        counted in :attr:`stats`."""
+        if isinstance(kind, PassCall):
             self.stats.passes += 1
             self.stats.pass_rows += len(requests)
-            try:
-                found = run_passes(requests)
-            except Exception as err:  # why: one request's failure must not fail the others: each job's passes run again alone
-                if len(waiting) == 1:
-                    self._finish(waiting[0], live, error=err)
-                    continue
-                log.debug("a batched DTO pass failed; running each job's passes alone", exc_info=True)
-                for task in waiting:
-                    self._run_own_passes(task, live)
-                continue
-            except BaseException as err:  # not an error of a request (an interrupt): every task in the pass fails with it
-                for task in waiting:
-                    self._finish(task, live, error=err)
-                continue
-            start = 0
-            for task in waiting:
-                n = len(task.call.requests)  # type: ignore[union-attr]
-                self._advance(task, found[start : start + n], live)
-                start += n
+            return run_passes(requests)
+        self.stats.scorings += 1
+        self.stats.scoring_rows += len(requests)
+        return run_scores(requests)
 
-    def _run_own_passes(self, task: _Task, live: list[_Task]) -> None:
-        """Run one task's DTO passes by themselves; if they fail, the task fails with their error."""
-        assert isinstance(task.call, PassCall)
-        self.stats.passes += 1
-        self.stats.pass_rows += len(task.call.requests)
-        try:
-            found = run_passes(task.call.requests)
-        except Exception as err:
-            self._finish(task, live, error=err)
-        else:
-            self._advance(task, found, live)
+    def _place(self, tasks: list[_Task], groups: dict[tuple[float, float, int, bool], _Group], live: list[_Task]) -> None:
+        """Join the tasks' calls to the running batch of their sampling setting, the rows of all the tasks of one
+        setting in one :meth:`~nabla_lc.engine.rollout.RolloutBatch.add` (their prefixes encoded in one pass). If
+        that raises, each task joins alone, so that only a task whose own rows fail fails."""
+        by_key: dict[Any, list[_Task]] = {}
+        for task in tasks:
+            call = task.call
+            assert isinstance(call, RolloutCall)
+            task.placed, task.got, task.waiting = True, [None] * len(call.rows), len(call.rows)
+            if not call.rows:
+                self._advance(task, [], live)
+                continue
+            by_key.setdefault((call.sampling, call.keep_logits), []).append(task)  # why: the whole Sampling, so a field added to it splits batches too
+        for key, joining in by_key.items():
+            if key not in groups:
+                groups[key] = _Group(self.policy, joining[0].call, self.stats)  # type: ignore[arg-type]
+            error = self._join(groups[key], joining, live)
+            if error is None:
+                continue
+            if len(joining) > 1 and isinstance(error, Exception):
+                log.debug("a batched join failed; joining each task's rows alone", exc_info=error)
+                for task in joining:
+                    own = self._join(groups[key], [task], live)
+                    if own is not None:
+                        self._finish(task, live, error=own)
+            else:  # one task's own rows failed, or an interrupt: every task in the join fails with it
+                for task in joining:
+                    self._finish(task, live, error=error)
 
-    def _place(self, task: _Task, groups: dict[tuple[float, float, int, bool], _Group], live: list[_Task]) -> None:
-        """Join the task's call to the running batch of its sampling setting (its prefixes are encoded now)."""
-        call = task.call
-        assert isinstance(call, RolloutCall)
-        task.placed, task.got, task.waiting = True, [None] * len(call.rows), len(call.rows)
-        if not call.rows:
-            self._advance(task, [], live)
-            return
-        key = (call.sampling, call.keep_logits)  # why: the whole Sampling, so a field added to it splits batches too
-        if key not in groups:
-            groups[key] = _Group(self.policy, call, self.stats)
-        group = groups[key]
+    def _join(self, group: _Group, tasks: list[_Task], live: list[_Task]) -> BaseException | None:
+        """Add the rows of ``tasks`` to ``group``'s batch in one call; what it raised, if it did (the batch is then as
+        it was)."""
         first = group.batch.count
-        for j in range(len(call.rows)):
-            group.owners[first + j] = (task, j)
-        self.stats.rows += len(call.rows)
-        try:
-            done = group.batch.add(call.rows)
-        except BaseException as err:  # the encoding failed: this task fails; the batch is as it was
+        rows = []
+        for task in tasks:
+            call = task.call
+            assert isinstance(call, RolloutCall)
             for j in range(len(call.rows)):
-                group.owners.pop(first + j, None)
-            self._finish(task, live, error=err)
-            return
+                group.owners[first + len(rows) + j] = (task, j)
+            rows.extend(call.rows)
+        try:
+            done = group.batch.add(rows)
+        except BaseException as err:
+            for b in range(first, first + len(rows)):
+                group.owners.pop(b, None)
+            return err
+        self.stats.rows += len(rows)
         self._deliver(group, done, live)
+        return None
 
     def _step(self, group: _Group, live: list[_Task]) -> None:
         """One token for every row of the batch; finished rows go to their tasks."""
@@ -315,7 +356,7 @@ class Scheduler:
             self._finish(task, live, error=err)
         else:
             task.placed, task.since = False, self.stats.steps
-            task.passes = task.passes or isinstance(task.call, PassCall)
+            task.passes = task.passes or isinstance(task.call, (PassCall, ScoreCall))
             if task not in live:
                 live.append(task)
 

@@ -1,9 +1,11 @@
-"""DTO passes of several requests in one batched pass: each row gets what its request gets alone."""
+"""DTO passes (and scorings, and rollout joins) of several requests in one batched pass: each row gets what its request
+gets alone."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Iterator
 
 import pytest
@@ -12,10 +14,12 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from nabla_lc import Engine, NablaConfig, Stats, scheduler
 from nabla_lc.engine import dto
-from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassRequest, run_passes
+from nabla_lc.engine.context import DecodingContext
+from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassCall, PassRequest, run_passes
+from nabla_lc.engine.scoring import ScoreRequest, run_scores
 from nabla_lc.engine.policy import Policy
 from nabla_lc.tensors import CacheSnapshot, stacked_cache
-from nabla_lc.engine.rollout import RolloutRow, Sampling, rollout
+from nabla_lc.engine.rollout import RolloutCall, RolloutRow, Sampling, rollout
 from nabla_lc.rewards.implicit import ImplicitLoRAReward
 from nabla_lc.rewards.lora import LoRAReward
 
@@ -201,3 +205,77 @@ def test_stacking_refuses_sliding_window_caches():
         model(input_ids=torch.arange(6)[None], cache=cache, use_cache=True)
     with pytest.raises(TypeError, match="DynamicSlidingWindowLayer"):
         stacked_cache([CacheSnapshot.take(cache), CacheSnapshot.take(cache)])
+
+
+@pytest.mark.parametrize("reward_kind", ["classifier", "implicit"])
+def test_scorings_of_several_requests_run_in_one_reward_pass_and_count_as_alone(tokenizer, reward_kind):
+    runs = _runs(tokenizer, "classifier" if reward_kind == "classifier" else "implicit")
+    reward, policy = runs[0].reward, runs[0].policy
+    assert reward is not None
+    pairs = [(q, [run.tokens.tolist(), run.tokens.tolist()[: max(1, len(run.tokens) // 2)]]) for (q, _), run in zip(QUESTIONS, runs)]
+    engine_ctx = DecodingContext(policy, reward, NablaConfig(), lambda text: None)
+    alone_stats = [Stats() for _ in pairs]
+    alone = [engine_ctx.score(q, responses, s) for (q, responses), s in zip(pairs, alone_stats)]
+    together_stats = [Stats() for _ in pairs]
+    with _forwards(reward.body) as passes:
+        found = run_scores([ScoreRequest(reward, q, responses, s) for (q, responses), s in zip(pairs, together_stats)])
+    shared = reward_kind == "classifier"
+    assert passes == ([1] if shared else [2 * len(pairs)])  # one pass for the three requests' six responses (implicit: group by group, adapter on and off)
+    for a, b, sa, sb in zip(alone, found, alone_stats, together_stats):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+        assert sb == sa  # the same passes and tokens, counted on each request
+
+
+def test_concurrent_nabla_requests_share_scorings_and_joins(tokenizer):
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=10))
+    # dto_steps 0: every uncertain position is resampled and compared, so every request scores
+    config = engine.config.replace(method="nabla", n=3, dto_steps=0, entropy_threshold=0.0, tau=2.0)
+    requests = [engine.request(q, seed=i) for i, (q, _) in enumerate(QUESTIONS * 2)]
+    alone = [engine.generate([r], config)[0] for r in requests]
+    before = dataclasses.replace(engine.scheduler.stats)
+    prefills = [0]
+
+    def count(module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:  # a join encodes prefixes; a decoding step has one token a row
+            prefills[0] += 1
+
+    handle = model.register_forward_hook(count, with_kwargs=True)
+    try:
+        with engine.lock:  # why: the scheduler waits at its boundary, so every job is admitted at the same one
+            futures = [engine.submit([r], config) for r in requests]
+        together = [f.result(timeout=300)[0] for f in futures]
+    finally:
+        handle.remove()
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert dataclasses.replace(a.stats, wall_s=0.0) == dataclasses.replace(b.stats, wall_s=0.0)
+    stats = engine.scheduler.stats
+    scorings, scored = stats.scorings - before.scorings, stats.scoring_rows - before.scoring_rows
+    assert scored == sum(r.stats.rollouts - 1 for r in together) > 0  # one scoring per comparison
+    assert 0 < scorings < scored  # some requests' scorings ran in one batch
+    joined = stats.rows - before.rows
+    assert joined == sum(r.stats.rollouts for r in together)
+    assert 0 < prefills[0] < joined  # the six first rollouts joined in one encoding (and maybe more later)
+
+
+def test_a_pass_waits_for_a_job_about_to_decode(tokenizer):
+    runs = _runs(tokenizer)
+    policy = runs[0].policy
+    sched = scheduler.Scheduler(policy, threading.RLock())
+
+    def probe_only(run: DTORun):
+        found = yield PassCall([PassRequest(run, run.hard())])
+        return found
+
+    def decode_then_probe(run: DTORun):
+        yield RolloutCall([RolloutRow(policy.template("hi"), [], 3, (), torch.Generator().manual_seed(0), Stats())], Sampling(1.0))
+        found = yield PassCall([PassRequest(run, run.hard())])
+        return found
+
+    with sched.lock:  # why: the scheduler waits at its boundary, so both jobs are admitted at the same one
+        futures = [sched.submit(probe_only(runs[0]), passes=True)] + [sched.submit(decode_then_probe(run), passes=True) for run in runs[1:]]
+    found = [f.result(timeout=60)[0] for f in futures]
+    assert all(isinstance(p, dto.Pass) for p in found)
+    assert (sched.stats.passes, sched.stats.pass_rows) == (1, 3)  # the first job's pass waited for the others' rollouts

@@ -183,3 +183,32 @@ def test_a_request_joins_a_running_rollout_at_a_token_boundary(tokenizer) -> Non
     assert same(long_result, long_alone) and same(short_result, short_alone)
     # the short request joined the long one's batch (two rows in a step; alone, each had one) and left it first
     assert engine.scheduler.stats.max_rows == 2 and len(short_result.token_ids) < len(long_result.token_ids)
+
+
+def test_jobs_admitted_together_join_in_one_encoding_and_a_failing_one_fails_alone(tokenizer) -> None:
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, None, NablaConfig(method="greedy", max_new_tokens=6))
+    marker = tokenizer.convert_tokens_to_ids("!")
+    prompts = ["What is 2 + 3?", "hi!", "Add 7 and 8."]
+    requests = [engine.request(p, seed=i) for i, p in enumerate(prompts)]
+    alone = [engine.generate([r])[0] for r in requests[::2]]
+    prefills: list[int] = []
+
+    def encode(module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:  # a join's encoding (a decoding step has one token a row)
+            prefills.append(ids.shape[0])
+            if bool((ids == marker).any()):
+                raise RuntimeError("this prompt cannot be encoded")
+
+    handle = model.register_forward_hook(encode, with_kwargs=True)
+    try:
+        with engine.lock:  # why: the scheduler waits at its boundary, so every job is admitted at the same one
+            futures = [engine.submit([r]) for r in requests]
+        with pytest.raises(RuntimeError, match="cannot be encoded"):
+            futures[1].result(timeout=60)
+        found = [futures[0].result(timeout=60)[0], futures[2].result(timeout=60)[0]]
+    finally:
+        handle.remove()
+    assert prefills == [3, 1, 1, 1]  # one encoding of the three rows; it failed, so each job joined alone
+    assert all(same(a, b) for a, b in zip(alone, found))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,16 +12,14 @@ import torch
 
 from ..config import ConfigError, NablaConfig
 from ..methods import get_method, method_names
-from ..rewards.base import RewardAdapter, checked_scores
+from ..rewards.base import RewardAdapter
 from .accounting import Stats
 from .constraints import Grammar
 from .policy import Policy
+from .scoring import counted
 from .stream import TextStream
 from .trace import PositionRecord
 from .types import AnswerExtractor, Request, Result, TokenCallback
-
-log = logging.getLogger(__name__)
-
 
 def wanted_tokens(request: Request, config: NablaConfig) -> int:
     """The request's max_new_tokens, else the config's (before the model's context cuts it)."""
@@ -59,15 +55,7 @@ class DecodingContext:
         """
         reward = self.require_reward("scoring")
         score = reward.score_partial if partial else reward.score
-        scores = score([prompt] * len(responses), [list(r) for r in responses])
-        stats.count_reward(scores.passes, scores.tokens)
-        values = checked_scores(reward, scores, len(responses))
-        nonfinite = sum(not math.isfinite(v) for v in values)
-        if nonfinite:
-            name = type(reward).__name__
-            log.warning("%s gave %d of %d responses a NaN or infinite reward; they rank below every finite one", name, nonfinite, len(values))
-            stats.nonfinite_rewards += nonfinite
-        return values
+        return counted(reward, score([prompt] * len(responses), [list(r) for r in responses]), len(responses), stats)
 
     # --- per request ----------------------------------------------------------------------
     def budget(self, request: Request) -> int:

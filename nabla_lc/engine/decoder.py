@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Generator, Literal, Sequence
+from typing import Generator, Literal, Sequence
 
 import torch
 
@@ -15,14 +15,11 @@ from .constraints import Grammar, masked
 from .dto import DTORun, NonFiniteGradient, Pass, PassCall, PassRequest, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
 from .policy import Policy
 from .rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, differ_chance, run_alone, sample
+from .scoring import ScoreCall, ScoreRequest
 from .stream import TextStream
 from .trace import PositionRecord
 
 log = logging.getLogger(__name__)
-
-ScoreFn = Callable[[str, Sequence[Sequence[int]], Stats], list[float]]
-"""Scores full responses to one prompt, counting the reward passes in the given stats."""
-
 
 @dataclass
 class Decoded:
@@ -34,8 +31,8 @@ class Decoded:
     trace: list[PositionRecord]
 
 
-Steps = Generator["RolloutRow | PassRequest", "Rollout | Pass", Decoded]
-"""A decoding in progress: yields each rollout or DTO pass it needs, is sent its result (a pass's
+Steps = Generator["RolloutRow | PassRequest | ScoreRequest", "Rollout | Pass | list[float]", Decoded]
+"""A decoding in progress: yields each rollout, DTO pass or scoring it needs, is sent its result (a pass's
 :class:`NonFiniteGradient` is thrown in), returns what it decoded."""
 
 
@@ -73,22 +70,21 @@ def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> 
 class Decoder:
     """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only).
 
-    :meth:`steps` hands out the rollouts and DTO passes it needs, so :func:`decode_steps` can batch those of many
-    requests.
+    :meth:`steps` hands out the rollouts, DTO passes and scorings it needs, so :func:`decode_steps` can batch those
+    of many requests.
     """
 
     def __init__(
         self,
         policy: Policy,
-        reward: RewardAdapter | None,
-        score: ScoreFn,
+        reward: RewardAdapter,
         config: NablaConfig,
         stats: Stats,
         generator: torch.Generator | None,
         stream: TextStream,
         grammar: Grammar | None = None,
     ) -> None:
-        self.policy, self.reward, self.score, self.config = policy, reward, score, config
+        self.policy, self.reward, self.config = policy, reward, config
         self.stats, self.generator, self.stream = stats, generator, stream
         self.grammar = grammar
         """The constraint's parse state after the committed tokens (None: free text)."""
@@ -192,7 +188,7 @@ class Decoder:
         """The encoded prompt + committed tokens, encoding only the tokens committed since the last call."""
         return self.prefixes.encode(self.reward_prompt, self.prompt_ids + self.committed, self.committed)
 
-    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutRow, Rollout, Rollout]:
+    def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutRow | ScoreRequest, Rollout | list[float], Rollout]:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""
         assert current.logits is not None
         self.stats.proposals += 1
@@ -205,7 +201,7 @@ class Decoder:
             allowed = torch.cat([current.allowed[:1], new.allowed]) if current.allowed is not None and new.allowed is not None else None
             candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason, allowed)
         # why: both full responses go through one batched pass, so they are scored identically
-        r_current, r_proposal = self.score(self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
+        r_current, r_proposal = yield ScoreRequest(self.reward, self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
         record.reward_current, record.reward_proposal = r_current, r_proposal
         record.accepted = rank(r_proposal) > rank(r_current)
         if record.accepted:
@@ -218,16 +214,16 @@ class Decoder:
 
 def decode_steps(sampling: Sampling, decodings: Sequence[Steps]) -> Job[list[Decoded]]:
     """Run decodings side by side, as a job: the DTO passes they wait on at the same time form one call, and so do
-    the rollouts.
+    the scorings and the rollouts.
 
-    Each decoding runs its own positions until it needs a pass or a rollout. The waiting passes are run first
-    (together), until every decoding waits on a rollout or is done; then the waiting rollouts are sampled together,
-    each row with its own generator and statistics.
+    Each decoding runs its own positions until it needs a pass, a scoring or a rollout. The waiting passes and
+    scorings are run first (each kind together), until every decoding waits on a rollout or is done; then the
+    waiting rollouts are sampled together, each row with its own generator and statistics.
     """
     done: dict[int, Decoded] = {}
-    waiting: dict[int, RolloutRow | PassRequest] = {}
+    waiting: dict[int, RolloutRow | PassRequest | ScoreRequest] = {}
 
-    def advance(i: int, result: Rollout | Pass | NonFiniteGradient | None) -> None:
+    def advance(i: int, result: Rollout | Pass | list[float] | NonFiniteGradient | None) -> None:
         try:
             if isinstance(result, NonFiniteGradient):
                 waiting[i] = decodings[i].throw(result)
@@ -240,11 +236,13 @@ def decode_steps(sampling: Sampling, decodings: Sequence[Steps]) -> Job[list[Dec
         advance(i, None)
     while waiting:
         passes = [(i, w) for i, w in sorted(waiting.items()) if isinstance(w, PassRequest)]
-        if passes:
-            for i, _ in passes:
+        scorings = [(i, w) for i, w in sorted(waiting.items()) if isinstance(w, ScoreRequest)]
+        if passes or scorings:
+            ready = passes or scorings
+            for i, _ in ready:
                 del waiting[i]
-            found = yield PassCall([w for _, w in passes])
-            for (i, _), result in zip(passes, found):
+            found = yield PassCall([w for _, w in passes]) if passes else ScoreCall([w for _, w in scorings])  # type: ignore[misc]
+            for (i, _), result in zip(ready, found):
                 advance(i, result)
             continue
         calls = sorted(waiting.items())  # why: rows in request order, however the passes reordered the waiting

@@ -13,6 +13,7 @@ from .accounting import Stats
 from .constraints import Grammar, masked
 from .dto import PassCall, run_passes
 from .policy import Policy
+from .scoring import ScoreCall, run_scores
 from .stream import cut_at_stop
 
 
@@ -348,9 +349,10 @@ class RolloutCall:
 
 T = TypeVar("T")
 
-Job = Generator["RolloutCall | PassCall", "list[Any]", T]
+Job = Generator["RolloutCall | PassCall | ScoreCall", "list[Any]", T]
 """A decoding in progress (a method's batch, a sample set): yields each :class:`RolloutCall` (or
-:class:`~nabla_lc.engine.dto.PassCall`) it needs, is sent their rollouts (passes) in row order, returns its outcome.
+:class:`~nabla_lc.engine.dto.PassCall`, :class:`~nabla_lc.engine.scoring.ScoreCall`) it needs, is sent their
+rollouts (passes, scores) in row order, returns its outcome.
 A scheduler may run the calls of many jobs in one batch."""
 
 
@@ -361,6 +363,8 @@ def run_alone(policy: Policy, job: Job[T]) -> T:
         while True:
             if isinstance(call, PassCall):
                 call = job.send(run_passes(call.requests))
+            elif isinstance(call, ScoreCall):
+                call = job.send(run_scores(call.requests))
             else:
                 call = job.send(rollout(policy, call.rows, call.sampling, call.keep_logits, call.on_token))
     except StopIteration as done:

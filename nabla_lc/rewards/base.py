@@ -85,6 +85,12 @@ class RewardAdapter(ABC, Generic[State]):
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         """Rewards of responses (policy token ids) to prompts (the user's text), batched."""
 
+    def score_groups(self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]]) -> list[Scores]:
+        """:meth:`score` of several groups of (prompts, responses) (the comparisons of concurrent requests), each
+        group's :class:`Scores` counting its own responses. This default scores the groups one by one; adapters
+        that can run them in one batched pass override it."""
+        return [self.score(prompts, responses) for prompts, responses in groups]
+
     def score_partial(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         """Rewards of partial responses (the response so far, as step-level search scores it), batched.
 

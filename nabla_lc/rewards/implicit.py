@@ -166,3 +166,7 @@ class ImplicitLoRAReward(LoRAReward):
     def score_soft_batch(self, prefixes: Sequence[RewardPrefix[ImplicitPrefix]], ys: Sequence[torch.Tensor]) -> list[SoftScore]:  # type: ignore[override]
         """Row by row: each row continues its own adapter-on and adapter-off prefix caches (:meth:`score_soft`)."""
         return RewardAdapter.score_soft_batch(self, prefixes, ys)
+
+    def score_groups(self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]]) -> list[Scores]:
+        """Group by group (:meth:`score`, adapter on and off)."""
+        return RewardAdapter.score_groups(self, groups)

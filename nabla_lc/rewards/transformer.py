@@ -204,6 +204,11 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
     # --- the RewardAdapter interface ------------------------------------------------------
     def values(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
         """Rewards [B] (with whatever gradients are enabled) and the tokens processed."""
+        values, tokens = self._values(prompts, responses)
+        return values, sum(tokens)
+
+    def _values(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Rewards [B] and the tokens processed for each response."""
         reads, tokens = self._reads(prompts, responses)
         return upcast(torch.stack([self.combine(r) for r in reads])), tokens
 
@@ -211,7 +216,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         """The scores at each response's reads ([R_b] each, before :meth:`combine`), with whatever gradients are enabled."""
         return self._reads(prompts, responses)[0]
 
-    def _reads(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], int]:
+    def _reads(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[int]]:
         layouts = [self.layout(p, r) for p, r in zip(prompts, responses)]
         dev = self.embedding.device
         T = max(len(lay.ids) for lay in layouts)
@@ -222,7 +227,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             rows.append(torch.cat([e, e.new_zeros(T - e.shape[0], e.shape[1])]))  # right padding: reads never see it
             mask[b, : e.shape[0]] = 1
         hidden = self.forward_hidden(torch.stack(rows), mask)
-        return [self.read(hidden[b, lay.reads]) for b, lay in enumerate(layouts)], sum(len(lay.ids) for lay in layouts)
+        return [self.read(hidden[b, lay.reads]) for b, lay in enumerate(layouts)], [len(lay.ids) for lay in layouts]
 
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         if len(prompts) != len(responses):
@@ -232,6 +237,26 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         with torch.no_grad():
             values, tokens = self.values(prompts, responses)
         return Scores(values.cpu(), len(responses), tokens)
+
+    def score_groups(self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]]) -> list[Scores]:
+        """One pass over the responses of every group (right-padded rows, as :meth:`score` runs a group's)."""
+        if len(groups) < 2:
+            return super().score_groups(groups)
+        prompts = [p for group_prompts, _ in groups for p in group_prompts]
+        responses = [r for _, group_responses in groups for r in group_responses]
+        for group_prompts, group_responses in groups:
+            if len(group_prompts) != len(group_responses):
+                raise ValueError(f"{len(group_prompts)} prompts for {len(group_responses)} responses")
+        if not responses:
+            return super().score_groups(groups)
+        with torch.no_grad():
+            values, tokens = self._values(prompts, responses)
+        values, out, start = values.cpu(), [], 0
+        for _, group_responses in groups:
+            end = start + len(group_responses)
+            out.append(Scores(values[start:end], len(group_responses), sum(tokens[start:end])))
+            start = end
+        return out
 
     def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
         lay = self.layout(prompt, list(committed), final=False)

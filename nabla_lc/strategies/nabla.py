@@ -32,7 +32,7 @@ def nabla_steps(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[R
     stats = [Stats(prompt_tokens=len(r.prompt_ids)) for r in requests]
     streams = [ctx.text_stream(r, i) for i, r in enumerate(requests)]
     decodings = [
-        Decoder(ctx.policy, reward, ctx.score, config, s, ctx.generator(r), stream, ctx.grammar(r)).steps(
+        Decoder(ctx.policy, reward, config, s, ctx.generator(r), stream, ctx.grammar(r)).steps(
             r.prompt_ids, r.reward_prompt, ctx.budget(r)
         )
         for r, s, stream in zip(requests, stats, streams)
