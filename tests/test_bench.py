@@ -120,6 +120,18 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
         run_bench(ScriptedEngine(), make_task(2), ["greedy"], [1], NablaConfig(temperature=0.7), tmp_path)
 
 
+def test_a_run_stored_before_a_field_existed_resumes_at_its_default_only(tmp_path: Path) -> None:
+    run_bench(ScriptedEngine(), make_task(2), ["greedy"], [1], NablaConfig(), tmp_path)
+    info = json.loads((tmp_path / "run.json").read_text())
+    del info["config"]["coupled_rollouts"]  # as written by a version without the field
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    again = ScriptedEngine()
+    run_bench(again, make_task(2), ["greedy"], [1], NablaConfig(), tmp_path)
+    assert again.calls == []
+    with pytest.raises(ValueError, match="config.coupled_rollouts"):
+        run_bench(ScriptedEngine(), make_task(2), ["greedy"], [1], NablaConfig(coupled_rollouts=True), tmp_path)
+
+
 def test_shards_merge_to_the_unsharded_run(tmp_path: Path) -> None:
     whole = run_bench(ScriptedEngine(), make_task(), METHODS, NS, NablaConfig(), tmp_path / "whole", batch_size=4)
     for i in range(3):

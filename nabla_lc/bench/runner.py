@@ -437,7 +437,11 @@ def _check_run_info(out_dir: Path, info: dict[str, Any]) -> None:
         if stored != info:
             changed = [k for k in sorted(set(stored) | set(info)) if k != "config" and stored.get(k) != info.get(k)]
             old, new = stored.get("config", {}), info.get("config", {})
+            # why: a NablaConfig field added after the run was stored, at its default, decodes as the run did
+            defaults = json.loads(json.dumps(_base_dict(NablaConfig())))
+            old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
             changed += [f"config.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-            raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(changed)} differ); use a new --out")
+            if changed:
+                raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(changed)} differ); use a new --out")
         return
     write_atomic(path, json.dumps(info, indent=2) + "\n")  # why atomic: concurrent shards may write it at once
