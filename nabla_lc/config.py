@@ -77,6 +77,11 @@ class NablaConfig:
     """Encode the prefix once per DTO run and reuse its KV cache in every step."""
     probe_reuse: bool = True
     """Answer a probe from an earlier probe's pass while the response is unchanged (exact)."""
+    coupled_rollouts: bool = False
+    """∇: every rollout of a request draws the token at response position p with the same randomness (common random
+    numbers, seeded by the request's seed and p), so a proposal's continuation differs from the rollout it is compared
+    with only where the changed token changes the policy's distribution (off: each rollout draws on from the request's
+    generator, as the paper's sampling does)."""
     no_gradient_reward: Literal["likelihood", "error"] = "likelihood"
     """With a reward that has no gradient: run DTO on the likelihood term alone (with a warning) or raise."""
     trace: bool = True

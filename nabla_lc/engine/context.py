@@ -4,7 +4,6 @@ stop strings, seeded generator, text stream and result."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,6 +15,7 @@ from ..rewards.base import RewardAdapter
 from .accounting import Stats
 from .constraints import Grammar
 from .policy import Policy
+from .rollout import keyed_generator
 from .scoring import counted
 from .stream import TextStream
 from .trace import PositionRecord
@@ -70,8 +70,7 @@ class DecodingContext:
         seed = request.seed if request.seed is not None else self.config.seed
         if seed is None:
             return None
-        key = f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        return keyed_generator(f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}")
 
     def grammar(self, request: Request) -> Grammar | None:
         """A fresh parse state of the request's constraint (None without one)."""

@@ -93,6 +93,8 @@ class Decoder:
         self.reward_value: float | None = None
         self.prefixes = PrefixEncoder(policy, reward, config, stats)
         self.probe_pass: ProbePass | None = None
+        self.noise = int(torch.randint(2**62, (1,), generator=generator)) if config.coupled_rollouts else None
+        """The rollouts' shared randomness (``NablaConfig.coupled_rollouts``), drawn once from the request's generator."""
 
     def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:
         """Decode until the rollout ends, searching while the rollout budget lasts; driven by :func:`decode_steps`."""
@@ -110,7 +112,9 @@ class Decoder:
         self.stats.rollouts += 1
         done = self.committed + head
         grammar = self.grammar.fork(head) if self.grammar is not None else None
-        return RolloutRow(self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats, grammar)
+        return RolloutRow(
+            self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats, grammar, noise=self.noise
+        )
 
     def commit(self, current: Rollout, k: int) -> Rollout:
         """Commit the rollout's first k tokens; its suffix is reused from the next position."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence, TypeVar
 
@@ -44,6 +45,11 @@ class Rollout:
         assert self.logits is not None
         allowed = self.allowed[k:] if self.allowed is not None else None
         return Rollout(self.tokens[k:], self.logits[k:], self.finish_reason, allowed)
+
+
+def keyed_generator(key: str) -> torch.Generator:
+    """A generator seeded by a hash of ``key``: the same key draws the same numbers in any batch and process."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1)
 
 
 def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -108,6 +114,13 @@ class RolloutRow:
     own_stop: Sequence[str] = ()
     """Stop strings looked for in this row's own tokens only, not across ``committed`` (a step separator, which
     ends the earlier steps); finish reason ``stop`` too."""
+    noise: int | None = None
+    """When set, the token at response position p is drawn with a generator seeded by (``noise``, p) instead of
+    ``generator``: rows that share it draw the same randomness at the same position (common random numbers)."""
+
+    def draw_generator(self, position: int) -> torch.Generator | None:
+        """The generator of the draw at response ``position``."""
+        return self.generator if self.noise is None else keyed_generator(f"{self.noise}:{position}")
 
 
 @torch.no_grad()
@@ -239,7 +252,8 @@ class RolloutBatch:
         assert self.cache is not None and self.mask is not None and self.last_position is not None and self.logits is not None
         logits, active = self.logits, self.active
         allowed = [rows[b].grammar.allowed() if rows[b].grammar is not None else None for b in active]  # type: ignore[union-attr]  # per row: [V] or None
-        step = sample(_masked_rows(logits, allowed), self.sampling, [rows[b].generator for b in active])
+        generators = [rows[b].draw_generator(len(rows[b].committed) + len(self.tokens[b])) for b in active]
+        step = sample(_masked_rows(logits, allowed), self.sampling, generators)
         keep_rows: list[int] = []
         done: list[tuple[int, Rollout]] = []
         for row, b in enumerate(active):
