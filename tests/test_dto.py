@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nabla_lc import NablaConfig, Stats
-from nabla_lc.engine.dto import DTORun, encode_prefix, extend_prefix, straight_through_grad, token_logprobs
+from nabla_lc.engine.dto import DTORun, PrefixEncoder, encode_prefix, extend_prefix, straight_through_grad, token_logprobs
 from nabla_lc.engine.policy import Policy
 from nabla_lc.engine.rollout import RolloutRow, Sampling, rollout
 
@@ -214,3 +214,62 @@ def test_costs_times_steps_that_run_the_model(tokenizer, prefix_cache):
     row = measure(policy, prompt_len=6, rollout_len=5, prefix_cache=prefix_cache, repeats=2)
     assert row["dto_step_s"] > 0 and row["forward_s"] > 0
     assert row["dto_step_over_forward"] == row["dto_step_s"] / row["forward_s"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_rollouts_cache_gives_the_prefix_a_fresh_encoding_gives(tokenizer, arch):
+    # ∇ takes DTO's policy prefix (prompt + committed) from the cache its rollout left, with no pass of its own
+    policy, reward, config, prompt, committed, _ = _setup(tokenizer, arch)
+    rows = [
+        RolloutRow(prompt + committed, committed, 10, (), torch.Generator().manual_seed(0), Stats(), keep_cache=True),
+        RolloutRow(policy.template("hi"), [], 4, (), torch.Generator().manual_seed(1), Stats()),  # a shorter row: left padding
+    ]
+    r, other = rollout(policy, rows, Sampling(1.0), keep_logits=True)
+    assert r.cache is not None and other.cache is None and len(r.tokens) > 3
+    for k in (0, 3):  # the rollout's prefix, and with 3 of its tokens committed since
+        done = committed + r.tokens[:k]
+        ids = prompt + done
+        forwards = []
+        handle = policy.model.register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            cached, _ = PrefixEncoder(policy, reward, config, Stats()).encode("q", ids, done, (r.cache.head(len(ids)), r.logits[k]))
+        finally:
+            handle.remove()
+        assert forwards == []  # no policy pass
+        fresh = encode_prefix(policy, ids, Stats())
+        torch.testing.assert_close(cached.next_logp, fresh.next_logp, rtol=0, atol=1e-5)
+        for a, b in zip(cached.snapshot.tensors, fresh.snapshot.tensors):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        rest = r.drop(k)
+        reused = DTORun(policy, reward, config, "q", ids, done, rest.tokens, rest.logits, Stats(), prefixes=lambda: (cached, reward.prepare("q", done)))
+        _assert_same_passes(reused, DTORun(policy, reward, config, "q", ids, done, rest.tokens, rest.logits, Stats()))
+
+
+def test_nabla_encodes_no_policy_prefix_beside_its_rollouts(tokenizer, monkeypatch):
+    from nabla_lc import Engine
+    from nabla_lc.engine.rollout import RolloutBatch
+
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=10))
+    config = engine.config.replace(method="nabla", n=3, dto_steps=2, grad_threshold=0.0, entropy_threshold=0.0)
+    encodings, joined = [], []
+    join = RolloutBatch._join
+
+    def counted_join(self, new) -> None:
+        joined.append(len(new))
+        join(self, new)
+
+    monkeypatch.setattr(RolloutBatch, "_join", counted_join)
+
+    def count(module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:  # a prefix encoded (a decoding step has one token a row)
+            encodings.append(ids.shape[0])
+
+    handle = model.register_forward_hook(count, with_kwargs=True)
+    try:
+        result = engine.generate([engine.request("What is 3 + 4?", seed=0)], config)[0]
+    finally:
+        handle.remove()
+    assert result.stats.policy_backward > 0  # the precondition: DTO ran passes
+    assert len(encodings) == len(joined) and sum(joined) > 1  # the rollouts' joins only: DTO's prefixes came from their caches

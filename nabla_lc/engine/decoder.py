@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Generator, Literal, Sequence
 
 import torch
@@ -112,8 +113,10 @@ class Decoder:
         self.stats.rollouts += 1
         done = self.committed + head
         grammar = self.grammar.fork(head) if self.grammar is not None else None
+        keep_cache = self.config.prefix_cache and self.config.dto_steps > 0  # why: DTO's prefixes come from the rollout's cache
         return RolloutRow(
-            self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats, grammar, noise=self.noise
+            self.prompt_ids + done, done, self.max_new_tokens - len(done), self.stream.stop, self.generator, self.stats, grammar,
+            noise=self.noise, keep_cache=keep_cache,
         )
 
     def commit(self, current: Rollout, k: int) -> Rollout:
@@ -168,7 +171,7 @@ class Decoder:
             current.tokens,
             current.logits,
             self.stats,
-            prefixes=self.extend_prefixes,  # why: called only when a pass runs, so a reused probe encodes nothing
+            prefixes=partial(self.extend_prefixes, current),  # why: called only when a pass runs, so a reused probe encodes nothing
         )
         try:
             record.grad_norm = yield from run.probe_steps(self.probe_pass)
@@ -188,9 +191,15 @@ class Decoder:
         record.top_after = top_tokens(self.policy, z[0], self.config.tau)
         return z[0]
 
-    def extend_prefixes(self) -> tuple[PolicyPrefix, RewardPrefix | None]:
-        """The encoded prompt + committed tokens, encoding only the tokens committed since the last call."""
-        return self.prefixes.encode(self.reward_prompt, self.prompt_ids + self.committed, self.committed)
+    def extend_prefixes(self, current: Rollout) -> tuple[PolicyPrefix, RewardPrefix | None]:
+        """The encoded prompt + committed tokens. The policy's are the first entries of the KV cache that the rollout
+        ``current`` is what is left of (the same tokens at the same positions; no pass), else encoded (only the
+        tokens committed since the last call); the reward's are encoded (only those)."""
+        ids = self.prompt_ids + self.committed
+        cached = None
+        if current.cache is not None and current.logits is not None and len(current.logits) and current.cache.ids[: len(ids)] == ids:
+            cached = (current.cache.head(len(ids)), current.logits[0])
+        return self.prefixes.encode(self.reward_prompt, ids, self.committed, cached)
 
     def compare(self, current: Rollout, proposal: int, record: PositionRecord) -> Generator[RolloutRow | ScoreRequest, Rollout | list[float], Rollout]:
         """Roll out from the proposal and keep it only if its full response scores strictly higher."""
@@ -203,7 +212,7 @@ class Decoder:
             new = yield self.rollout([proposal])
             assert new.logits is not None
             allowed = torch.cat([current.allowed[:1], new.allowed]) if current.allowed is not None and new.allowed is not None else None
-            candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason, allowed)
+            candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason, allowed, new.cache)
         # why: both full responses go through one batched pass, so they are scored identically
         r_current, r_proposal = yield ScoreRequest(self.reward, self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
         record.reward_current, record.reward_proposal = r_current, r_proposal

@@ -111,7 +111,8 @@ def gradient_reward(reward: RewardAdapter | None, config: NablaConfig) -> Reward
 class PrefixEncoder:
     """The prompt + committed tokens of one request, encoded for the policy and the gradient reward.
 
-    Each call encodes only the tokens committed since the last one (with ``prefix_cache`` off, everything afresh).
+    Each call encodes only the tokens committed since the last one (with ``prefix_cache`` off, everything afresh), or,
+    for the policy, takes them from a rollout's cache.
     """
 
     def __init__(self, policy: Policy, reward: RewardAdapter | None, config: NablaConfig, stats: Stats) -> None:
@@ -120,9 +121,17 @@ class PrefixEncoder:
         self.prefix: PolicyPrefix | None = None
         self.reward_prefix: RewardPrefix | None = None
 
-    def encode(self, reward_prompt: str, prefix_ids: Sequence[int], committed: Sequence[int]) -> tuple[PolicyPrefix, RewardPrefix | None]:
-        """The prefixes for ``prefix_ids`` (prompt + ``committed``), extending the previous call's."""
-        if self.prefix is None or not self.config.prefix_cache:
+    def encode(
+        self, reward_prompt: str, prefix_ids: Sequence[int], committed: Sequence[int], cached: tuple[DynamicCache, torch.Tensor] | None = None
+    ) -> tuple[PolicyPrefix, RewardPrefix | None]:
+        """The prefixes for ``prefix_ids`` (prompt + ``committed``), extending the previous call's.
+
+        ``cached``: the policy's KV cache of ``prefix_ids`` and its logits for the next token ([V], raw), as a rollout
+        of them left them; the policy's prefix is then taken from it, with no pass (with ``prefix_cache`` on)."""
+        if cached is not None and self.config.prefix_cache:
+            cache, logits = cached
+            self.prefix = PolicyPrefix(list(prefix_ids), cache, upcast(logits).log_softmax(-1), CacheSnapshot.take(cache))
+        elif self.prefix is None or not self.config.prefix_cache:
             self.prefix = encode_prefix(self.policy, prefix_ids, self.stats, keep_cache=self.config.prefix_cache)
         else:
             self.prefix = extend_prefix(self.policy, self.prefix, prefix_ids, self.stats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence, TypeVar
@@ -28,6 +29,28 @@ class Sampling:
 
 
 @dataclass
+class RowCache:
+    """The KV cache a finished rollout row leaves: its prefix and every sampled token fed back (all but the last),
+    copied out of the batch's cache."""
+
+    ids: list[int]
+    """The tokens the entries are of."""
+    cache: DynamicCache
+    """One row: a [1, H, len(ids), D] key and value tensor a layer."""
+
+    def head(self, n: int) -> DynamicCache:
+        """A cache of the first ``n`` entries (views: a pass that extends a cache replaces its tensors, never writes
+        them)."""
+        if n > len(self.ids):
+            raise ValueError(f"the row's cache holds {len(self.ids)} entries, not {n}")
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        return cache
+
+
+@dataclass
 class Rollout:
     """One sampled continuation of a prefix."""
 
@@ -39,12 +62,14 @@ class Rollout:
     """``eos``, ``stop`` (a stop string appeared), ``length``, or ``cancelled`` (``keep_going`` said no)."""
     allowed: torch.Tensor | None = None
     """[L, V] bool: the grammar's mask at each sampled position (None without a constraint or without logits)."""
+    cache: RowCache | None = None
+    """The row's KV cache (None unless its row asked for it: :attr:`RolloutRow.keep_cache`)."""
 
     def drop(self, k: int) -> "Rollout":
-        """The rollout without its first k tokens (their logits and masks too)."""
+        """The rollout without its first k tokens (their logits and masks too; the cache stays whole)."""
         assert self.logits is not None
         allowed = self.allowed[k:] if self.allowed is not None else None
-        return Rollout(self.tokens[k:], self.logits[k:], self.finish_reason, allowed)
+        return Rollout(self.tokens[k:], self.logits[k:], self.finish_reason, allowed, self.cache)
 
 
 def keyed_generator(key: str) -> torch.Generator:
@@ -117,6 +142,8 @@ class RolloutRow:
     noise: int | None = None
     """When set, the token at response position p is drawn with a generator seeded by (``noise``, p) instead of
     ``generator``: rows that share it draw the same randomness at the same position (common random numbers)."""
+    keep_cache: bool = False
+    """Whether the rollout keeps the row's KV cache (:attr:`Rollout.cache`; ∇ encodes its DTO prefixes from it)."""
 
     def draw_generator(self, position: int) -> torch.Generator | None:
         """The generator of the draw at response ``position``."""
@@ -277,7 +304,7 @@ class RolloutBatch:
             if reason is None:
                 keep_rows.append(row)
             else:
-                done.append((b, self._close(b, reason, grammar is not None)))
+                done.append((b, self._close(b, reason, grammar is not None, row)))
         if not keep_rows:
             self.active, self.cache, self.mask, self.last_position, self.logits = [], None, None, None, None
             return done
@@ -298,8 +325,9 @@ class RolloutBatch:
         self.active, self.logits = active, out.logits[:, -1].float()
         return done
 
-    def _close(self, b: int, reason: str, constrained: bool) -> Rollout:
-        """Row ``b``'s rollout; the batch forgets the row."""
+    def _close(self, b: int, reason: str, constrained: bool, row: int) -> Rollout:
+        """Row ``b``'s rollout (``row``: its index in the batch's cache); the batch forgets the row."""
+        cache = self._row_cache(b, row) if self.rows[b].keep_cache else None
         kept, kept_allowed, tokens = self.kept.pop(b), self.kept_allowed.pop(b), self.tokens.pop(b)
         del self.rows[b]
         vocab = self.policy.vocab_size
@@ -307,7 +335,18 @@ class RolloutBatch:
         masks = None
         if self.keep_logits and constrained:
             masks = torch.stack(kept_allowed) if kept_allowed else torch.empty(0, vocab, dtype=torch.bool)
-        return Rollout(tokens, stacked if self.keep_logits else None, reason, masks)
+        return Rollout(tokens, stacked if self.keep_logits else None, reason, masks, cache)
+
+    def _row_cache(self, b: int, row: int) -> RowCache:
+        """Row ``b``'s entries of the batch's cache, copied: its real columns are the last ones (rows are left-padded)."""
+        assert self.cache is not None and self.mask is not None
+        n = int(self.mask[row].sum())
+        width = self.mask.shape[1]
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[row : row + 1, :, width - n :].clone(), layer.values[row : row + 1, :, width - n :].clone()
+        return RowCache((self.rows[b].prefix + self.tokens[b])[:n], cache)
 
 
 def _merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
