@@ -510,14 +510,16 @@ def _batched_logprobs(policy: Policy, prefixes: Sequence[PolicyPrefix], ys: Sequ
     after them right-padded. Each result is [L_b]."""
     cache, prefix_mask = stacked_cache([p.snapshot for p in prefixes])  # type: ignore[misc]
     lengths = [y.shape[0] for y in ys]
-    embeds, new_mask = pad_rows([embed(y, policy.embedding, hard) for y, hard in zip(ys, hards)])  # [B, T, H], [B, T]
+    # why: one embedding of every row, so the backward's [tokens, H] x [H, V] product runs once, not once a row
+    embeds, new_mask = pad_rows(embed(torch.cat(list(ys)), policy.embedding, torch.cat(list(hards))).split(lengths))  # [B, T, H], [B, T]
     device, width = policy.device, embeds.shape[1]
     positions = torch.tensor([len(p.ids) for p in prefixes], device=device)[:, None] + torch.arange(width, device=device)[None]
     out = policy.model(
         inputs_embeds=embeds, attention_mask=torch.cat([prefix_mask.to(device), new_mask.to(device)], dim=1), position_ids=positions, cache=cache, use_cache=True
     )
     result = []
-    for b, (prefix, y) in enumerate(zip(prefixes, ys)):
+    # why: unbind, not out.logits[b]: each row's slice would give the backward a zero [B, T, V] gradient of its own
+    for prefix, y, logits, n in zip(prefixes, ys, out.logits.unbind(0), lengths):
         first = (y[0] * prefix.next_logp).sum()[None]
-        result.append(torch.cat([first, (y[1:] * upcast(out.logits[b, : lengths[b] - 1]).log_softmax(-1)).sum(-1)]))
+        result.append(torch.cat([first, (y[1:] * upcast(logits[: n - 1]).log_softmax(-1)).sum(-1)]))
     return result

@@ -298,8 +298,9 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             values = torch.cat([state.values, self.read(hidden[0, reads])]) if reads else state.values
         return RewardPrefix(TransformerPrefix(prompt, committed, len(lay.ids), CacheSnapshot.take(cache), values), 1, len(lay.ids) - P)
 
-    def _soft_input(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """The input vectors after the prefix ([T, H]) of ``committed + y`` and the reads among them."""
+    def _soft_input(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor, vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The input vectors after the prefix ([T, H]) of ``committed + y`` and the reads among them; ``vecs``: y's
+        reward input vectors ([L, H]) when already computed."""
         # y: [L, V_policy] soft token vectors; the response is committed + y
         state = prefix.state
         c = len(state.committed)
@@ -309,7 +310,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         if any(0 <= s < c for s in lay.source[P:]):
             raise RuntimeError(f"{type(self).__name__}.response_slots changed the slots of committed tokens")
         ids, src = lay.ids[P:], [s - c if s >= 0 else -1 for s in lay.source[P:]]
-        vecs = self.vocab.embed(y, self.embedding)  # [L, H]
+        vecs = self.vocab.embed(y, self.embedding) if vecs is None else vecs  # [L, H]
         return self.embeds(ids, src, vecs), [r - P for r in lay.reads if r >= P]
 
     def _soft_score(self, prefix: RewardPrefix[TransformerPrefix], hidden: torch.Tensor, reads: list[int]) -> SoftScore:
@@ -334,7 +335,9 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         snapshots = [p.state.snapshot for p in prefixes]
         if any(s is None for s in snapshots):
             return super().score_soft_batch(prefixes, ys)
-        inputs = [self._soft_input(p, y) for p, y in zip(prefixes, ys)]
+        # why: one [tokens, V] x [V, H] product for every row (and one in the backward), not one a row
+        vecs = self.vocab.embed(torch.cat(list(ys)), self.embedding).split([y.shape[0] for y in ys])
+        inputs = [self._soft_input(p, y, v) for p, y, v in zip(prefixes, ys, vecs)]
         lengths = [e.shape[0] for e, _ in inputs]
         embeds, new_mask = pad_rows([e for e, _ in inputs])  # right padding
         cache, prefix_mask = stacked_cache(snapshots)  # type: ignore[arg-type]
