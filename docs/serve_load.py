@@ -4,7 +4,7 @@ Starts the server (the embedded SmolLM2-135M-Instruct policy, the default reward
 then, for ∇ (N_max 4) and greedy, sends the first ``--requests`` arith test questions through the ``openai`` client
 (streaming, so that time to first token is seen) one at a time, then all at once from as many threads. Writes
 throughput (requests/s, completion tokens/s), latency p50/p95, time to first token p50/p95, the scheduler's batch
-counts (decoding steps and DTO passes, with their rows), and whether every concurrent output equals its one-at-a-time
+counts (decoding steps, DTO passes and scorings, with their rows), and whether every concurrent output equals its one-at-a-time
 output, to ``OUT/results.json``::
 
     OMP_NUM_THREADS=1 nice -n 10 python docs/serve_load.py docs/results/serve-load
@@ -134,6 +134,8 @@ def main() -> None:
                 "concurrent_rows_per_step": round((stats.row_steps - before.row_steps) / max(steps, 1), 2),
                 "concurrent_dto_passes": stats.passes - before.passes,
                 "concurrent_rows_per_dto_pass": round((stats.pass_rows - before.pass_rows) / max(stats.passes - before.passes, 1), 2),
+                "concurrent_scorings": stats.scorings - before.scorings,
+                "concurrent_requests_per_scoring": round((stats.scoring_rows - before.scoring_rows) / max(stats.scorings - before.scorings, 1), 2),
                 "requests": [{"alone": a, "concurrent": b} for a, b in zip(alone, together)],
             }
     args.out.mkdir(parents=True, exist_ok=True)
