@@ -74,7 +74,8 @@ class NablaConfig:
     gradient_cache: bool = True
     """Reuse dL/dy while the argmax tokens are unchanged (exact)."""
     prefix_cache: bool = True
-    """Encode the prefix once per DTO run and reuse its KV cache in every step."""
+    """Reuse the prefix's KV cache in every DTO step (the policy's from the rollout's cache, the reward's encoded once
+    and extended); off, every pass encodes the prefix afresh."""
     probe_reuse: bool = True
     """Answer a probe from an earlier probe's pass while the response is unchanged (exact)."""
     coupled_rollouts: bool = False
