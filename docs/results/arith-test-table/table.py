@@ -5,7 +5,8 @@
 
 Each argument is a bench output directory; its rows are (problem, method, N) results. A run is named by its
 directory and method, and a ∇ run's step by its run.json. Prints a markdown table (accuracy, complete model calls
-and the paper's rule per problem, both rejection rates) and paired counts against Best-of-8.
+and the paper's rule per problem, both rejection rates) and paired counts of each ∇ run against Best-of-8 and
+against the ∇ runs before it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def runs(dirs: list[str]) -> dict[str, dict[int, dict]]:
             if row["method"] == "nabla":
                 step = "DTO off (plain rejection sampling)" if config["dto_steps"] == 0 else (
                     f"trust region KL {config['target_kl']}" if config.get("step") == "trust_region" else "paper's step")
-                label = f"∇, {step} [{Path(d).name}]"
+                coupled = ", coupled rollouts" if config.get("coupled_rollouts") else ""
+                label = f"∇, {step}{coupled} [{Path(d).name}]"
             else:
                 label = f"{LABELS.get(row['method'], row['method'])} [{Path(d).name}]"
             out.setdefault(label, {})[row["index"]] = row
@@ -61,13 +63,15 @@ def main() -> None:
             rejections = sum(s["rejections"] for s in stats)
             rates = (f"{rejections / proposals:.1%}", f"{rejections / (proposals + len(stats)):.1%}")
         print(f"| {label} | {correct / len(common):.1%} ({correct}/{len(common)}) | {calls:.1f} | {paper:.1f} | {rates[0]} | {rates[1]} |")
-    bon = next(rows for label, rows in table.items() if label.startswith("Best-of-8"))
     print()
-    for label, rows in table.items():
-        if label.startswith("∇"):
-            wins = sum(rows[i]["correct"] and not bon[i]["correct"] for i in common)
-            losses = sum(bon[i]["correct"] and not rows[i]["correct"] for i in common)
-            print(f"{label} against Best-of-8: solves {wins} it misses, misses {losses} it solves (sign test p = {sign_test(wins, losses):.2f})")
+    nablas = [label for label in table if label.startswith("∇")]
+    bon = [label for label in table if label.startswith("Best-of-8")]
+    for k, label in enumerate(nablas):
+        for other in bon + nablas[:k]:  # against Best-of-8 and every ∇ run listed before it
+            rows, base = table[label], table[other]
+            wins = sum(rows[i]["correct"] and not base[i]["correct"] for i in common)
+            losses = sum(base[i]["correct"] and not rows[i]["correct"] for i in common)
+            print(f"{label} against {other}: solves {wins} it misses, misses {losses} it solves (sign test p = {sign_test(wins, losses):.2f})")
 
 
 if __name__ == "__main__":
