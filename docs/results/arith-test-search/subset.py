@@ -1,16 +1,42 @@
-"""Accuracy and mean complete / paper-rule model calls of every (method, N) in results.jsonl files, over problems index < LIMIT."""
-import json, sys
+"""Accuracy and mean complete / paper-rule model calls of every (run, method, N) at N = 4 and 8 in results.jsonl
+files, over the problems with index < LIMIT that every such row has, and each row's paired counts against Best-of-N
+at its N. ``path:m1,m2`` takes only those methods from a file.
+
+    python docs/results/arith-test-search/subset.py LIMIT results.jsonl[:methods] [...]
+"""
+import json
+import math
+import sys
 from collections import defaultdict
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test on the discordant pairs."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
 limit = int(sys.argv[1])
-rows = defaultdict(list)
-for path in sys.argv[2:]:
+rows = defaultdict(dict)
+for arg in sys.argv[2:]:
+    path, _, only = arg.partition(":")
     for line in open(path):
         r = json.loads(line)
-        if r["index"] < limit:
-            s = r["stats"]
-            rows[(path.split("/")[-2], r["method"], r["n"])].append((r["correct"], s["model_calls"], s["model_calls_paper"], s["wall_s"]))
-print("| run | method | N | problems | accuracy | model calls | model calls (paper rule) |")
+        if r["index"] < limit and r["n"] in (4, 8) and (not only or r["method"] in only.split(",")):
+            rows[(path.split("/")[-2], r["method"], r["n"])][r["index"]] = r
+common = sorted(set.intersection(*(set(v) for v in rows.values())))
+bon = {n: v for (run, m, n), v in rows.items() if m == "bon"}
+print(f"{len(common)} problems every row has\n")
+print("| run | method | N | accuracy | model calls | model calls (paper rule) | against Best-of-N: solves / misses (sign test p) |")
 print("|---|---|---|---|---|---|---|")
 for (run, m, n), v in rows.items():
-    k = len(v)
-    print(f"| {run} | {m} | {n} | {k} | {100*sum(c for c,*_ in v)/k:.1f}% ({sum(c for c,*_ in v)}/{k}) | {sum(x[1] for x in v)/k:.1f} | {sum(x[2] for x in v)/k:.1f} |")
+    picked = [v[i] for i in common]
+    k, correct = len(picked), sum(r["correct"] for r in picked)
+    calls = sum(r["stats"]["model_calls"] for r in picked) / k
+    paper = sum(r["stats"]["model_calls_paper"] for r in picked) / k
+    paired = ""
+    if n in bon and m != "bon":
+        wins = sum(v[i]["correct"] and not bon[n][i]["correct"] for i in common)
+        losses = sum(bon[n][i]["correct"] and not v[i]["correct"] for i in common)
+        paired = f"{wins} / {losses} (p = {sign_test(wins, losses):.2f})"
+    print(f"| {run} | {m} | {n} | {100 * correct / k:.1f}% ({correct}/{k}) | {calls:.1f} | {paper:.1f} | {paired} |")
