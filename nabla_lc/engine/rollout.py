@@ -77,18 +77,43 @@ def keyed_generator(key: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1)
 
 
+NUCLEUS_CANDIDATES = 256
+"""How many top tokens :func:`filter_logits` looks at before it sorts a whole vocabulary for the top-p nucleus."""
+
+
 def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     """Mask (to -inf) tokens outside top-k and the top-p nucleus. logits: [B, V]."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        drop = _outside_nucleus_of_candidates(logits, top_p)
+        logits = logits.masked_fill(drop if drop is not None else _outside_nucleus(logits, top_p), float("-inf"))
     return logits
+
+
+def _outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[B, V] bool: the tokens after the top-p nucleus in a sort of the whole vocabulary (the token that crosses
+    top_p is kept)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= top_p
+    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+
+
+def _outside_nucleus_of_candidates(logits: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """:func:`_outside_nucleus` from the top :data:`NUCLEUS_CANDIDATES` tokens only (no sort of the vocabulary), or
+    None where that cannot decide: a row's nucleus reaches past them, or a tie straddles its edge."""
+    k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    top = torch.topk(logits, k, dim=-1).values  # [B, k], descending
+    probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
+    kept = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)  # [B, 1]: the nucleus is the first `kept`
+    if bool(((kept < 1) | (kept >= k)).any()):  # why: kept < 1 only where a row has no finite logit
+        return None
+    last, first_out = top.gather(-1, kept - 1), top.gather(-1, kept)
+    if not bool((last > first_out).all()):
+        return None
+    return logits < last
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
