@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from nabla_lc import ConfigError, Engine, NablaConfig
+from nabla_lc.engine import rollout as rollout_module
+from nabla_lc.engine.rollout import filter_logits
 from nabla_lc.rewards.base import NoGradientError, RewardAdapter, Scores
 
 from .tiny import LinearReward, make_classifier_reward, make_policy
@@ -98,16 +100,27 @@ def test_plain_rejection_sampling_without_dto(tokenizer):
     assert sum(r.stats.proposals for r in results) > 0
 
 
-def test_prefixes_kept_across_positions_decode_like_recomputed_ones(tokenizer):
-    # the decoder extends one prefix KV cache per model as it commits; recomputing every prefix must agree
+def test_prefixes_kept_across_positions_decode_like_recomputed_ones(tokenizer, monkeypatch):
+    # the decoder extends one prefix KV cache per model as it commits, and scores its comparisons after the reward's
+    # prefix; recomputing every prefix and scoring whole responses must agree
     model = make_policy(tokenizer)
     engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=12, n=4, **SEARCH))
     requests = [engine.request(p, seed=0) for p in PROMPTS]
+    given: list[list[object]] = []
+    score_groups = engine.reward.score_groups
+    monkeypatch.setattr(engine.reward, "score_groups", lambda groups, prefixes=None: given.append(list(prefixes or [])) or score_groups(groups, prefixes))
     kept = engine.generate(requests)
+    assert given and all(p is not None for call in given for p in call)  # every comparison scored after a prefix
+    given.clear()
     recomputed = engine.generate(requests, engine.config.replace(prefix_cache=False))
+    assert given and all(p is None for call in given for p in call)
     for a, b in zip(kept, recomputed):
         assert a.token_ids == b.token_ids
         assert [(r.proposed_token, r.accepted) for r in a.trace] == [(r.proposed_token, r.accepted) for r in b.trace]
+        compared = [r for r in b.trace if r.reward_proposal is not None]
+        assert [v for r in a.trace if r.reward_proposal is not None for v in (r.reward_current, r.reward_proposal)] == pytest.approx(
+            [v for r in compared for v in (r.reward_current, r.reward_proposal)], rel=1e-5, abs=1e-6
+        )
         assert [r.loss_start for r in a.trace] == pytest.approx([r.loss_start for r in b.trace], rel=1e-5)
         assert [r.grad_norm for r in a.trace] == pytest.approx([r.grad_norm for r in b.trace], rel=1e-3, abs=1e-6)
     assert sum(r.stats.dto_runs for r in kept) > len(PROMPTS)  # several runs per request shared a prefix
@@ -384,3 +397,22 @@ def test_coupled_rollouts_decode_alike_alone_and_together_and_count_the_same(tok
         assert a.token_ids == b.token_ids and _decisions(a) == _decisions(b)
         _check_accounting(a, config)
     assert [r.token_ids for r in together] != [r.token_ids for r in engine.generate(requests)]  # the option changes decoding
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_p_from_the_top_candidates_keeps_what_a_whole_sort_keeps(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 2000, generator=g) * torch.tensor([[0.1], [1.0], [4.0], [8.0], [20.0]])  # flat to peaked rows
+    logits[:, 7] = logits[:, 3]  # ties
+    logits[2, :1000] = float("-inf")  # half masked, as under a grammar
+    logits[4, 11] = logits[4].max()  # a tie at the top
+    for top_p in (0.05, 0.5, 0.9, 0.95, 1.0 - 1e-6):
+        kept = torch.isfinite(filter_logits(logits, top_p, 0))
+        assert torch.equal(kept, ~rollout_module._outside_nucleus(logits, top_p) & torch.isfinite(logits))
+    assert rollout_module._outside_nucleus_of_candidates(logits[3:], 0.9) is not None  # peaked rows: no whole sort
+    assert rollout_module._outside_nucleus_of_candidates(logits[:1], 0.9) is None  # a flat row's nucleus is past the candidates
+    tie = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0]])
+    p = tie.softmax(-1)[0]
+    edge = float(p[0] + p[1] / 2)  # the nucleus ends between the two equal logits
+    assert rollout_module._outside_nucleus_of_candidates(tie, edge) is None
+    assert torch.equal(torch.isfinite(filter_logits(tie, edge, 0)), ~rollout_module._outside_nucleus(tie, edge))

@@ -226,6 +226,36 @@ def test_scorings_of_several_requests_run_in_one_reward_pass_and_count_as_alone(
         assert sb == sa  # the same passes and tokens, counted on each request
 
 
+@pytest.mark.parametrize(("reward_kind", "arch"), [("classifier", "llama"), ("classifier_sliding", "qwen2"), ("lora", "llama"), ("process", "llama")])
+def test_scorings_after_reward_prefixes_equal_whole_scorings_and_count_only_what_follows(tokenizer, reward_kind, arch):
+    runs = _runs(tokenizer, reward_kind, arch)
+    reward = runs[0].reward
+    assert reward is not None
+    groups, prefixes = [], []
+    for (question, _), run in zip(QUESTIONS, runs):
+        committed, tokens = list(run.committed), run.tokens.tolist()
+        groups.append(([question] * 2, [committed + tokens, committed + tokens[: max(1, len(tokens) // 2)]]))
+        # the first request's prefix is stale (one committed token fewer): what follows it is still exact
+        prefixes.append(reward.prepare(question, committed[:-1] if committed and not prefixes else committed))
+    whole = reward.score_groups(groups)
+    with _forwards(reward.body) as passes:
+        after = reward.score_groups(groups, prefixes)
+    assert passes == [1]  # every group after its prefix, in one pass
+    for w, a, p in zip(whole, after, prefixes):
+        torch.testing.assert_close(a.values, w.values, rtol=1e-5, atol=1e-5)
+        assert a.passes == w.passes == 2
+        assert a.tokens == w.tokens - 2 * p.tokens  # only the slots after the prefix
+    # a group that does not continue its prefix (another prompt, other committed tokens) is scored whole; the rest after theirs
+    wrong = [reward.prepare("another question", list(runs[0].committed)), reward.prepare(QUESTIONS[1][0], [5, 6]), prefixes[2]]
+    with _forwards(reward.body) as passes:
+        mixed = reward.score_groups(groups, wrong)
+    assert passes == [2]  # one pass for the whole groups, one after the prefixes
+    for w, m in zip(whole[:2], mixed[:2]):
+        torch.testing.assert_close(m.values, w.values, rtol=1e-5, atol=1e-5)
+        assert m.tokens == w.tokens
+    assert mixed[2].tokens == after[2].tokens
+
+
 def test_concurrent_nabla_requests_share_scorings_and_joins(tokenizer):
     model = make_policy(tokenizer)
     engine = Engine(model, tokenizer, make_classifier_reward(tokenizer), NablaConfig(max_new_tokens=10))

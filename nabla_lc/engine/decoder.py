@@ -213,8 +213,11 @@ class Decoder:
             assert new.logits is not None
             allowed = torch.cat([current.allowed[:1], new.allowed]) if current.allowed is not None and new.allowed is not None else None
             candidate = Rollout([proposal, *new.tokens], torch.cat([current.logits[:1], new.logits]), new.finish_reason, allowed, new.cache)
-        # why: both full responses go through one batched pass, so they are scored identically
-        r_current, r_proposal = yield ScoreRequest(self.reward, self.reward_prompt, [self.committed + current.tokens, self.committed + candidate.tokens], self.stats)
+        # why: both full responses go through one batched pass, so they are scored identically; with the prefix cache,
+        # after the reward prefix DTO encoded (the reward encodes only what follows it)
+        prefix = self.prefixes.reward_prefix if self.config.prefix_cache else None
+        responses = [self.committed + current.tokens, self.committed + candidate.tokens]
+        r_current, r_proposal = yield ScoreRequest(self.reward, self.reward_prompt, responses, self.stats, prefix)
         record.reward_current, record.reward_proposal = r_current, r_proposal
         record.accepted = rank(r_proposal) > rank(r_current)
         if record.accepted:

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..rewards.base import RewardAdapter, Scores, checked_scores
+from ..rewards.base import RewardAdapter, RewardPrefix, Scores, checked_scores
 from .accounting import Stats
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class ScoreRequest:
     prompt: str
     responses: list[list[int]]
     stats: Stats
+    prefix: RewardPrefix | None = None
+    """The reward's prefix of the prompt and the committed tokens every response begins with (∇'s comparisons), or
+    None; the reward may encode only what follows it (:meth:`~nabla_lc.rewards.base.RewardAdapter.score_groups`)."""
 
 
 @dataclass
@@ -55,7 +58,8 @@ def run_scores(requests: Sequence[ScoreRequest]) -> list[list[float]]:
         by_reward.setdefault(id(request.reward), []).append(i)
     for indices in by_reward.values():
         reward = requests[indices[0]].reward
-        found = reward.score_groups([([requests[i].prompt] * len(requests[i].responses), requests[i].responses) for i in indices])
+        groups = [([requests[i].prompt] * len(requests[i].responses), requests[i].responses) for i in indices]
+        found = reward.score_groups(groups, [requests[i].prefix for i in indices])
         for i, scores in zip(indices, found):
             out[i] = counted(reward, scores, len(requests[i].responses), requests[i].stats)
     return out  # type: ignore[return-value]

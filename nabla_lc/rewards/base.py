@@ -85,10 +85,16 @@ class RewardAdapter(ABC, Generic[State]):
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:
         """Rewards of responses (policy token ids) to prompts (the user's text), batched."""
 
-    def score_groups(self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]]) -> list[Scores]:
+    def score_groups(
+        self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]], prefixes: Sequence[RewardPrefix[State] | None] | None = None
+    ) -> list[Scores]:
         """:meth:`score` of several groups of (prompts, responses) (the comparisons of concurrent requests), each
-        group's :class:`Scores` counting its own responses. This default scores the groups one by one; adapters
-        that can run them in one batched pass override it."""
+        group's :class:`Scores` counting its own responses.
+
+        ``prefixes``: per group, None or a prefix (:meth:`prepare`, :meth:`extend`) of the group's prompt whose
+        committed tokens begin each of its responses; an adapter may then encode only what follows it (the same
+        rewards, to float precision). This default scores the groups one by one, whole; adapters that can run them in
+        one batched pass, or after their prefixes, override it."""
         return [self.score(prompts, responses) for prompts, responses in groups]
 
     def score_partial(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> Scores:

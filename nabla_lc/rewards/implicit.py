@@ -167,6 +167,8 @@ class ImplicitLoRAReward(LoRAReward):
         """Row by row: each row continues its own adapter-on and adapter-off prefix caches (:meth:`score_soft`)."""
         return RewardAdapter.score_soft_batch(self, prefixes, ys)
 
-    def score_groups(self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]]) -> list[Scores]:
-        """Group by group (:meth:`score`, adapter on and off)."""
+    def score_groups(  # type: ignore[override]
+        self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]], prefixes: Sequence[RewardPrefix[ImplicitPrefix] | None] | None = None
+    ) -> list[Scores]:
+        """Group by group, whole (:meth:`score`, adapter on and off)."""
         return RewardAdapter.score_groups(self, groups)

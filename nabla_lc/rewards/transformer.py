@@ -238,25 +238,75 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             values, tokens = self.values(prompts, responses)
         return Scores(values.cpu(), len(responses), tokens)
 
-    def score_groups(self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]]) -> list[Scores]:
-        """One pass over the responses of every group (right-padded rows, as :meth:`score` runs a group's)."""
-        if len(groups) < 2:
-            return super().score_groups(groups)
-        prompts = [p for group_prompts, _ in groups for p in group_prompts]
-        responses = [r for _, group_responses in groups for r in group_responses]
+    def score_groups(
+        self, groups: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]], prefixes: Sequence[RewardPrefix[TransformerPrefix] | None] | None = None
+    ) -> list[Scores]:
+        """One pass over the groups scored whole (right-padded rows, as :meth:`score` runs a group's) and one over
+        the groups scored after their prefixes (:meth:`_after_prefix`); a group is scored after its prefix only if
+        every one of its responses continues it, so a group's responses are always scored alike."""
         for group_prompts, group_responses in groups:
             if len(group_prompts) != len(group_responses):
                 raise ValueError(f"{len(group_prompts)} prompts for {len(group_responses)} responses")
-        if not responses:
+        given = list(prefixes) if prefixes is not None else [None] * len(groups)
+        after = {g: lays for g, (group, prefix) in enumerate(zip(groups, given)) if (lays := self._after_prefix(prefix, *group)) is not None}
+        if len(groups) < 2 and not after:
             return super().score_groups(groups)
+        found: dict[int, Scores] = {}
         with torch.no_grad():
-            values, tokens = self._values(prompts, responses)
-        values, out, start = values.cpu(), [], 0
-        for _, group_responses in groups:
-            end = start + len(group_responses)
-            out.append(Scores(values[start:end], len(group_responses), sum(tokens[start:end])))
-            start = end
-        return out
+            whole = [g for g in range(len(groups)) if g not in after and groups[g][1]]
+            if whole:
+                values, tokens = self._values([p for g in whole for p in groups[g][0]], [r for g in whole for r in groups[g][1]])
+                found.update(_split(whole, [len(groups[g][1]) for g in whole], values.cpu(), tokens))
+            if after:
+                rows = [(given[g], lay, response) for g, lays in after.items() for lay, response in zip(lays, groups[g][1])]
+                values, tokens = self._values_after(rows)  # type: ignore[arg-type]
+                found.update(_split(list(after), [len(groups[g][1]) for g in after], values.cpu(), tokens))
+        return [found.get(g, Scores(torch.zeros(0), 0, 0)) for g in range(len(groups))]
+
+    def _after_prefix(self, prefix: RewardPrefix[TransformerPrefix] | None, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> list[Layout] | None:
+        """The layouts of a group's responses when every one continues ``prefix`` slot for slot with at least one slot
+        of its own and no slot after the prefix reads a committed token; else None (the group is scored whole)."""
+        if prefix is None or not responses:
+            return None
+        state, lays = prefix.state, []
+        for prompt, response in zip(prompts, responses):
+            lay = self._continuation(state, prompt, response, final=True)
+            if lay is None or len(lay.ids) == state.length or any(0 <= s < len(state.committed) for s in lay.source[state.length :]):
+                return None
+            lays.append(lay)
+        return lays
+
+    def _continuation(self, state: TransformerPrefix, prompt: str, response: Sequence[int], final: bool) -> Layout | None:
+        """The layout of ``response`` if it continues ``state``'s prefix: the same prompt, the committed tokens first,
+        the prefix's slots and reads unchanged (a bridged vocabulary may re-split them); else None."""
+        response, P = list(response), state.length
+        if prompt != state.prompt or state.snapshot is None or response[: len(state.committed)] != state.committed:
+            return None
+        lay = self.layout(prompt, response, final)
+        old = self.layout(prompt, state.committed, final=False)
+        same = lay.ids[:P] == old.ids and lay.source[:P] == old.source and [r for r in lay.reads if r < P] == old.reads
+        return lay if same else None
+
+    def _values_after(self, rows: Sequence[tuple[RewardPrefix[TransformerPrefix], Layout, Sequence[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Rewards [B] of (prefix, layout, response) rows, each encoding only the slots after its prefix, and the
+        tokens processed for each."""
+        inputs = []
+        for prefix, lay, response in rows:
+            P, c = prefix.state.length, len(prefix.state.committed)
+            vecs = self.vocab.embed_ids(torch.tensor(list(response[c:]), dtype=torch.long), self.embedding)
+            src = [s - c if s >= 0 else -1 for s in lay.source[P:]]
+            inputs.append((self.embeds(lay.ids[P:], src, vecs), [r - P for r in lay.reads if r >= P]))
+        hidden = self._forward_after([prefix for prefix, _, _ in rows], [e for e, _ in inputs])
+        values = [self.combine(torch.cat([p.state.values, self.read(hidden[b, reads])])) for b, ((p, _, _), (_, reads)) in enumerate(zip(rows, inputs))]
+        return upcast(torch.stack(values)), [e.shape[0] for e, _ in inputs]
+
+    def _forward_after(self, prefixes: Sequence[RewardPrefix[TransformerPrefix]], embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Hidden states [B, T, H] of rows of input vectors ([T_b, H], right-padded) after their prefixes' caches
+        (left-padded into one; the prefixes' own caches are not touched)."""
+        padded, new_mask = pad_rows(list(embeds))
+        cache, prefix_mask = stacked_cache([p.state.snapshot for p in prefixes])  # type: ignore[misc]
+        starts = torch.tensor([p.state.length for p in prefixes])
+        return self.forward_hidden(padded, torch.cat([prefix_mask, new_mask.to(prefix_mask.device)], dim=1), cache=cache, start=starts)
 
     def prepare(self, prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
         lay = self.layout(prompt, list(committed), final=False)
@@ -275,18 +325,9 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
     def extend(self, prefix: RewardPrefix[TransformerPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
         state = prefix.state
         committed = list(committed)
-        lay = self.layout(prompt, committed, final=False)
         P = state.length
-        old = self.layout(prompt, state.committed, final=False)
-        unchanged = (
-            prompt == state.prompt
-            and state.snapshot is not None
-            and committed[: len(state.committed)] == state.committed
-            and lay.ids[:P] == old.ids
-            and lay.source[:P] == old.source
-            and [r for r in lay.reads if r < P] == old.reads
-        )
-        if not unchanged:  # why: a layout that is not append-only (a bridged vocabulary may re-split) is encoded afresh
+        lay = self._continuation(state, prompt, committed, final=False)
+        if lay is None:  # why: a layout that is not append-only (a bridged vocabulary may re-split) is encoded afresh
             return self.prepare(prompt, committed)
         if len(lay.ids) == P:
             return RewardPrefix(TransformerPrefix(prompt, committed, P, state.snapshot, state.values), 0, 0)
@@ -339,11 +380,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         vecs = self.vocab.embed(torch.cat(list(ys)), self.embedding).split([y.shape[0] for y in ys])
         inputs = [self._soft_input(p, y, v) for p, y, v in zip(prefixes, ys, vecs)]
         lengths = [e.shape[0] for e, _ in inputs]
-        embeds, new_mask = pad_rows([e for e, _ in inputs])  # right padding
-        cache, prefix_mask = stacked_cache(snapshots)  # type: ignore[arg-type]
-        new_mask = new_mask.to(prefix_mask.device)
-        starts = torch.tensor([p.state.length for p in prefixes])
-        hidden = self.forward_hidden(embeds, torch.cat([prefix_mask, new_mask], dim=1), cache=cache, start=starts)
+        hidden = self._forward_after(prefixes, [e for e, _ in inputs])
         return [self._soft_score(p, hidden[b, :n], reads) for b, (p, n, (_, reads)) in enumerate(zip(prefixes, lengths, inputs))]
 
 
@@ -352,3 +389,12 @@ def exact_vocab(policy_tokenizer: Any, tokenizer: Any, owner: str) -> None:
     vocab = check_vocab(policy_tokenizer, tokenizer)
     if vocab.kind != "identity":
         raise VocabMismatchError(f"{owner} reuses the policy's model, so it needs the policy's exact vocabulary")
+
+
+def _split(groups: Sequence[int], sizes: Sequence[int], values: torch.Tensor, tokens: Sequence[int]) -> dict[int, Scores]:
+    """Per group, the :class:`Scores` of its consecutive rows of ``values`` and ``tokens``."""
+    out, start = {}, 0
+    for g, n in zip(groups, sizes):
+        out[g] = Scores(values[start : start + n], n, sum(tokens[start : start + n]))
+        start += n
+    return out
