@@ -23,8 +23,6 @@ import dataclasses
 import functools
 import json
 import logging
-import platform
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +35,7 @@ from nabla_lc.bench.runner import load_task
 from nabla_lc.engine import context, dto, rollout
 from nabla_lc.loading import load_engine
 from nabla_lc.rewards.transformer import TransformerReward
+from serve_load import run_header
 
 log = logging.getLogger("nabla_time_split")
 
@@ -138,10 +137,7 @@ def main() -> None:
     for owner, name, label in KINDS:
         timers.wrap(owner, name, label)
     out: dict[str, Any] = {
-        "command": f"OMP_NUM_THREADS=1 nice -n 10 python docs/nabla_time_split.py {args.out} --requests {args.requests} "
-        f"--max-tokens {args.max_tokens} --n {args.n} --prefix {args.prefix} --reps {args.reps}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        **run_header(),
         "config": config.to_dict(),
     }
 

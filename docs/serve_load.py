@@ -7,7 +7,7 @@ throughput (requests/s, completion tokens/s), latency p50/p95, time to first tok
 counts (decoding steps, DTO passes and scorings, with their rows), and whether every concurrent output equals its one-at-a-time
 output, to ``OUT/results.json``::
 
-    OMP_NUM_THREADS=1 nice -n 10 python docs/serve_load.py docs/results/serve-load
+    python docs/serve_load.py docs/results/serve-load [--threads 1]
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +37,22 @@ log = logging.getLogger("serve_load")
 
 KEY = "load-benchmark-key"
 METHODS: tuple[tuple[str, dict[str, Any]], ...] = (("nabla", {"method": "nabla", "n": 4}), ("greedy", {"method": "greedy"}))
+
+
+def run_header() -> dict[str, Any]:
+    """What a results file names its run by: the command, the commit, the machine (CPU, cores, torch threads) and
+    the load average when it started (other work on the machine)."""
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "machine": f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,9 +106,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="requests per method (and concurrent clients)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     parser.add_argument("--methods", default="greedy,nabla", help="comma-separated, run in this order: greedy, nabla")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server's engine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     engine = load_engine("embedded", "default")
     task = load_task("arith:test", limit=args.requests)
     app = create_app(engine, ServerSettings(api_key=KEY, model_name="embedded", max_queue=4 * args.requests))
@@ -100,9 +119,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --methods {unknown}; known: {sorted(known)}")
     out: dict[str, Any] = {
-        "command": f"OMP_NUM_THREADS=1 nice -n 10 python docs/serve_load.py {args.out} --requests {args.requests} --max-tokens {args.max_tokens} --methods {args.methods}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        **run_header(),
         "config": engine.config.to_dict(),
         "max_tokens": args.max_tokens,
         "methods": {},
