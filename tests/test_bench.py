@@ -11,7 +11,7 @@ import pytest
 
 from nabla_lc.cli import bench as bench_cli
 from nabla_lc.bench.grading import Verdict, extract_answer
-from nabla_lc.bench.report import summarize, to_markdown, write_report
+from nabla_lc.bench.report import paired_counts, sign_test, summarize, to_markdown, write_report
 from nabla_lc.bench.runner import (
     BenchProblem,
     Task,
@@ -283,3 +283,12 @@ def test_select_refuses_what_the_set_cannot_give(tiny_engine) -> None:
         tiny_engine.select(unscored, NablaConfig(method="bon", n=2))
     with pytest.raises(ConfigError, match="nabla"):
         tiny_engine.select(unscored, NablaConfig(method="nabla", n=2))
+
+
+def test_paired_counts_and_sign_test() -> None:
+    ours = {0: {"correct": True}, 1: {"correct": True}, 2: {"correct": False}, 3: {"correct": True}, 9: {"correct": False}}
+    base = {0: {"correct": False}, 1: {"correct": True}, 2: {"correct": True}, 3: {"correct": False}, 9: {"correct": True}}
+    assert paired_counts(ours, base, [0, 1, 2, 3]) == (2, 1)  # problem 9 is not among those compared
+    assert sign_test(0, 5) == pytest.approx(2 / 32)  # two-sided: 2 * P(X <= 0), X ~ Bin(5, 1/2)
+    assert sign_test(27, 18) == pytest.approx(0.2327, abs=1e-4)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0

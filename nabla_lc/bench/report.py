@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..methods import get_method, method_names
 from .output import write_atomic
@@ -145,6 +146,21 @@ def common_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         problems.setdefault((row["method"], row["n"]), set()).add(row["id"])
     shared = set.intersection(*problems.values()) if problems else set()
     return [r for r in rows if r["id"] in shared]
+
+
+def paired_counts(rows: Mapping[int, dict[str, Any]], base: Mapping[int, dict[str, Any]], problems: Iterable[int]) -> tuple[int, int]:
+    """Over ``problems`` (keys of both), how many ``rows`` solves that ``base`` misses, and how many the reverse."""
+    wins = losses = 0
+    for i in problems:
+        wins += bool(rows[i]["correct"] and not base[i]["correct"])
+        losses += bool(base[i]["correct"] and not rows[i]["correct"])
+    return wins, losses
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test on the discordant pairs of a paired comparison."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def write_report(out_dir: Path | str, rows: Sequence[dict[str, Any]], title: str = "Benchmark summary") -> list[dict[str, Any]]:

@@ -5,16 +5,10 @@ at its N. ``path:m1,m2`` takes only those methods from a file.
     python docs/results/arith-test-search/subset.py LIMIT results.jsonl[:methods] [...]
 """
 import json
-import math
 import sys
 from collections import defaultdict
 
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test on the discordant pairs."""
-    n, k = wins + losses, min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-
+from nabla_lc.bench.report import paired_counts, sign_test
 
 limit = int(sys.argv[1])
 rows = defaultdict(dict)
@@ -36,7 +30,6 @@ for (run, m, n), v in rows.items():
     paper = sum(r["stats"]["model_calls_paper"] for r in picked) / k
     paired = ""
     if n in bon and m != "bon":
-        wins = sum(v[i]["correct"] and not bon[n][i]["correct"] for i in common)
-        losses = sum(bon[n][i]["correct"] and not v[i]["correct"] for i in common)
+        wins, losses = paired_counts(v, bon[n], common)
         paired = f"{wins} / {losses} (p = {sign_test(wins, losses):.2f})"
     print(f"| {run} | {m} | {n} | {100 * correct / k:.1f}% ({correct}/{k}) | {calls:.1f} | {paper:.1f} | {paired} |")

@@ -12,9 +12,10 @@ against the ∇ runs before it.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
+
+from nabla_lc.bench.report import paired_counts, sign_test
 
 LABELS = {"greedy": "greedy", "bon": "Best-of-8", "sc": "self-consistency@8", "weighted_bon": "weighted Best-of-8"}
 
@@ -37,12 +38,6 @@ def runs(dirs: list[str]) -> dict[str, dict[int, dict]]:
                 label = f"{LABELS.get(row['method'], row['method'])} [{Path(d).name}]"
             out.setdefault(label, {})[row["index"]] = row
     return out
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test on the discordant pairs."""
-    n, k = wins + losses, min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def main() -> None:
@@ -68,9 +63,7 @@ def main() -> None:
     bon = [label for label in table if label.startswith("Best-of-8")]
     for k, label in enumerate(nablas):
         for other in bon + nablas[:k]:  # against Best-of-8 and every ∇ run listed before it
-            rows, base = table[label], table[other]
-            wins = sum(rows[i]["correct"] and not base[i]["correct"] for i in common)
-            losses = sum(base[i]["correct"] and not rows[i]["correct"] for i in common)
+            wins, losses = paired_counts(table[label], table[other], common)
             print(f"{label} against {other}: solves {wins} it misses, misses {losses} it solves (sign test p = {sign_test(wins, losses):.2f})")
 
 
