@@ -108,10 +108,9 @@ def _outside_nucleus_of_candidates(logits: torch.Tensor, top_p: float) -> torch.
     top = torch.topk(logits, k, dim=-1).values  # [B, k], descending
     probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
     kept = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)  # [B, 1]: the nucleus is the first `kept`
-    if bool(((kept < 1) | (kept >= k)).any()):  # why: kept < 1 only where a row has no finite logit
-        return None
-    last, first_out = top.gather(-1, kept - 1), top.gather(-1, kept)
-    if not bool((last > first_out).all()):
+    last, first_out = top.gather(-1, (kept - 1).clamp(min=0)), top.gather(-1, kept.clamp(max=k - 1))
+    # why: kept < 1 only where a row has no finite logit; one check, so one device sync
+    if bool(((kept < 1) | (kept >= k) | (last <= first_out)).any()):
         return None
     return logits < last
 

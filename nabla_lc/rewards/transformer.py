@@ -292,10 +292,8 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         tokens processed for each."""
         inputs = []
         for prefix, lay, response in rows:
-            P, c = prefix.state.length, len(prefix.state.committed)
-            vecs = self.vocab.embed_ids(torch.tensor(list(response[c:]), dtype=torch.long), self.embedding)
-            src = [s - c if s >= 0 else -1 for s in lay.source[P:]]
-            inputs.append((self.embeds(lay.ids[P:], src, vecs), [r - P for r in lay.reads if r >= P]))
+            c = len(prefix.state.committed)
+            inputs.append(self._embeds_after(prefix.state, lay, self.vocab.embed_ids(torch.tensor(list(response[c:]), dtype=torch.long), self.embedding)))
         hidden = self._forward_after([prefix for prefix, _, _ in rows], [e for e, _ in inputs])
         values = [self.combine(torch.cat([p.state.values, self.read(hidden[b, reads])])) for b, ((p, _, _), (_, reads)) in enumerate(zip(rows, inputs))]
         return upcast(torch.stack(values)), [e.shape[0] for e, _ in inputs]
@@ -344,15 +342,17 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         reward input vectors ([L, H]) when already computed."""
         # y: [L, V_policy] soft token vectors; the response is committed + y
         state = prefix.state
-        c = len(state.committed)
-        hard = y.detach().argmax(-1).tolist()
-        lay = self.layout(state.prompt, state.committed + hard)
-        P = state.length
-        if any(0 <= s < c for s in lay.source[P:]):
+        lay = self.layout(state.prompt, state.committed + y.detach().argmax(-1).tolist())
+        if any(0 <= s < len(state.committed) for s in lay.source[state.length :]):
             raise RuntimeError(f"{type(self).__name__}.response_slots changed the slots of committed tokens")
-        ids, src = lay.ids[P:], [s - c if s >= 0 else -1 for s in lay.source[P:]]
-        vecs = self.vocab.embed(y, self.embedding) if vecs is None else vecs  # [L, H]
-        return self.embeds(ids, src, vecs), [r - P for r in lay.reads if r >= P]
+        return self._embeds_after(state, lay, self.vocab.embed(y, self.embedding) if vecs is None else vecs)
+
+    def _embeds_after(self, state: TransformerPrefix, lay: Layout, vecs: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The input vectors of ``lay``'s slots after the prefix ([T, H]) and the reads among them (relative to it);
+        ``vecs``: the reward input vectors of the response tokens after the committed ones ([L, H])."""
+        P, c = state.length, len(state.committed)
+        src = [s - c if s >= 0 else -1 for s in lay.source[P:]]
+        return self.embeds(lay.ids[P:], src, vecs), [r - P for r in lay.reads if r >= P]
 
     def _soft_score(self, prefix: RewardPrefix[TransformerPrefix], hidden: torch.Tensor, reads: list[int]) -> SoftScore:
         """The score of one row from its hidden states after the prefix ([T, H])."""
