@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -313,7 +313,8 @@ class Scheduler:
         return None
 
     def _step(self, group: _Group, live: list[_Task]) -> None:
-        """One token for every row of the batch; finished rows go to their tasks."""
+        """One token for every row of the batch; finished rows go to their tasks, and a row whose own work failed (its
+        grammar) fails only its task."""
         active = group.batch.active
         self.stats.steps += 1
         self.stats.row_steps += len(active)
@@ -321,7 +322,7 @@ class Scheduler:
         self.stats.sizes = [*self.stats.sizes[-999:], len({id(group.owners[b][0]) for b in active})]
         try:
             done = group.batch.step()
-        except BaseException as err:  # the step failed: every task with rows in the batch fails with it
+        except BaseException as err:  # the batch's own work failed (the policy's pass): every task in it fails with it
             for task in {id(t): t for t, _ in group.owners.values()}.values():
                 self._finish(task, live, error=err)
             group.owners.clear()
@@ -329,11 +330,13 @@ class Scheduler:
             return
         self._deliver(group, done, live)
 
-    def _deliver(self, group: _Group, done: list[tuple[int, Rollout]], live: list[_Task]) -> None:
+    def _deliver(self, group: _Group, done: Sequence[tuple[int, Rollout | Exception]], live: list[_Task]) -> None:
         for b, result in done:
             task, j = group.owners.pop(b)
             if task not in live:  # dropped meanwhile
                 continue
+            if isinstance(result, Exception) and task.error is None:  # the row failed: its task fails, its other rows leave
+                task.error = result
             if task.gone():
                 self._drop(task, live)
                 continue

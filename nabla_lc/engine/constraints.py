@@ -206,7 +206,8 @@ class Grammar:
                 self.closing = self.closing.after(int(token))
 
     def allowed(self) -> torch.Tensor:
-        """[V] bool: the tokens the grammar allows next (narrowed near a JSON response's budget, see :class:`Closing`)."""
+        """[V] bool: the tokens the grammar allows next (narrowed near a JSON response's budget, see :class:`Closing`);
+        ``ValueError`` where it allows none."""
         import xgrammar as xgr
 
         bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
@@ -214,6 +215,8 @@ class Grammar:
         probe = torch.zeros(1, self.vocab_size)
         xgr.apply_token_bitmask_inplace(probe, bitmask)
         allowed = probe[0] == 0
+        if not bool(allowed.any()):  # why: a grammar no text satisfies (a pattern that matches nothing) is the request's error
+            raise ValueError("Request.constraint allows no token here: no response satisfies it")
         return self.closing.narrow(allowed, self.matcher) if self.closing is not None else allowed
 
 

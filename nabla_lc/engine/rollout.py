@@ -188,12 +188,16 @@ def rollout(
     Finished rows leave the batch (their KV rows are dropped), so every counted pass is real work.
     ``on_token(row, token)`` sees each kept token as it is sampled. A row with a grammar samples under its
     mask (the kept logits stay the policy's own; the masks are kept beside them). A row for which ``keep_going(row)``
-    is false before a step leaves the batch at once, its rollout ending ``cancelled``.
+    is false before a step leaves the batch at once, its rollout ending ``cancelled``. A row whose own work fails
+    raises its error.
     """
     batch = RolloutBatch(policy, sampling, keep_logits, on_token, keep_going)
     results: dict[int, Rollout] = dict(batch.add(rows))
     while batch.active:
-        results.update(batch.step())
+        for b, result in batch.step():
+            if isinstance(result, Exception):
+                raise result
+            results[b] = result
     return [results[b] for b in range(len(rows))]
 
 
@@ -297,25 +301,34 @@ class RolloutBatch:
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def step(self) -> list[tuple[int, Rollout]]:
-        """Sample one token for every active row; the rows that finished, with their rollouts."""
+    def step(self) -> list[tuple[int, Rollout | Exception]]:
+        """Sample one token for every active row; the rows that finished, with their rollouts, and the rows whose own
+        work failed (their grammar allows no token, ...), with the error: those leave the batch, the others go on."""
         policy, rows = self.policy, self.rows
         assert self.cache is not None and self.mask is not None and self.last_position is not None and self.logits is not None
         logits, active = self.logits, self.active
-        allowed = [rows[b].grammar.allowed() if rows[b].grammar is not None else None for b in active]  # type: ignore[union-attr]  # per row: [V] or None
+        failed: dict[int, Exception] = {}
+        allowed = [self._allowed(b, row, failed) for row, b in enumerate(active)]  # per row: [V] or None
         generators = [rows[b].draw_generator(len(rows[b].committed) + len(self.tokens[b])) for b in active]
         step = sample(_masked_rows(logits, allowed), self.sampling, generators)
         keep_rows: list[int] = []
-        done: list[tuple[int, Rollout]] = []
+        done: list[tuple[int, Rollout | Exception]] = []
         for row, b in enumerate(active):
             token = int(step[row])
             grammar = rows[b].grammar
             if self.keep_going is not None and not self.keep_going(b):
                 reason: str | None = "cancelled"
             else:
-                if grammar is not None:
-                    grammar.accept([token])
-                reason = _finish(policy, token, self.tokens[b], rows[b])
+                try:
+                    if row in failed:
+                        raise failed[row]
+                    if grammar is not None:
+                        grammar.accept([token])
+                    reason = _finish(policy, token, self.tokens[b], rows[b])
+                except Exception as err:  # why: the row's own work failed (its grammar): it leaves, the others go on
+                    self._forget(b)
+                    done.append((b, err))
+                    continue
             if reason not in ("eos", "cancelled"):
                 self.tokens[b].append(token)
                 rows[b].stats.rollout_tokens += 1
@@ -349,11 +362,26 @@ class RolloutBatch:
         self.active, self.logits = active, out.logits[:, -1].float()
         return done
 
+    def _allowed(self, b: int, row: int, failed: dict[int, Exception]) -> torch.Tensor | None:
+        """Row ``b``'s grammar mask ([V] bool; None: free text, or the grammar failed, which goes in ``failed[row]``)."""
+        grammar = self.rows[b].grammar
+        if grammar is None:
+            return None
+        try:
+            return grammar.allowed()
+        except Exception as err:
+            failed[row] = err
+            return None
+
+    def _forget(self, b: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        """Drop row ``b``'s bookkeeping; its tokens, kept logits and kept masks."""
+        del self.rows[b]
+        return self.tokens.pop(b), self.kept.pop(b), self.kept_allowed.pop(b)
+
     def _close(self, b: int, reason: str, constrained: bool, row: int) -> Rollout:
         """Row ``b``'s rollout (``row``: its index in the batch's cache); the batch forgets the row."""
         cache = self._row_cache(b, row) if self.rows[b].keep_cache else None
-        kept, kept_allowed, tokens = self.kept.pop(b), self.kept_allowed.pop(b), self.tokens.pop(b)
-        del self.rows[b]
+        tokens, kept, kept_allowed = self._forget(b)
         vocab = self.policy.vocab_size
         stacked = torch.stack(kept) if kept else torch.empty(0, vocab)
         masks = None

@@ -329,13 +329,13 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                     status = 200
                     return
                 event = await events.__anext__()
-        except APIError as err:  # headers are sent: the error goes into the stream, as OpenAI does
+        except Exception as err:  # headers are sent: the error goes into the stream, as OpenAI does, and the stream ends
+            if not isinstance(err, APIError):  # why: an unexpected failure mid-stream still ends with an error, never a cut
+                log.exception("a streamed request failed")
+                err = APIError(500, "internal server error", type="server_error")
             status = err.status
             yield _data(err.body())
-        except Exception:  # why: an unexpected failure mid-stream still ends the stream with an OpenAI error, never a cut
-            log.exception("a streamed request failed")
-            status = 500
-            yield _data(APIError(500, "internal server error", type="server_error").body())
+            yield "data: [DONE]\n\n"
         finally:
             state["in_flight"] -= 1
             metrics.request(endpoint, status)
