@@ -21,9 +21,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple, Sequence
 
+from .engine.constraints import grammar_error
 from .engine.types import Constraint
+
+if TYPE_CHECKING:
+    import xgrammar
 
 ToolChoice = Literal["auto", "none", "any", "required"] | str | None
 """None or ``auto``: the model decides; ``none``: no tool; ``any``/``required``: some tool; a tool's name: that tool."""
@@ -74,26 +78,53 @@ def tool_call_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice)
     tool and holds arguments valid under its parameters' schema. None when the model may answer in text."""
     if choice in (None, "auto", "none"):
         return None
-    functions = [_function(t) for t in tools if choice == "any" or _function(t)["name"] == choice]
-    calls = [
-        {
+    calls = {
+        i: {
             "type": "object",
             "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
             "required": ["name", "arguments"],
         }
-        for f in functions
-    ]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return wrapped_json_schema(schema, "<tool_call>\n", "\n</tool_call>")
+        for i, f in enumerate(map(_function, tools))
+        if choice == "any" or f["name"] == choice
+    }
+    schema = next(iter(calls.values())) if len(calls) == 1 else {"anyOf": list(calls.values())}
+    try:
+        return wrapped_json_schema(schema, "<tool_call>\n", "\n</tool_call>")
+    except ValueError as err:  # why: name the tool whose parameters fail (looked for only once the whole failed)
+        for i, call in calls.items():
+            try:
+                _json_grammar(call)
+            except ValueError as own:
+                raise ToolSchemaError(i, f"tool {i} ({_function(tools[i])['name']!r}): its parameters' {own}") from None
+        raise err
+
+
+class ToolSchemaError(ValueError):
+    """A tool whose parameters' JSON schema does not compile to a grammar; :attr:`index` is its place in ``tools``."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 def wrapped_json_schema(schema: Mapping[str, Any], prefix: str, suffix: str) -> Constraint:
-    """An EBNF constraint: ``prefix``, a JSON document valid under ``schema``, then ``suffix``."""
+    """An EBNF constraint: ``prefix``, a JSON document valid under ``schema``, then ``suffix``; ``ValueError`` where
+    the schema does not compile."""
     import xgrammar as xgr  # why: only requests with a forced tool call need it
 
-    body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    body = _json_grammar(schema)
     grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(prefix)}"), body, xgr.Grammar.from_ebnf(f"root ::= {json.dumps(suffix)}"))
     return Constraint.ebnf(str(grammar))
+
+
+def _json_grammar(schema: Mapping[str, Any]) -> "xgrammar.Grammar":
+    """xgrammar's grammar of a JSON schema; ``ValueError`` with xgrammar's reason where it refuses it."""
+    import xgrammar as xgr
+
+    try:
+        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except (RuntimeError, ValueError, TypeError) as err:  # why: xgrammar reports a bad schema as RuntimeError
+        raise ValueError(f"JSON schema does not compile: {grammar_error(err)}") from None
 
 
 @dataclass

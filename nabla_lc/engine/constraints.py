@@ -29,6 +29,7 @@ whose model starts a long value (a number) in the last tokens, can still end ins
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
@@ -79,8 +80,12 @@ def compile_constraint(policy: "Policy", constraint: Constraint) -> "xgrammar.Co
             return grammars.compile_regex(constraint.spec)
         return grammars.compile_grammar(constraint.spec)
     except (RuntimeError, ValueError) as err:  # why: xgrammar reports a bad grammar as RuntimeError with its C++ location
-        message = str(err).strip().split("\n")[0]
-        raise ValueError(f"Request.constraint ({constraint.kind}) does not compile: {message}") from None
+        raise ValueError(f"Request.constraint ({constraint.kind}) does not compile: {grammar_error(err)}") from None
+
+
+def grammar_error(err: Exception) -> str:
+    """xgrammar's error message: its first line, without the time and C++ location it starts with."""
+    return re.sub(r"^\[[\d:.]+\] \S+:\d+: ", "", str(err).strip().split("\n")[0])
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..config import NablaConfig
 from ..engine.constraints import compile_constraint
@@ -217,24 +218,27 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             if "n" in (parsed.nabla or {}) and config.n > settings.max_n:  # the server's own default n is the operator's
                 raise bad_field("nabla.n", f"is {config.n}; this server's cap is {settings.max_n}")
             admission = admit()
-        except APIError as err:
-            metrics.request(endpoint, err.status)
-            raise
+        except Exception as err:
+            error = _contained(err)
+            metrics.request(endpoint, _status(error))
+            raise error from None
         events = _guarded(engine.astream(request, config), admission)
         try:
             first = await _first(events, http)
         except BaseException as err:
             state["in_flight"] -= 1
-            metrics.request(endpoint, _status(err))
-            raise
+            failure = _contained(err) if isinstance(err, Exception) else err
+            metrics.request(endpoint, _status(failure))
+            raise failure from None
         if parsed.stream:
             usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
             return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk, tools), media_type="text/event-stream")
         try:
             result = first.result if isinstance(first, Finished) else await _until_finished(events, http)
         except BaseException as err:
-            metrics.request(endpoint, _status(err))
-            raise
+            failure = _contained(err) if isinstance(err, Exception) else err
+            metrics.request(endpoint, _status(failure))
+            raise failure from None
         finally:
             state["in_flight"] -= 1
         _record(result, admission)
@@ -370,6 +374,17 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         return {**head, "created": admission.created, "model": model_name, "choices": [choice], "usage": _usage(result), "nabla": _nabla(result, config)}
 
     return app
+
+
+def _contained(err: Exception) -> Exception:
+    """What a request that failed with ``err`` is answered with: an :class:`APIError` or the client's departure as it
+    is, anything else logged and made a 500 (why: an exception that reaches the ASGI layer closes the connection)."""
+    if isinstance(err, (APIError, _ClientGone)):
+        return err
+    if isinstance(err, ClientDisconnect):
+        return _ClientGone()
+    log.error("internal error", exc_info=err)
+    return APIError(500, "internal server error", type="server_error")
 
 
 def _status(err: BaseException) -> int:

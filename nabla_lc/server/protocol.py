@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import ConfigError, NablaConfig
 from ..engine.types import Constraint
-from ..tool_calls import ToolCall, ToolChoice, check_tool_choice, response_format_schema, tool_call_constraint
+from ..tool_calls import ToolCall, ToolChoice, ToolSchemaError, check_tool_choice, response_format_schema, tool_call_constraint
 
 
 class APIError(Exception):
@@ -316,6 +316,10 @@ class ChatCompletionRequest(_Common):
             forced = tool_call_constraint(self.tool_dicts(), choice) if self.tools else None
         except ModuleNotFoundError as err:
             raise bad_field("tool_choice", f"a forced tool call needs the 'agents' extra ({err})") from None
+        except ToolSchemaError as err:
+            raise bad_field(f"tools.{err.index}.function.parameters", str(err)) from None
+        except ValueError as err:
+            raise bad_field("tool_choice", str(err)) from None
         fmt = self.response_format
         if fmt is None:
             return forced, "tool_choice"

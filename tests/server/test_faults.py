@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from nabla_lc import Engine
+from nabla_lc.server import app as app_module
 
 from ..server_harness import API_KEY, running_server
 
@@ -30,8 +31,8 @@ def chat(content: str, **fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_engine: Engine) -> Iterator[str]:
-    with running_server(tiny_engine) as base:
+def url(wide_engine: Engine) -> Iterator[str]:
+    with running_server(wide_engine) as base:
         yield base
 
 
@@ -54,12 +55,12 @@ def in_flight(client: httpx.Client, base: str) -> int:
     return int(next(line.split()[-1] for line in text.splitlines() if line.startswith("nabla_requests_in_flight")))
 
 
-def test_an_impossible_grammar_fails_only_its_own_request(url: str, http: httpx.Client, tiny_engine: Engine) -> None:
+def test_an_impossible_grammar_fails_only_its_own_request(url: str, http: httpx.Client, wide_engine: Engine) -> None:
     bodies = [chat(f"question {i}", seed=i) for i in range(6)]
     alone = [http.post("/chat/completions", json=body).json()["choices"][0]["message"]["content"] for body in bodies]
     bad, bad_stream = chat("bad", response_format=impossible()), chat("bad later", response_format=impossible("a"))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        with tiny_engine.lock:  # why: the scheduler waits until all eight are in flight, so they share its batch
+        with wide_engine.lock:  # why: the scheduler waits until all eight are in flight, so they share its batch
             futures = [pool.submit(httpx.post, url + "/chat/completions", headers=AUTH, json=body, timeout=120) for body in bodies]
             failing = pool.submit(httpx.post, url + "/chat/completions", headers=AUTH, json=bad, timeout=120)
             failing_stream = pool.submit(streamed, http, bad_stream)
@@ -77,3 +78,50 @@ def test_an_impossible_grammar_fails_only_its_own_request(url: str, http: httpx.
     assert "no response satisfies it" in error["message"] and error["type"] == "invalid_request_error"
     assert lines[-1] == "[DONE]"
     assert http.post("/chat/completions", json=bodies[0]).json()["choices"][0]["message"]["content"] == alone[0]
+
+
+def tools(parameters: object) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+            {"type": "function", "function": {"name": "f", "parameters": parameters}}]  # fmt: skip
+
+
+def schema_format(schema: object) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "reason"),
+    [
+        ({"tools": tools({"type": 5}), "tool_choice": "required"}, "tools.1.function.parameters", "Type should be a string"),
+        ({"tools": tools({"type": "object", "properties": 5}), "tool_choice": "required"}, "tools.1.function.parameters", "properties must be an object"),
+        ({"tools": tools({"type": ["object", 7]}), "tool_choice": "required"}, "tools.1.function.parameters", "type must be a string"),
+        ({"tools": tools({"type": "object", "required": [5]}), "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "tools.1.function.parameters", "does not compile"),
+        ({"response_format": schema_format({"type": 5})}, "response_format", "Type should be a string"),
+        ({"response_format": schema_format({"type": "array", "items": 5})}, "response_format", "items must be"),
+        ({"response_format": schema_format({"type": "string", "pattern": "("})}, "response_format", "Regex"),
+    ],
+)  # fmt: skip
+def test_a_schema_that_does_not_compile_is_400_naming_it(http: httpx.Client, fields: dict[str, Any], param: str, reason: str) -> None:
+    out = http.post("/chat/completions", json=chat("x", **fields))
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == param and reason in error["message"]
+    assert "/project/cpp" not in error["message"]  # xgrammar's C++ location is not the client's business
+    assert http.post("/chat/completions", json=chat("x")).status_code == 200  # the same connection still serves
+
+
+def test_an_unexpected_failure_is_a_counted_500_and_the_connection_survives(
+    url: str, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(policy: object, constraint: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "compile_constraint", broken)
+    before = http.get(url.removesuffix("/v1") + "/metrics").text
+    out = http.post("/chat/completions", json=chat("x", response_format=schema_format({"type": "object"})))
+    assert out.status_code == 500 and out.json()["error"]["type"] == "server_error" and "a bug" not in out.text
+    metrics = http.get(url.removesuffix("/v1") + "/metrics").text
+    line = 'nabla_requests_total{endpoint="/v1/chat/completions",status="500"}'
+    count = {text: next((float(l.split()[-1]) for l in text.splitlines() if l.startswith(line)), 0.0) for text in (before, metrics)}
+    assert count[metrics] == count[before] + 1
+    assert http.post("/chat/completions", json=chat("x")).status_code == 200
