@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache
 
+from nabla_lc import kv
 from nabla_lc.bench.runner import load_task
 from nabla_lc.engine import context, dto, rollout
 from nabla_lc.loading import load_engine
@@ -98,15 +98,14 @@ def dto_pass(model: Any, batch: int, prefix: int, new: int) -> Callable[[], None
     g = torch.Generator().manual_seed(batch * 1000 + new)
     embedding = model.get_input_embeddings().weight
     ids = torch.randint(100, 5000, (batch, prefix + new), generator=g)
-    cache = DynamicCache()
+    cache = kv.empty()
     with torch.no_grad():
         model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
-    kept = [(layer.keys, layer.values) for layer in cache.layers]
+    kept = kv.Snapshot.take(cache)
     positions = torch.arange(prefix, prefix + new)[None].expand(batch, new)
 
     def run() -> None:
-        for layer, (keys, values) in zip(cache.layers, kept):
-            layer.keys, layer.values = keys, values
+        kept.restore()
         x = embedding[ids[:, prefix:]].detach().requires_grad_(True)
         with torch.enable_grad():
             out = model(inputs_embeds=x, position_ids=positions, cache=cache, use_cache=True)

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from nabla_lc import ConfigError, Engine, NablaConfig
+from nabla_lc import ConfigError, Engine, NablaConfig, kv
 from nabla_lc.engine import rollout as rollout_module
 from nabla_lc.engine.rollout import filter_logits
 from nabla_lc.rewards.base import NoGradientError, RewardAdapter, Scores
@@ -317,13 +317,12 @@ def test_a_running_batch_drops_the_columns_of_rows_that_left(tokenizer):
     finished = batch.step()
     assert [b for b, _ in finished] == [1]
     assert batch.mask is not None and batch.mask.shape[1] == 2 + 2  # the short row's prefix and its two steps
-    assert all(layer.keys.shape[2] == batch.mask.shape[1] for layer in batch.cache.layers)  # type: ignore[union-attr]
+    assert batch.cache is not None and all(shape[2] == batch.mask.shape[1] for shape in kv.shapes(batch.cache))
 
 
 @pytest.mark.parametrize("fail", ["encoding", "merging"])
 def test_a_failed_join_leaves_the_batch_as_it_was(tokenizer, monkeypatch, fail):
     # a row runs; a join fails (its prefix pass, or the cache merge after one layer); the row goes on as if alone
-    from nabla_lc.engine import rollout as rollout_module
     from nabla_lc.engine.accounting import Stats
     from nabla_lc.engine.policy import Policy
     from nabla_lc.engine.rollout import RolloutBatch, RolloutRow, Sampling, rollout
@@ -335,7 +334,7 @@ def test_a_failed_join_leaves_the_batch_as_it_was(tokenizer, monkeypatch, fail):
     batch.add([row([5, 6, 7], 8)])
     finished = batch.step() + batch.step()
     before = (batch.count, list(batch.active), set(batch.rows), set(batch.tokens), set(batch.kept), set(batch.kept_allowed))
-    shapes = [layer.keys.shape for layer in batch.cache.layers], batch.mask.shape, batch.logits.shape, batch.last_position.shape
+    shapes = kv.shapes(batch.cache), batch.mask.shape, batch.logits.shape, batch.last_position.shape
 
     if fail == "encoding":
         def broken(*args, **kwargs):
@@ -344,21 +343,21 @@ def test_a_failed_join_leaves_the_batch_as_it_was(tokenizer, monkeypatch, fail):
         monkeypatch.setattr(policy, "model", broken)
     else:
         calls = [0]
-        original = rollout_module._merge
+        original = kv.cat_left_padded
 
-        def broken(old, new):  # the mask merges first, then each layer's keys and values: fail in the second layer
+        def broken(old, new):  # each layer's keys, then its values: fail in the second layer
             calls[0] += 1
-            if calls[0] == 4:
+            if calls[0] == 3:
                 raise RuntimeError("injected")
             return original(old, new)
 
-        monkeypatch.setattr(rollout_module, "_merge", broken)
+        monkeypatch.setattr(kv, "cat_left_padded", broken)
     stats = Stats()
     with pytest.raises(RuntimeError, match="injected"):
         batch.add([RolloutRow(list(range(5, 25)), [], 4, (), None, stats), row([8], 0)])
     monkeypatch.undo()
     assert (batch.count, list(batch.active), set(batch.rows), set(batch.tokens), set(batch.kept), set(batch.kept_allowed)) == before
-    assert ([layer.keys.shape for layer in batch.cache.layers], batch.mask.shape, batch.logits.shape, batch.last_position.shape) == shapes
+    assert (kv.shapes(batch.cache), batch.mask.shape, batch.logits.shape, batch.last_position.shape) == shapes
     assert stats.policy_forward == 0  # the failed row's pass is not counted
     while batch.active:
         finished += batch.step()

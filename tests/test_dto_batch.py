@@ -18,7 +18,7 @@ from nabla_lc.engine.context import DecodingContext
 from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassCall, PassRequest, run_passes
 from nabla_lc.engine.scoring import ScoreRequest, run_scores
 from nabla_lc.engine.policy import Policy
-from nabla_lc.tensors import CacheSnapshot, stacked_cache
+from nabla_lc import kv
 from nabla_lc.engine.rollout import RolloutCall, RolloutRow, Sampling, rollout
 from nabla_lc.rewards.implicit import ImplicitLoRAReward
 from nabla_lc.rewards.lora import LoRAReward
@@ -204,7 +204,7 @@ def test_stacking_refuses_sliding_window_caches():
     with torch.no_grad():
         model(input_ids=torch.arange(6)[None], cache=cache, use_cache=True)
     with pytest.raises(TypeError, match="DynamicSlidingWindowLayer"):
-        stacked_cache([CacheSnapshot.take(cache), CacheSnapshot.take(cache)])
+        kv.stack([kv.Snapshot.take(cache), kv.Snapshot.take(cache)])
 
 
 @pytest.mark.parametrize("reward_kind", ["classifier", "implicit"])

@@ -16,12 +16,11 @@ from functools import partial
 from typing import Callable, Generator, NamedTuple, Sequence, TypeVar
 
 import torch
-from transformers import DynamicCache
-
+from .. import kv
 from ..config import NablaConfig
 from ..numerics import upcast
 from ..rewards.base import RewardAdapter, RewardPrefix, SoftScore, checked_soft
-from ..tensors import CacheSnapshot, pad_rows, stacked_cache
+from ..tensors import pad_rows
 from .accounting import Stats
 from .policy import Policy
 
@@ -68,22 +67,22 @@ class PolicyPrefix:
     """The prompt and committed tokens, encoded once and extended as the decoder commits tokens."""
 
     ids: list[int]
-    cache: DynamicCache | None
+    cache: kv.Cache | None
     """KV cache of ``ids`` (None when prefix reuse is off)."""
     next_logp: torch.Tensor
     """[V] fp32 log π(· | prefix), which scores the rollout's first token."""
-    snapshot: CacheSnapshot | None
+    snapshot: kv.Snapshot | None
     """The prefix's entries of ``cache``, put back after every step."""
 
 
 @torch.no_grad()
 def encode_prefix(policy: Policy, ids: Sequence[int], stats: Stats, keep_cache: bool = True) -> PolicyPrefix:
     """One forward pass over the prefix; its cache serves every DTO step of the run."""
-    cache = DynamicCache() if keep_cache else None
+    cache = kv.empty() if keep_cache else None
     x = torch.tensor([list(ids)], device=policy.device)
     out = policy.model(input_ids=x, cache=cache, use_cache=keep_cache)
     stats.count_policy(1, len(ids))
-    snapshot = CacheSnapshot.take(cache) if cache is not None else None
+    snapshot = kv.Snapshot.take(cache) if cache is not None else None
     return PolicyPrefix(list(ids), cache, upcast(out.logits[0, -1]).log_softmax(-1), snapshot)
 
 
@@ -100,7 +99,7 @@ def extend_prefix(policy: Policy, prefix: PolicyPrefix, ids: Sequence[int], stat
     positions = torch.arange(P, len(ids), device=policy.device)[None]
     out = policy.model(input_ids=x, position_ids=positions, cache=prefix.cache, use_cache=True)
     stats.count_policy(1, len(ids) - P)
-    return PolicyPrefix(ids, prefix.cache, upcast(out.logits[0, -1]).log_softmax(-1), CacheSnapshot.take(prefix.cache))
+    return PolicyPrefix(ids, prefix.cache, upcast(out.logits[0, -1]).log_softmax(-1), kv.Snapshot.take(prefix.cache))
 
 
 def gradient_reward(reward: RewardAdapter | None, config: NablaConfig) -> RewardAdapter | None:
@@ -122,7 +121,7 @@ class PrefixEncoder:
         self.reward_prefix: RewardPrefix | None = None
 
     def encode(
-        self, reward_prompt: str, prefix_ids: Sequence[int], committed: Sequence[int], cached: tuple[DynamicCache, torch.Tensor] | None = None
+        self, reward_prompt: str, prefix_ids: Sequence[int], committed: Sequence[int], cached: tuple[kv.Cache, torch.Tensor] | None = None
     ) -> tuple[PolicyPrefix, RewardPrefix | None]:
         """The prefixes for ``prefix_ids`` (prompt + ``committed``), extending the previous call's.
 
@@ -130,7 +129,7 @@ class PrefixEncoder:
         of them left them; the policy's prefix is then taken from it, with no pass (with ``prefix_cache`` on)."""
         if cached is not None and self.config.prefix_cache:
             cache, logits = cached
-            self.prefix = PolicyPrefix(list(prefix_ids), cache, upcast(logits).log_softmax(-1), CacheSnapshot.take(cache))
+            self.prefix = PolicyPrefix(list(prefix_ids), cache, upcast(logits).log_softmax(-1), kv.Snapshot.take(cache))
         elif self.prefix is None or not self.config.prefix_cache:
             self.prefix = encode_prefix(self.policy, prefix_ids, self.stats, keep_cache=self.config.prefix_cache)
         else:
@@ -508,7 +507,7 @@ def _passes_together(requests: Sequence[PassRequest]) -> list[Pass | NonFiniteGr
 def _batched_logprobs(policy: Policy, prefixes: Sequence[PolicyPrefix], ys: Sequence[torch.Tensor], hards: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`token_logprobs` of several rows in one pass: the prefix caches left-padded into one, the rows
     after them right-padded. Each result is [L_b]."""
-    cache, prefix_mask = stacked_cache([p.snapshot for p in prefixes])  # type: ignore[misc]
+    cache, prefix_mask = kv.stack([p.snapshot for p in prefixes])  # type: ignore[misc]
     lengths = [y.shape[0] for y in ys]
     # why: one embedding of every row, so the backward's [tokens, H] x [H, V] product runs once, not once a row
     embeds, new_mask = pad_rows(embed(torch.cat(list(ys)), policy.embedding, torch.cat(list(hards))).split(lengths))  # [B, T, H], [B, T]

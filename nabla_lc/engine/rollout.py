@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import torch
-from transformers import DynamicCache
-
-from ..tensors import pad_left
+from .. import kv
+from ..tensors import cat_left_padded
 from .accounting import Stats
 from .constraints import Grammar, masked
 from .dto import PassCall, run_passes
@@ -35,19 +33,14 @@ class RowCache:
 
     ids: list[int]
     """The tokens the entries are of."""
-    cache: DynamicCache
-    """One row: a [1, H, len(ids), D] key and value tensor a layer."""
+    cache: kv.Cache
+    """One row of len(ids) columns."""
 
-    def head(self, n: int) -> DynamicCache:
-        """A cache of the first ``n`` entries (views: a pass that extends a cache replaces its tensors, never writes
-        them)."""
+    def head(self, n: int) -> kv.Cache:
+        """A cache of the first ``n`` entries (:func:`nabla_lc.kv.head`)."""
         if n > len(self.ids):
             raise ValueError(f"the row's cache holds {len(self.ids)} entries, not {n}")
-        cache = copy.copy(self.cache)
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
-        return cache
+        return kv.head(self.cache, n)
 
 
 @dataclass
@@ -226,7 +219,7 @@ class RolloutBatch:
         self.kept_allowed: dict[int, list[torch.Tensor]] = {}
         self.active: list[int] = []
         """Row numbers in batch order."""
-        self.cache: DynamicCache | None = None
+        self.cache: kv.Cache | None = None
         self.mask: torch.Tensor | None = None  # [A, L]
         self.last_position: torch.Tensor | None = None  # [A, 1]
         self.logits: torch.Tensor | None = None  # [A, V]: the next token's, not yet sampled
@@ -252,40 +245,22 @@ class RolloutBatch:
         policy = self.policy
         ids, mask = _left_pad([row.prefix for _, row in new], policy.pad_id, policy.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = kv.empty()
         out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1].float()  # [B_new, V]
         if self.cache is None:
             self.cache, self.mask, self.last_position, self.logits = cache, mask, positions[:, -1:], logits
         else:
             assert self.mask is not None and self.last_position is not None and self.logits is not None
-            merged_mask = _merge(self.mask, mask)
+            merged_mask = cat_left_padded(self.mask, mask)
             last_position, all_logits = torch.cat([self.last_position, positions[:, -1:]]), torch.cat([self.logits, logits])
-            self._merge_cache(cache, merged_mask.shape[1])
+            kv.merge_rows(self.cache, cache)  # atomic: on failure the batch's cache is as it was
             self.mask, self.last_position, self.logits = merged_mask, last_position, all_logits
         for b, row in new:
             self.rows[b], self.tokens[b], self.kept[b], self.kept_allowed[b] = row, [], [], []
             row.stats.count_policy(1, len(row.prefix))
         self.active = self.active + [b for b, _ in new]
         self._trim_left()
-
-    def _merge_cache(self, cache: DynamicCache, width: int) -> None:
-        """Append ``cache``'s rows to the batch's, both left-padded to ``width`` (the shorter side is masked out).
-
-        Layer by layer, in place (one layer's copy at a time); if a layer fails, the layers merged before it are
-        cut back to the batch's own rows and columns (views), so the cache is as it was."""
-        assert self.cache is not None and self.mask is not None
-        rows, columns = self.mask.shape
-        merged = 0
-        try:
-            for old_layer, new_layer in zip(self.cache.layers, cache.layers):
-                keys, values = _merge(old_layer.keys, new_layer.keys), _merge(old_layer.values, new_layer.values)
-                old_layer.keys, old_layer.values = keys, values
-                merged += 1
-        except BaseException:
-            for layer in self.cache.layers[:merged]:
-                layer.keys, layer.values = layer.keys[:rows, :, width - columns :], layer.values[:rows, :, width - columns :]
-            raise
 
     def _trim_left(self) -> None:
         """Drop the leading cache columns no active row attends to.
@@ -298,8 +273,7 @@ class RolloutBatch:
         if first == 0:
             return
         self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        kv.trim_left(self.cache, first)
 
     def step(self) -> list[tuple[int, Rollout | Exception]]:
         """Sample one token for every active row; the rows that finished, with their rollouts, and the rows whose own
@@ -348,7 +322,7 @@ class RolloutBatch:
         mask, positions = self.mask, self.last_position
         if len(keep_rows) < len(active):  # drop finished rows from the batch and the cache
             index = torch.tensor(keep_rows, device=policy.device)
-            self.cache.batch_select_indices(index)
+            kv.select_rows(self.cache, index)
             mask, positions, step = mask[index], positions[index], step[index]
             active = [active[r] for r in keep_rows]
             self.mask = mask
@@ -393,21 +367,7 @@ class RolloutBatch:
         """Row ``b``'s entries of the batch's cache, copied: its real columns are the last ones (rows are left-padded)."""
         assert self.cache is not None and self.mask is not None
         n = int(self.mask[row].sum())
-        width = self.mask.shape[1]
-        cache = copy.copy(self.cache)
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[row : row + 1, :, width - n :].clone(), layer.values[row : row + 1, :, width - n :].clone()
-        return RowCache((self.rows[b].prefix + self.tokens[b])[:n], cache)
-
-
-def _merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``old``'s rows, then ``new``'s ([B, L] or [B, H, L, D]), both left-padded to the longer L.
-
-    why: the two differ in length; left-padding the shorter (masked out) lines every row up at its end."""
-    dim = 1 if old.dim() == 2 else 2
-    width = max(old.shape[dim], new.shape[dim])
-    return torch.cat([pad_left(old, width), pad_left(new, width)])
+        return RowCache((self.rows[b].prefix + self.tokens[b])[:n], kv.copy_row(self.cache, row, n))
 
 
 def _masked_rows(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:

@@ -15,10 +15,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
+from .. import kv
 from ..numerics import upcast
-from ..tensors import CacheSnapshot
 from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .lora import LoRAReward
 
@@ -31,8 +30,8 @@ class ImplicitPrefix:
     committed: list[int]
     length: int
     """Slots encoded."""
-    on: CacheSnapshot
-    off: CacheSnapshot
+    on: kv.Snapshot
+    off: kv.Snapshot
     value: torch.Tensor
     """Scalar: the ratio terms of the committed tokens."""
     next_ratio: torch.Tensor
@@ -67,7 +66,7 @@ class ImplicitLoRAReward(LoRAReward):
         return len(self.frame(prompt)[0])
 
     def _hidden(
-        self, embeds: torch.Tensor, mask: torch.Tensor | None, on: bool, cache: DynamicCache | None = None, start: int = 0
+        self, embeds: torch.Tensor, mask: torch.Tensor | None, on: bool, cache: kv.Cache | None = None, start: int = 0
     ) -> torch.Tensor:
         """Last hidden states with the adapter on or off. embeds: [B, T, H] -> [B, T, H]."""
         if on:
@@ -112,7 +111,7 @@ class ImplicitLoRAReward(LoRAReward):
         committed = list(committed)
         lay = self.layout(prompt, committed, final=False)
         first, P, dev = self.first_scored(prompt), len(lay.ids), self.embedding.device
-        caches = DynamicCache(), DynamicCache()
+        caches = kv.empty(), kv.empty()
         with torch.no_grad():
             vecs = self.vocab.embed_ids(torch.tensor(committed, dtype=torch.long, device=dev), self.embedding)
             embeds = self.embeds(lay.ids, lay.source, vecs)[None]  # [1, P, H]
@@ -121,7 +120,7 @@ class ImplicitLoRAReward(LoRAReward):
             ratios = self._ratios(hidden_on[first - 1 :], hidden_off[first - 1 :])  # [P - first + 1, V]
             targets = torch.tensor(committed, dtype=torch.long, device=dev)
             value = ratios[:-1].gather(-1, targets[:, None]).sum()
-        state = ImplicitPrefix(prompt, committed, P, CacheSnapshot.take(caches[0]), CacheSnapshot.take(caches[1]), value, ratios[-1])
+        state = ImplicitPrefix(prompt, committed, P, kv.Snapshot.take(caches[0]), kv.Snapshot.take(caches[1]), value, ratios[-1])
         return RewardPrefix(state, 2, 2 * P)
 
     def extend(self, prefix: RewardPrefix[ImplicitPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[ImplicitPrefix]:
@@ -141,7 +140,7 @@ class ImplicitLoRAReward(LoRAReward):
             ratios = torch.cat([state.next_ratio[None], self._ratios(hidden_on, hidden_off)])  # [n + 1, V]
             value = state.value + ratios[:-1].gather(-1, torch.tensor(added, device=dev)[:, None]).sum()
         P = state.length + len(added)
-        on, off = CacheSnapshot.take(state.on.cache), CacheSnapshot.take(state.off.cache)
+        on, off = kv.Snapshot.take(state.on.cache), kv.Snapshot.take(state.off.cache)
         return RewardPrefix(ImplicitPrefix(prompt, committed, P, on, off, value, ratios[-1]), 2, 2 * len(added))
 
     def score_soft(self, prefix: RewardPrefix[ImplicitPrefix], y: torch.Tensor) -> SoftScore:  # type: ignore[override]

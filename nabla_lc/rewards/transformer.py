@@ -9,10 +9,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
+from .. import kv
 from ..numerics import upcast
-from ..tensors import CacheSnapshot, pad_rows, stacked_cache
+from ..tensors import pad_rows
 from .base import RewardAdapter, RewardPrefix, Scores, SoftScore
 from .vocab import VocabMap, VocabMismatchError, check_vocab
 
@@ -86,7 +86,7 @@ class TransformerPrefix:
     committed: list[int]
     length: int
     """Slots encoded."""
-    snapshot: CacheSnapshot | None
+    snapshot: kv.Snapshot | None
     """The KV cache of the encoded slots (None when there are none), put back after every soft pass."""
     values: torch.Tensor
     """[R_prefix] scores read inside the prefix."""
@@ -183,7 +183,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         self,
         embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: kv.Cache | None = None,
         start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Last hidden states. embeds: [B, T, H] -> [B, T, H]; with ``cache``, continues at position ``start`` (or
@@ -302,7 +302,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         """Hidden states [B, T, H] of rows of input vectors ([T_b, H], right-padded) after their prefixes' caches
         (left-padded into one; the prefixes' own caches are not touched)."""
         padded, new_mask = pad_rows(list(embeds))
-        cache, prefix_mask = stacked_cache([p.state.snapshot for p in prefixes])  # type: ignore[misc]
+        cache, prefix_mask = kv.stack([p.state.snapshot for p in prefixes])  # type: ignore[misc]
         starts = torch.tensor([p.state.length for p in prefixes])
         return self.forward_hidden(padded, torch.cat([prefix_mask, new_mask.to(prefix_mask.device)], dim=1), cache=cache, start=starts)
 
@@ -312,13 +312,13 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
         values = torch.zeros(0, device=self.embedding.device)
         if P == 0:
             return RewardPrefix(TransformerPrefix(prompt, list(committed), 0, None, values), 0, 0)
-        cache = DynamicCache()
+        cache = kv.empty()
         with torch.no_grad():
             vecs = self.vocab.embed_ids(torch.tensor(list(committed), dtype=torch.long), self.embedding)
             hidden = self.forward_hidden(self.embeds(lay.ids, lay.source, vecs)[None], cache=cache)
             if lay.reads:
                 values = self.read(hidden[0, lay.reads])
-        return RewardPrefix(TransformerPrefix(prompt, list(committed), P, CacheSnapshot.take(cache), values), 1, P)
+        return RewardPrefix(TransformerPrefix(prompt, list(committed), P, kv.Snapshot.take(cache), values), 1, P)
 
     def extend(self, prefix: RewardPrefix[TransformerPrefix], prompt: str, committed: Sequence[int]) -> RewardPrefix[TransformerPrefix]:
         state = prefix.state
@@ -335,7 +335,7 @@ class TransformerReward(RewardAdapter[TransformerPrefix]):
             hidden = self.forward_hidden(self.embeds(lay.ids[P:], lay.source[P:], vecs)[None], cache=cache, start=P)
             reads = [r - P for r in lay.reads if r >= P]
             values = torch.cat([state.values, self.read(hidden[0, reads])]) if reads else state.values
-        return RewardPrefix(TransformerPrefix(prompt, committed, len(lay.ids), CacheSnapshot.take(cache), values), 1, len(lay.ids) - P)
+        return RewardPrefix(TransformerPrefix(prompt, committed, len(lay.ids), kv.Snapshot.take(cache), values), 1, len(lay.ids) - P)
 
     def _soft_input(self, prefix: RewardPrefix[TransformerPrefix], y: torch.Tensor, vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """The input vectors after the prefix ([T, H]) of ``committed + y`` and the reads among them; ``vecs``: y's
