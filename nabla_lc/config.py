@@ -14,6 +14,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+MIN_TEMPERATURE = 1e-3
+"""The least positive ``temperature``, ``tau`` and ``st_tau``: logits are divided by them in fp32, and below about
+1e-37 that overflows to inf (a NaN distribution); 1e-3 leaves a wide margin and is greedy in all but near-ties."""
+MIN_TOP_P = 1e-6
+"""The least ``top_p``: the top token's probability is at least 1/V, so below 1e-6 (V up to a million) every
+nucleus is the top token alone, and a smaller value only underflows fp32."""
+MAX_LR = 100.0
+"""The largest ``lr``: AdamW moves each logit by about ``lr`` a step, so past a logit spread's scale (about 10) a
+larger step only drives the logits toward fp32's overflow."""
+
+
 @dataclass(frozen=True)
 class NablaConfig:
     """Hyperparameters of ∇-Reasoner and the baselines, with the paper's defaults.
@@ -33,9 +44,9 @@ class NablaConfig:
     max_new_tokens: int = 256
     """Most response tokens per request."""
     temperature: float = 0.5
-    """Rollout sampling temperature (0 means greedy rollouts)."""
+    """Rollout sampling temperature (0 means greedy rollouts; else at least :data:`MIN_TEMPERATURE`)."""
     top_p: float = 0.95
-    """Nucleus mass for rollouts and for resampling a proposal."""
+    """Nucleus mass for rollouts and for resampling a proposal, in [:data:`MIN_TOP_P`, 1]."""
     top_k: int = 0
     """Keep only the k most likely tokens when sampling (0 disables)."""
     seed: int | None = 0
@@ -48,15 +59,18 @@ class NablaConfig:
     dto_steps: int = 20
     """T, gradient steps per DTO run (0 turns DTO off: plain rejection sampling)."""
     lr: float = 0.01
-    """AdamW learning rate at the first DTO step."""
+    """AdamW learning rate at the first DTO step, at most :data:`MAX_LR`."""
     min_lr: float = 0.001
     """Learning rate reached by the cosine schedule at the last DTO step."""
     weight_decay: float = 0.01
-    """AdamW weight decay on the logits (the authors' code: 0)."""
+    """AdamW weight decay on the logits (the authors' code: 0); ``lr * weight_decay`` is at most 1 (each step scales
+    the logits by 1 - lr * weight_decay: past 1 they flip sign and grow until they overflow)."""
     tau: float = 0.5
-    """τ of resampling a proposal from the optimized logits, softmax(z̃/τ); the trust region's KL is taken at it too."""
+    """τ of resampling a proposal from the optimized logits, softmax(z̃/τ); the trust region's KL is taken at it too
+    (at least :data:`MIN_TEMPERATURE`)."""
     st_tau: float = 0.5
-    """Temperature of the straight-through backward pass, softmax(z/st_tau) (the authors' code: 1.0)."""
+    """Temperature of the straight-through backward pass, softmax(z/st_tau) (the authors' code: 1.0; at least
+    :data:`MIN_TEMPERATURE`)."""
     step: Literal["adam", "trust_region"] = "adam"
     """How a DTO run moves the logits: ``adam``, the paper's T AdamW steps as they are, or ``trust_region``, the
     same steps' direction rescaled so that KL(softmax(z̃/τ) ‖ softmax(z/τ)) equals ``target_kl`` in every optimized row."""
@@ -112,8 +126,12 @@ class NablaConfig:
             "max_new_tokens",
             f"must be an integer >= 1, got {self.max_new_tokens!r}",
         )
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature!r}")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(
+            _finite(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+            "temperature",
+            f"must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {self.temperature!r}",
+        )
+        _check(_finite(self.top_p) and MIN_TOP_P <= self.top_p <= 1, "top_p", f"must be in [{MIN_TOP_P:g}, 1], got {self.top_p!r}")
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
         _check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer or None, got {self.seed!r}")
         _check(
@@ -123,11 +141,15 @@ class NablaConfig:
         )
         _check(_finite(self.reward_weight) and self.reward_weight >= 0, "reward_weight", f"must be >= 0, got {self.reward_weight!r}")
         _check(_is_int(self.dto_steps) and self.dto_steps >= 0, "dto_steps", f"must be an integer >= 0, got {self.dto_steps!r}")
-        _check(_finite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _check(_finite(self.lr) and 0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}], got {self.lr!r}")
         _check(_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, NablaConfig.lr = {self.lr!r}], got {self.min_lr!r}")
-        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        _check(_finite(self.tau) and self.tau > 0, "tau", f"must be > 0, got {self.tau!r}")
-        _check(_finite(self.st_tau) and self.st_tau > 0, "st_tau", f"must be > 0, got {self.st_tau!r}")
+        _check(
+            _finite(self.weight_decay) and 0 <= self.weight_decay * self.lr <= 1,
+            "weight_decay",
+            f"must be >= 0 with lr * weight_decay <= 1 (lr {self.lr!r}), got {self.weight_decay!r}",
+        )
+        _check(_finite(self.tau) and self.tau >= MIN_TEMPERATURE, "tau", f"must be >= {MIN_TEMPERATURE:g}, got {self.tau!r}")
+        _check(_finite(self.st_tau) and self.st_tau >= MIN_TEMPERATURE, "st_tau", f"must be >= {MIN_TEMPERATURE:g}, got {self.st_tau!r}")
         _check(self.step in ("adam", "trust_region"), "step", f"must be 'adam' or 'trust_region', got {self.step!r}")
         _check(_finite(self.target_kl) and self.target_kl > 0, "target_kl", f"must be > 0, got {self.target_kl!r}")
         _check(

@@ -1,6 +1,7 @@
 import pytest
 
 from nabla_lc import ConfigError, NablaConfig
+from nabla_lc.config import MAX_LR, MIN_TEMPERATURE, MIN_TOP_P
 
 
 def test_paper_defaults():
@@ -18,6 +19,21 @@ def test_paper_defaults():
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"NablaConfig\.{field}"):
         NablaConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", 1e-45), ("tau", 1e-300), ("st_tau", 1e-300), ("lr", 1e300), ("top_p", 1e-300), ("weight_decay", 1e38)],
+)
+def test_extreme_finite_values_are_refused_naming_the_field(field, value):
+    # each of these passed the old checks and ended in a NaN distribution ("probability tensor contains inf/nan")
+    with pytest.raises(ConfigError, match=rf"NablaConfig\.{field}"):
+        NablaConfig(**{field: value})
+
+
+def test_values_at_the_bounds_are_accepted():
+    NablaConfig(temperature=MIN_TEMPERATURE, tau=MIN_TEMPERATURE, st_tau=MIN_TEMPERATURE, top_p=MIN_TOP_P, lr=MAX_LR, weight_decay=1 / MAX_LR)
+    assert NablaConfig(temperature=0.0).temperature == 0.0  # greedy stays allowed below the bound
 
 
 def test_unknown_field_is_rejected_not_guessed():

@@ -125,3 +125,19 @@ def test_an_unexpected_failure_is_a_counted_500_and_the_connection_survives(
     count = {text: next((float(l.split()[-1]) for l in text.splitlines() if l.startswith(line)), 0.0) for text in (before, metrics)}
     assert count[metrics] == count[before] + 1
     assert http.post("/chat/completions", json=chat("x")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": 1e-45, "nabla": {"method": "bon", "n": 2}}, "temperature"),
+        ({"nabla": {"method": "nabla", "n": 2, "tau": 1e-300}}, "nabla.tau"),
+        ({"nabla": {"method": "nabla", "n": 2, "st_tau": 1e-300}}, "nabla.st_tau"),
+        ({"nabla": {"method": "nabla", "n": 2, "lr": 1e300}}, "nabla.lr"),
+        ({"top_p": 1e-300, "nabla": {"method": "bon", "n": 2}}, "top_p"),
+    ],
+)
+def test_extreme_finite_values_are_400_naming_the_field(http: httpx.Client, fields: dict[str, Any], param: str) -> None:
+    out = http.post("/chat/completions", json={**chat("x"), **fields})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == param and param in error["message"]
