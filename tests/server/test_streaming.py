@@ -89,8 +89,8 @@ def test_an_error_after_the_headers_ends_the_stream_with_an_error_event() -> Non
         with httpx.stream("POST", url + "/chat/completions", headers=AUTH, json=body, timeout=60) as response:
             assert response.status_code == 200
             events = response.read().decode().split("\n\n")
-    assert events[-1] == "" and all(event.startswith("data: ") for event in events[:-1])
-    error = json.loads(events[-2].removeprefix("data: "))
+    assert events[-2:] == ["data: [DONE]", ""] and all(event.startswith("data: ") for event in events[:-1])
+    error = json.loads(events[-3].removeprefix("data: "))  # the error event, then [DONE] (as vLLM ends such a stream)
     assert set(error) == {"error"} and error["error"]["code"] == "invalid_value" and "mid-stream" in error["error"]["message"]
 
 
