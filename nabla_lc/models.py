@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -42,6 +43,8 @@ CACHE_ENV = "NABLA_LC_CACHE"
 """Environment variable naming the cache root; defaults to ``~/.cache/nabla-lc``."""
 EMBEDDED_NAMES = ("embedded", None)
 """Values of ``name_or_path`` that :func:`load_policy` resolves to the embedded model."""
+EMBEDDED_NAME = "smollm2-135m-instruct"
+"""The embedded model's short name (:func:`model_name`); its converted copy's directory is this name and a hash."""
 
 MANIFEST = "manifest.json"
 """File of a converted copy listing every other file's size and SHA-256 sum."""
@@ -94,7 +97,19 @@ def cache_root() -> Path:
 
 def embedded_cache_path(gguf: Path, cache_dir: Path | None = None) -> Path:
     """Where the converted copy of ``gguf`` lives: keyed by the file's content, not by where it is installed."""
-    return (cache_dir if cache_dir is not None else cache_root()) / f"smollm2-135m-instruct-{_sha256(gguf)[:16]}"
+    return (cache_dir if cache_dir is not None else cache_root()) / f"{EMBEDDED_NAME}-{_sha256(gguf)[:16]}"
+
+
+def model_name(name_or_path: str) -> str:
+    """A short name for a model, never a filesystem path: a hub id (``org/name``) as it is, a local directory or file
+    by its last component (without ``.gguf``), the embedded model's converted copy as :data:`EMBEDDED_NAME`."""
+    path = Path(name_or_path).expanduser()
+    if not (path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()):
+        return name_or_path
+    name = path.name.removesuffix(".gguf") or "model"
+    if re.fullmatch(re.escape(EMBEDDED_NAME) + "-[0-9a-f]{16}", name):
+        return EMBEDDED_NAME
+    return name
 
 
 def load_embedded(

@@ -143,6 +143,16 @@ def test_default_dtypes() -> None:
     assert default_dtype(torch.device("cuda", 0)) == torch.bfloat16
 
 
+def test_model_names_are_short_and_never_paths(tmp_path: Path) -> None:
+    assert models.model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    local = tmp_path / "org" / "my-model"
+    local.mkdir(parents=True)
+    assert models.model_name(str(local)) == models.model_name(str(local) + "/") == "my-model"
+    assert models.model_name(str(tmp_path / "w" / "q4.gguf")) == "q4" and models.model_name("~/x/m.gguf") == "m"
+    assert models.model_name("./ckpt") == "ckpt" and models.model_name("/") == "model"
+    assert models.model_name(str(tmp_path / f"{models.EMBEDDED_NAME}-0123456789abcdef")) == models.EMBEDDED_NAME
+
+
 # --- conversion cache, with the tiny model standing in for the GGUF -----------------------------------
 
 
@@ -154,6 +164,7 @@ def test_first_load_converts_and_second_reads_only_the_copy(fake_gguf: SimpleNam
     again, _ = load_embedded(device="cpu", cache_dir=fake_gguf.cache)
     assert fake_gguf.reads == [fake_gguf.gguf]
     assert not again.training
+    assert Path(again.name_or_path) == target and models.model_name(again.name_or_path) == models.EMBEDDED_NAME
     expected = _logits(*fake_gguf.pair, "what is 2 + 3 ?")
     torch.testing.assert_close(_logits(again, tokenizer, "what is 2 + 3 ?"), expected, rtol=0, atol=0)
 

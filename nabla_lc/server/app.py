@@ -28,6 +28,7 @@ from ..config import NablaConfig
 from ..engine.constraints import compile_constraint
 from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta
 from ..frontend import FrontEndEngine, default_model_id
+from ..models import model_name as short_name
 from ..tool_calls import ToolChoice, conversation, parse_tool_calls
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_field, parse
@@ -48,8 +49,9 @@ class ServerSettings(BaseModel):
 
     api_key: str | None
     """The key every ``/v1`` and ``/metrics`` request must send as ``Authorization: Bearer KEY``; None turns auth off."""
-    model_name: str | None = None
-    """The name ``/v1/models`` lists and requests must use (default: the policy's ``name_or_path``)."""
+    model_name: str | None = Field(default=None, min_length=1)
+    """The name ``/v1/models`` lists and requests must use (``--served-model-name``; default: the policy's short name,
+    :func:`nabla_lc.models.model_name`: a hub id as it is, a local model by its directory's or file's name)."""
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     """Largest request body; a larger one gets 413."""
     max_tokens_cap: int = Field(default=1024, ge=1)
@@ -80,7 +82,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
 
     ``engine`` is built and owned by the caller (the CLI, a test, a Ray Serve replica).
     """
-    model_name = settings.model_name or default_model_id(engine)
+    model_name = settings.model_name or short_name(default_model_id(engine))
     app = FastAPI(title="nabla-lc", docs_url=None, redoc_url=None, openapi_url=None)
     state = {"in_flight": 0}
     metrics = Metrics(lambda: state["in_flight"])
@@ -179,11 +181,18 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         authorize(request)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "nabla-lc"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         authorize(request)
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "nabla-lc"}
         return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> Response:
+        authorize(request)
+        check_model(model_id)
+        return JSONResponse(card)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
