@@ -191,6 +191,9 @@ class Engine:
                 honour = [name for name in method_names() if get_method(name).constrained]
                 raise ConfigError(f"method {config.method!r} does not decode under Request.constraint; use one of {honour}")
             compile_constraint(self.policy, request.constraint)
+        if request.logprobs is not None and not get_method(config.method).logprobs:
+            serve = [name for name in method_names() if get_method(name).logprobs]
+            raise ConfigError(f"method {config.method!r} does not return Request.logprobs (its response is not one sampled rollout); use one of {serve}")
         if wanted_tokens(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
 

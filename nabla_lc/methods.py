@@ -39,6 +39,9 @@ class MethodSpec:
     constrained: bool = False
     """Whether it decodes under a request's grammar constraint (``Request.constraint``); the engine refuses a
     constrained request for a method that would ignore it."""
+    logprobs: bool = False
+    """Whether its results carry log-probabilities when a request asks (``Request.logprobs``): the methods whose
+    response is one rollout as it was sampled. The engine refuses such a request for the others."""
     fixed: tuple[tuple[str, Any], ...] = ()
     """Config fields the method always runs with, whatever the call asks (greedy: ``temperature`` 0 and ``n`` 1), as
     (name, value) pairs; :meth:`~nabla_lc.config.NablaConfig.ran` applies them, so reports say what ran."""

@@ -66,6 +66,10 @@ class Request:
     """Overrides the config's stop strings for this request."""
     constraint: Constraint | None = None
     """A grammar the response follows (every method samples every token under its mask); None: free text."""
+    logprobs: int | None = None
+    """With an integer k >= 0: the result carries each response token's log-probability under the policy and the k
+    most likely tokens at its position (:attr:`Result.logprobs`); None: no log-probabilities. Only methods whose
+    :attr:`~nabla_lc.methods.MethodSpec.logprobs` is true take it."""
 
     def __post_init__(self) -> None:
         ids_ok = isinstance(self.prompt_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.prompt_ids)
@@ -77,6 +81,27 @@ class Request:
         stop_ok = self.stop is None or (isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop))
         _check(stop_ok, "stop", "None (the config's) or a tuple of non-empty strings", self.stop)
         _check(self.constraint is None or isinstance(self.constraint, Constraint), "constraint", "None or a Constraint", self.constraint)
+        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs", "None or an integer >= 0", self.logprobs)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability under the policy's raw distribution: softmax of its logits at temperature 1,
+    before top-p, top-k and any grammar mask (vLLM's default, ``raw_logprobs``)."""
+
+    token: int
+    text: str
+    """The token alone, decoded."""
+    logprob: float
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """One response position: the token the response has there and the most likely tokens there."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+    """The ``Request.logprobs`` most likely tokens, most likely first."""
 
 
 @dataclass
@@ -97,6 +122,8 @@ class Result:
     trace: list[PositionRecord] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     """For bon / sc / weighted_bon: every sample's text, answer and reward."""
+    logprobs: list[PositionLogprobs] | None = None
+    """One per response token when the request asked (``Request.logprobs``), else None."""
 
 
 TokenCallback = Callable[[int, str], None]

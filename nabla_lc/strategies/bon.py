@@ -14,4 +14,4 @@ def max_reward(answers: Sequence[str | None], rewards: Sequence[float] | None) -
     return max(range(len(rewards)), key=lambda j: rank(rewards[j]))
 
 
-SPEC = MethodSpec("bon", draw_and_select, steps=draw_and_select_steps, needs_reward=True, chooser=max_reward, shares_samples=True, constrained=True)
+SPEC = MethodSpec("bon", draw_and_select, steps=draw_and_select_steps, needs_reward=True, chooser=max_reward, shares_samples=True, constrained=True, logprobs=True)

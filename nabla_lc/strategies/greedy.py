@@ -21,6 +21,6 @@ def only_sample(answers: Sequence[str | None], rewards: Sequence[float] | None) 
 
 
 SPEC = MethodSpec(
-    "greedy", alone(greedy), needs_reward=False, steps=greedy, chooser=only_sample, streams_live=True, runs_once=True, constrained=True,
+    "greedy", alone(greedy), needs_reward=False, steps=greedy, chooser=only_sample, streams_live=True, runs_once=True, constrained=True, logprobs=True,
     fixed=(("temperature", 0.0), ("n", 1)),
 )

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from ..engine.accounting import Stats
 from ..engine.context import DecodingContext
+from ..engine.logprobs import position_logprobs
 from ..engine.rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, run_alone
 from ..engine.stream import TextStream, cut_at_stop
 from ..engine.types import Request, Result
@@ -79,7 +80,8 @@ def draw_steps(
         for request in requests
         for j in range(n)
     ]
-    samples: list[Rollout] = yield RolloutCall(rows, Sampling(config.temperature, config.top_p, config.top_k), on_token=on_token)
+    keep_logits = any(request.logprobs is not None for request in requests)  # why: the logits only a logprobs request needs
+    samples: list[Rollout] = yield RolloutCall(rows, Sampling(config.temperature, config.top_p, config.top_k), keep_logits, on_token)
     sampled = time.perf_counter()
     sets = []
     for i, request in enumerate(requests):
@@ -126,6 +128,11 @@ def select(ctx: DecodingContext, sample_set: SampleSet, stream: TextStream | Non
     if not stream.ids:  # not streamed live as it was sampled
         stream.push(best.tokens)
     result = ctx.result(stream, best.tokens, best.finish_reason, stats, rewards[chosen] if rewards else None, [])
+    top = sample_set.request.logprobs
+    if top is not None:
+        if best.logits is None:
+            raise ValueError("the sample set was drawn without logits; draw it from requests that ask for logprobs")
+        result.logprobs = position_logprobs(ctx.policy, best.logits, best.tokens, top)
     if n > 1:
         result.samples = [
             {"text": t, "answer": a, "reward": rewards[j] if rewards else None}

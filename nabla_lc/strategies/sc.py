@@ -20,4 +20,4 @@ def majority(answers: Sequence[str | None], rewards: Sequence[float] | None) -> 
     return next(j for j, a in enumerate(answers) if a is not None and counts[a] == best)
 
 
-SPEC = MethodSpec("sc", draw_and_select, steps=draw_and_select_steps, needs_reward=False, chooser=majority, shares_samples=True, constrained=True)
+SPEC = MethodSpec("sc", draw_and_select, steps=draw_and_select_steps, needs_reward=False, chooser=majority, shares_samples=True, constrained=True, logprobs=True)

@@ -24,4 +24,4 @@ def weighted(answers: Sequence[str | None], rewards: Sequence[float] | None) -> 
     return max((j for j, a in enumerate(answers) if a == winner), key=lambda j: rank(rewards[j]))
 
 
-SPEC = MethodSpec("weighted_bon", draw_and_select, steps=draw_and_select_steps, needs_reward=True, chooser=weighted, shares_samples=True, constrained=True)
+SPEC = MethodSpec("weighted_bon", draw_and_select, steps=draw_and_select_steps, needs_reward=True, chooser=weighted, shares_samples=True, constrained=True, logprobs=True)
