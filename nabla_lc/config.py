@@ -212,6 +212,18 @@ class NablaConfig:
         fixed = dict(get_method(self.method).fixed)
         return self.replace(**fixed) if fixed else self
 
+    def without_effect(self) -> dict[str, str]:
+        """The sampling fields whose value does not change how ``method`` decodes, each with why: the method's fixed
+        fields that differ from their fixed value (greedy: ``temperature``, ``n``), and ``top_p``/``top_k`` when it
+        decodes at temperature 0 (argmax). Front-ends report the ones a caller set."""
+        fixed = dict(get_method(self.method).fixed)
+        unused = {
+            name: f"method {self.method!r} always runs with {name} = {value!r}" for name, value in fixed.items() if getattr(self, name) != value
+        }
+        if self.ran().temperature == 0:
+            unused.update({name: "temperature 0 decodes greedily (argmax), so it has no effect" for name in ("top_p", "top_k")})
+        return unused
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON-ready)."""
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

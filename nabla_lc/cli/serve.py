@@ -37,6 +37,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for (400 above)")
     p.add_argument("--max-n", type=int, default=16, help="largest nabla.n (samples, N_max, particles) a request may ask for (400 above)")
+    p.add_argument("--max-choices", type=int, default=8, help="largest OpenAI n (choices per request) a request may ask for (400 above)")
+    p.add_argument("--strict-params", action="store_true", help="refuse unknown request fields with a 400 (default: log a warning and ignore them)")
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     ray = p.add_argument_group("Ray Serve (pip install 'nabla-lc[ray]')")
@@ -45,7 +47,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ray.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many, aiming at 2 requests in progress per replica")
     ray.add_argument("--address", help="the Ray cluster to join ('auto': the one `ray start` runs on this machine; default: start a local one)")
     add_model_flags(p)
-    add_config_flags(p)
+    add_config_flags(p, exclude=frozenset({"seed"}))  # why: a request's seed is its own, else a fresh one (server.md, "Sampling semantics")
     p.set_defaults(func=run)
 
 
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     key = api_key(args)  # why: before loading any model
     settings = ServerSettings(
         api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
-        max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+        max_choices=args.max_choices, strict_params=args.strict_params, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
     )
     if args.ray:
         return serve_on_ray(args, settings)

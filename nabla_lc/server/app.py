@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import math
+import secrets
 import socket
 import threading
 import time
@@ -25,9 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..config import NablaConfig
+from ..engine.accounting import Stats
 from ..engine.constraints import compile_constraint
-from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta
+from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta, TokenLogprob
 from ..frontend import FrontEndEngine, default_model_id
+from ..methods import get_method, method_names
 from ..models import model_name as short_name
 from ..tool_calls import ToolChoice, conversation, parse_tool_calls
 from .metrics import Metrics
@@ -56,6 +60,10 @@ class ServerSettings(BaseModel):
     """Largest request body; a larger one gets 413."""
     max_tokens_cap: int = Field(default=1024, ge=1)
     """Largest ``max_tokens`` a request may ask for (400 above it)."""
+    max_choices: int = Field(default=8, ge=1)
+    """Largest OpenAI ``n`` (choices, each a decoding of its own) a request may ask for (400 above it)."""
+    strict_params: bool = False
+    """Refuse unknown top-level request fields with a 400 (default: log a warning and ignore them, as vLLM does)."""
     max_n: int = Field(default=16, ge=1)
     """Largest ``nabla.n`` (samples, N_max, particles) a request may ask for (400 above it): with the token cap, this
     bounds the rows one request can put in a batch. The server's own default ``n`` is not checked."""
@@ -208,14 +216,14 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             authorize(http)
             body = await body_of(http)
             if kind == "chat":
-                chat = parse(ChatCompletionRequest, body)
+                chat = parse(ChatCompletionRequest, body, settings.strict_params)
                 assert isinstance(chat, ChatCompletionRequest)
                 check_model(chat.model)
                 budget, stop, choice = check_budget(chat.budget()), chat.stop_strings(), chat.choice()
                 request, tools = await anyio.to_thread.run_sync(chat_request, chat, budget, stop, choice)
                 parsed: ChatCompletionRequest | CompletionRequest = chat
             else:
-                text = parse(CompletionRequest, body)
+                text = parse(CompletionRequest, body, settings.strict_params)
                 assert isinstance(text, CompletionRequest)
                 check_model(text.model)
                 budget, stop, prompt, tools = check_budget(text.budget()), text.stop_strings(), text.text(), []
@@ -226,11 +234,16 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             config = parsed.config(engine.config)
             if "n" in (parsed.nabla or {}) and config.n > settings.max_n:  # the server's own default n is the operator's
                 raise bad_field("nabla.n", f"is {config.n}; this server's cap is {settings.max_n}")
+            choices = _choice_requests(request, parsed, config, settings.max_choices)
+            ignored = _ignored(parsed, config)
             admission = admit()
         except Exception as err:
             error = _contained(err)
             metrics.request(endpoint, _status(error))
             raise error from None
+        if len(choices) > 1:
+            return await _serve_choices(http, kind, choices, config, admission, endpoint, tools, ignored)
+        request = choices[0]
         events = _guarded(engine.astream(request, config), admission)
         try:
             first = await _first(events, http)
@@ -241,7 +254,9 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             raise failure from None
         if parsed.stream:
             usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
-            return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk, tools), media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(kind, first, events, admission, config, endpoint, usage_chunk, tools, request.seed, ignored), media_type="text/event-stream"
+            )
         try:
             result = first.result if isinstance(first, Finished) else await _until_finished(events, http)
         except BaseException as err:
@@ -252,23 +267,46 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             state["in_flight"] -= 1
         _record(result, admission)
         metrics.request(endpoint, 200)
-        return JSONResponse(_response(kind, result, admission, config, tools))
+        return JSONResponse(_response(kind, [result], choices, admission, config, tools, ignored))
+
+    async def _serve_choices(
+        http: Request, kind: Literal["chat", "text"], choices: list[EngineRequest], config: NablaConfig, admission: _Admission,
+        endpoint: str, tools: list[dict[str, Any]], ignored: dict[str, str],
+    ) -> Response:
+        """A request with ``n`` > 1: its choices decoded as one batch of engine requests (never streamed)."""
+        try:
+            results = await _watched(_limited(engine.agenerate(choices, config), admission), http)
+        except BaseException as err:
+            failure = _contained(err) if isinstance(err, Exception) else err
+            metrics.request(endpoint, _status(failure))
+            raise failure from None
+        finally:
+            state["in_flight"] -= 1
+        for result in results:
+            _record(result, admission)
+        metrics.request(endpoint, 200)
+        return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored))
 
     # --- decoding -------------------------------------------------------------------------
+    async def _limited(work: Awaitable[T], admission: _Admission) -> T:
+        """``work`` within the request's time limit (504 past it); the engine's input errors become 400s."""
+        deadline = admission.start + settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(work, max(deadline - time.perf_counter(), 0.0))
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the request ran past the server's limit of {settings.request_timeout_s:g} s", type="timeout", code="timeout") from None
+        except ValueError as err:  # the engine's input checks (a prompt that fills the context, ...)
+            raise APIError(400, str(err), code="invalid_value") from None
+
     async def _guarded(events: AsyncIterator[StreamEvent], admission: _Admission) -> AsyncIterator[StreamEvent]:
         """``events`` within the time limit; engine input errors become 400s; closing this closes (cancels) the decoding."""
-        deadline = admission.start + settings.request_timeout_s
         iterator = events.__aiter__()
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(iterator.__anext__(), max(deadline - time.perf_counter(), 0.0))
+                    event = await _limited(iterator.__anext__(), admission)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
-                    raise APIError(504, f"the request ran past the server's limit of {settings.request_timeout_s:g} s", type="timeout", code="timeout") from None
-                except ValueError as err:  # the engine's input checks (a prompt that fills the context, ...)
-                    raise APIError(400, str(err), code="invalid_value") from None
                 if isinstance(event, TextDelta) and not admission.first_text:
                     admission.first_text = True
                     metrics.first_token(time.perf_counter() - admission.start)
@@ -308,7 +346,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
 
     async def _sse(
         kind: Literal["chat", "text"], first: StreamEvent, events: AsyncIterator[StreamEvent], admission: _Admission,
-        config: NablaConfig, endpoint: str, usage_chunk: bool, tools: list[dict[str, Any]],
+        config: NablaConfig, endpoint: str, usage_chunk: bool, tools: list[dict[str, Any]], seed: int | None, ignored: dict[str, str],
     ) -> AsyncIterator[str]:
         """The response as server-sent events; with tools the reply is held back and sent whole at the end, where
         its tool calls can be read."""
@@ -333,10 +371,11 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                             yield _data(_chunk(kind, admission, {"tool_calls": calls}, None, usage_chunk))
                             finish = "tool_calls"
                     last = _chunk(kind, admission, "", finish, usage_chunk)
-                    last["nabla"] = _nabla(result, config)
+                    last["nabla"] = _nabla([result], [seed], config, ignored)
                     yield _data(last)
                     if usage_chunk:
-                        yield _data({**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage(result), "nabla": _nabla(result, config)})
+                        usage = {**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage([result]), "nabla": last["nabla"]}
+                        yield _data(usage)
                     yield "data: [DONE]\n\n"
                     _record(result, admission)
                     status = 200
@@ -371,16 +410,21 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             chunk["usage"] = None
         return chunk
 
-    def _response(kind: Literal["chat", "text"], result: Result, admission: _Admission, config: NablaConfig, tools: list[dict[str, Any]]) -> dict[str, object]:
-        if kind == "chat":
-            message = _message(result, tools)
-            finish = "tool_calls" if "tool_calls" in message else result.finish_reason
-            choice: dict[str, object] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion"}
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
-            head = {"id": f"cmpl-{admission.id}", "object": "text_completion"}
-        return {**head, "created": admission.created, "model": model_name, "choices": [choice], "usage": _usage(result), "nabla": _nabla(result, config)}
+    def _response(
+        kind: Literal["chat", "text"], results: list[Result], requests: list[EngineRequest], admission: _Admission, config: NablaConfig,
+        tools: list[dict[str, Any]], ignored: dict[str, str],
+    ) -> dict[str, object]:
+        choices: list[dict[str, object]] = []
+        for index, result in enumerate(results):
+            if kind == "chat":
+                message = _message(result, tools)
+                finish = "tool_calls" if "tool_calls" in message else result.finish_reason
+                choices.append({"index": index, "message": message, "logprobs": _chat_logprobs(result), "finish_reason": finish})
+            else:
+                choices.append({"index": index, "text": result.text, "logprobs": _text_logprobs(result), "finish_reason": result.finish_reason})
+        head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion"} if kind == "chat" else {"id": f"cmpl-{admission.id}", "object": "text_completion"}
+        nabla = _nabla(results, [r.seed for r in requests], config, ignored)
+        return {**head, "created": admission.created, "model": model_name, "choices": choices, "usage": _usage(results), "nabla": nabla}
 
     return app
 
@@ -415,18 +459,90 @@ def _message(result: Result, tools: list[dict[str, Any]]) -> dict[str, Any]:
     return {"role": "assistant", "content": reply.content or None, "tool_calls": calls}
 
 
-def _usage(result: Result) -> dict[str, int]:
-    prompt, completion = result.stats.prompt_tokens, len(result.token_ids)
+def fresh_seed() -> int:
+    """The seed of a request that sends none: drawn afresh from the OS's randomness, so that identical requests
+    sample independently (as OpenAI and vLLM do); the response reports it (``nabla.seed``) to reproduce it."""
+    return secrets.randbits(31)
+
+
+def _choice_requests(request: EngineRequest, parsed: ChatCompletionRequest | CompletionRequest, config: NablaConfig, cap: int) -> list[EngineRequest]:
+    """The engine request of each choice: choice i is the request sent alone with seed ``seed + i`` (the request's
+    seed, else a fresh one), with the log-probabilities it asked for."""
+    n = parsed.choices()
+    if n > cap:
+        raise bad_field("n", f"is {n}; this server's cap is {cap}")
+    logprobs = parsed.top_logprobs_asked()
+    if logprobs is not None and not get_method(config.method).logprobs:
+        serve = [name for name in method_names() if get_method(name).logprobs]
+        raise bad_field("logprobs", f"method {config.method!r} returns no logprobs (its response is not one sampled rollout); use one of {serve}")
+    seed = parsed.seed if parsed.seed is not None else fresh_seed()
+    return [dataclasses.replace(request, seed=seed + i, logprobs=logprobs) for i in range(n)]
+
+
+def _ignored(parsed: ChatCompletionRequest | CompletionRequest, config: NablaConfig) -> dict[str, str]:
+    """The fields the request sent that had no effect, each with why: unknown fields, and sampling fields the method
+    does not use as sent (``NablaConfig.without_effect``: temperature or top_p under greedy)."""
+    sent = {name for name in ("temperature", "top_p") if getattr(parsed, name) is not None}
+    unused = config.without_effect()
+    ignored = {name: reason for name, reason in unused.items() if name in sent}
+    ignored.update({f"nabla.{name}": reason for name, reason in unused.items() if name in (parsed.nabla or {})})
+    ignored.update({name: "unknown field" for name in parsed.unknown_fields()})
+    return ignored
+
+
+def _chat_logprobs(result: Result) -> dict[str, object] | None:
+    """OpenAI's ``choices[i].logprobs`` of a chat completion (None when the request asked for none)."""
+    if result.logprobs is None:
+        return None
+
+    def entry(token: TokenLogprob) -> dict[str, object]:
+        return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode())}
+
+    return {"content": [{**entry(p.chosen), "top_logprobs": [entry(t) for t in p.top]} for p in result.logprobs], "refusal": None}
+
+
+def _text_logprobs(result: Result) -> dict[str, object] | None:
+    """OpenAI's ``choices[i].logprobs`` of a text completion (offsets within the completion; None when not asked)."""
+    if result.logprobs is None:
+        return None
+    texts = [p.chosen.text for p in result.logprobs]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {
+        "tokens": texts,
+        "token_logprobs": [p.chosen.logprob for p in result.logprobs],
+        "top_logprobs": [{t.text: t.logprob for t in p.top} for p in result.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _usage(results: list[Result]) -> dict[str, int]:
+    """OpenAI's usage: the prompt counted once, the completion tokens of every choice."""
+    prompt, completion = results[0].stats.prompt_tokens, sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _nabla(result: Result, config: NablaConfig) -> dict[str, object]:
+def _nabla(results: list[Result], seeds: list[int | None], config: NablaConfig, ignored: dict[str, str]) -> dict[str, object]:
     """The ∇ extension of a response: the method, ``n`` and temperature it ran with (greedy: 1 and 0, whatever was
-    asked), the reward, the extracted answer and the request's statistics."""
-    stats = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.stats.to_dict().items()}
-    reward = result.reward if result.reward is None or math.isfinite(result.reward) else None
+    asked), the seed (of choice 0; choice i used seed + i), the reward and extracted answer (of choice 0), the
+    statistics (summed over the choices), the fields that had no effect, and with several choices each one's
+    seed, reward and answer."""
+    stats = Stats()
+    for result in results:
+        stats.add(result.stats)
+    stats.wall_s = max(r.stats.wall_s for r in results)
     ran = config.ran()
-    return {"method": ran.method, "n": ran.n, "temperature": ran.temperature, "reward": reward, "answer": result.answer, "stats": stats}
+    out: dict[str, object] = {
+        "method": ran.method, "n": ran.n, "temperature": ran.temperature, "seed": seeds[0], "reward": _finite(results[0].reward),
+        "answer": results[0].answer, "stats": {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in stats.to_dict().items()},
+        "ignored": ignored,
+    }
+    if len(results) > 1:
+        out["choices"] = [{"index": i, "seed": seed, "reward": _finite(r.reward), "answer": r.answer} for i, (r, seed) in enumerate(zip(results, seeds))]
+    return out
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
 
 
 def _data(payload: dict[str, object]) -> str:

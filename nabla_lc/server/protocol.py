@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import logging
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import ConfigError, NablaConfig
 from ..engine.types import Constraint
 from ..tool_calls import ToolCall, ToolChoice, ToolSchemaError, check_tool_choice, response_format_schema, tool_call_constraint
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -169,20 +173,23 @@ class ResponseFormat(BaseModel):
 
 
 class _Common(BaseModel):
-    """The fields shared by chat and text completions."""
+    """The fields shared by chat and text completions. Unknown top-level fields are kept in ``model_extra``, so that
+    :func:`parse` can warn about them (vLLM's behaviour) or refuse them (``--strict-params``); nested objects refuse
+    theirs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     """The served model's name (``GET /v1/models``)."""
     max_tokens: int | None = Field(default=None, ge=1)
     """Most response tokens (default: the engine config's ``max_new_tokens``), at most the server's cap."""
-    temperature: float | None = Field(default=None, ge=0)
-    """Rollout sampling temperature (NablaConfig.temperature)."""
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    """Rollout sampling temperature (NablaConfig.temperature), at most 2 as OpenAI allows (``nabla.temperature`` is not capped)."""
     top_p: float | None = Field(default=None, gt=0, le=1)
     """Nucleus mass (NablaConfig.top_p)."""
     seed: int | None = None
-    """The request's seed: the same request with the same seed decodes the same text."""
+    """The request's seed: the same request with the same seed decodes the same text; without one the server draws a
+    fresh seed (reported as ``nabla.seed``)."""
     stop: str | list[str] | None = None
     """Stop strings (at most 4, non-empty)."""
     stream: bool = False
@@ -194,13 +201,11 @@ class _Common(BaseModel):
     nabla: dict[str, object] | None = None
     """The extension: ``method`` and any other NablaConfig field (the OpenAI client passes it as ``extra_body``)."""
 
+    n: int | None = Field(default=None, ge=1)
+    """Choices: independent responses to the prompt, decoded in one batch, choice i with seed ``seed + i`` (at most
+    the server's ``max_choices``; not with ``stream``). Not ``nabla.n``, the method's own budget per choice."""
+
     # Fields the server does not support: accepted only at their neutral value, else a 400 naming them.
-    n: int | None = None
-    """Choices per request: only 1."""
-    logprobs: bool | int | None = None
-    """Not supported (false or absent only)."""
-    top_logprobs: int | None = None
-    """Not supported (absent or 0 only)."""
     presence_penalty: float | None = None
     """Not supported (absent or 0 only)."""
     frequency_penalty: float | None = None
@@ -208,12 +213,26 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
     """Not supported (absent or empty only)."""
 
+    def choices(self) -> int:
+        """How many choices the request asks for."""
+        return self.n if self.n is not None else 1
+
+    def top_logprobs_asked(self) -> int | None:
+        """The alternatives per token the response reports (``Request.logprobs``), or None without logprobs."""
+        raise NotImplementedError
+
+    def unknown_fields(self) -> list[str]:
+        """The top-level fields this server does not know (kept by ``extra="allow"``), in the body's order."""
+        return list(self.model_extra or {})
+
     def check_unsupported(self) -> None:
         """A 400 naming the first field set to something the server cannot do."""
+        logprobs = self.top_logprobs_asked()
+        if self.stream and self.choices() > 1:
+            raise bad_field("n", f"is {self.n}; a stream carries one choice (send stream: false, or one request per choice)")
+        if self.stream and logprobs is not None:
+            raise bad_field("logprobs", "is not supported with stream: true (send stream: false)")
         refused = {
-            "n": self.n not in (None, 1),
-            "logprobs": self.logprobs not in (None, False, 0),
-            "top_logprobs": self.top_logprobs not in (None, 0),
             "presence_penalty": self.presence_penalty not in (None, 0),
             "frequency_penalty": self.frequency_penalty not in (None, 0),
             "logit_bias": bool(self.logit_bias),
@@ -274,6 +293,27 @@ class ChatCompletionRequest(_Common):
     """Accepted: a free reply may hold several calls; a forced one holds one."""
     response_format: ResponseFormat | None = None
     """``json_object`` or ``json_schema``: a grammar makes the reply valid JSON (under the schema)."""
+    logprobs: bool | None = None
+    """Report each reply token's log-probability (``choices[i].logprobs.content``): the policy's raw distribution
+    (temperature 1, before top-p and grammar masks); only methods whose reply is one sampled rollout (greedy, bon,
+    sc, weighted_bon)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With ``logprobs``: also the most likely tokens at each position (0 to 20, as OpenAI allows)."""
+    functions: list[dict[str, object]] | None = None
+    """Refused (OpenAI's deprecated form of ``tools``; send ``tools``)."""
+    function_call: str | dict[str, object] | None = None
+    """Refused (OpenAI's deprecated form of ``tool_choice``; send ``tool_choice``)."""
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_field("top_logprobs", "needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        for name, hint in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, name) is not None:
+                raise bad_field(name, f"is OpenAI's deprecated form of {hint}, which this server does not take; send {hint}")
 
     def tool_dicts(self) -> list[dict[str, Any]]:
         """The tools as OpenAI-style dicts."""
@@ -350,6 +390,12 @@ class CompletionRequest(_Common):
     """Not supported (absent only)."""
     best_of: int | None = None
     """Not supported (absent or 1 only); use ``nabla: {"method": "bon", "n": N}``."""
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Report each token's log-probability and the ``logprobs`` most likely tokens at its position (0 to 5, as OpenAI
+    allows; ``choices[i].logprobs``): the policy's raw distribution, as for chat."""
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def budget(self) -> int | None:
         return self.max_tokens
@@ -368,17 +414,81 @@ class CompletionRequest(_Common):
                 raise bad_field(name, f"is not supported by this server (got {getattr(self, name)!r})")
 
 
-def parse(model: type[_Common], body: bytes) -> _Common:
-    """The validated request, or a 400 naming the first bad field."""
+def parse(model: type[_Common], body: bytes, strict: bool = False) -> _Common:
+    """The validated request, or a 400 naming the first bad field. An unknown top-level field is logged and
+    ignored (vLLM's behaviour; the response lists it in ``nabla.ignored``), or refused with a 400 when ``strict``."""
     try:
         request = model.model_validate_json(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        errors = err.errors()
+        first = errors[0]
+        param = user_param(model, first["loc"]) or None
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"{param}: unsupported field", param=param, code="unsupported_field") from None
         if first["type"] == "json_invalid":
             raise APIError(400, f"the body is not valid JSON: {first['msg']}", code="invalid_json") from None
-        raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+        raise APIError(400, f"{param}: {_detail(model, param or '', errors)}", param=param, code="invalid_value") from None
+    unknown = request.unknown_fields()
+    if unknown and strict:
+        raise APIError(400, f"{unknown[0]}: unsupported field (this server runs with --strict-params)", param=unknown[0], code="unsupported_field")
+    if unknown:
+        log.warning("the request's fields %s are unknown to this server and ignored", unknown)
     request.check_unsupported()
     return request
+
+
+def _detail(model: type[BaseModel], param: str, errors: list[Any]) -> str:
+    """What is wrong at ``param``: with a field of several accepted forms (a union), why each form failed."""
+    details = []
+    for error in errors:
+        where = user_param(model, error["loc"])
+        if where == param or where.startswith(param + "."):
+            inner = where[len(param) + 1 :]
+            details.append(f"{inner}: {error['msg']}" if inner else error["msg"])
+    return "; ".join(list(dict.fromkeys(details))[:3])
+
+
+def user_param(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The request field a validation error's ``loc`` points at, as the user wrote it: pydantic's names of the union
+    members it tried (``messages.0.content.str``, ``prompt.list[str]``) are left out."""
+    parts: list[str] = []
+    node: Any = model
+    for part in loc:
+        node = _strip_optional(node)
+        if _is_union(node):  # the part names the member pydantic tried, not a field
+            node = _union_member(node, part)
+            continue
+        parts.append(str(part))
+        node = _step(node, part)
+    return ".".join(parts)
+
+
+def _strip_optional(node: Any) -> Any:
+    args = [a for a in get_args(node) if a is not type(None)] if _is_union(node) else []
+    return args[0] if len(args) == 1 else node
+
+
+def _is_union(node: Any) -> bool:
+    return get_origin(node) in (Union, types.UnionType)
+
+
+def _step(node: Any, part: int | str) -> Any:
+    """The type at ``part`` (a field, index or key) inside ``node``; Any where it is none of them (an unknown field)."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        for name, info in node.model_fields.items():
+            if part in (name, info.alias):
+                return info.annotation
+    if get_origin(node) is list and isinstance(part, int):
+        return get_args(node)[0]
+    if get_origin(node) is dict:
+        return get_args(node)[1]
+    return Any
+
+
+def _union_member(node: Any, tag: int | str) -> Any:
+    """The member of a union that pydantic names ``tag`` (its type's name, as in ``list[TextPart]``), else Any."""
+    for member in get_args(node) if _is_union(node) else ():
+        name = member.__name__ if isinstance(member, type) else str(member)
+        if str(tag) in (name, name.replace("typing.", "")) or str(tag).split("[")[0] == getattr(get_origin(member), "__name__", None):
+            return member
+    return Any

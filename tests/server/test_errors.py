@@ -30,10 +30,9 @@ def openai_error(response: httpx.Response, status: int) -> dict[str, str | None]
     ("kwargs", "param"),
     [
         ({"logprobs": True}, "logprobs"),
-        ({"n": 2}, "n"),
+        ({"n": 99}, "n"),
         ({"extra_body": {"nabla": {"tau": -1}}}, "nabla.tau"),
         ({"extra_body": {"nabla": {"methd": "bon"}}}, "nabla"),
-        ({"extra_body": {"guided_json": {}}}, "guided_json"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"stop": ["a", ""]}, "stop"),
     ],
