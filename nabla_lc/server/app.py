@@ -241,8 +241,9 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             error = _contained(err)
             metrics.request(endpoint, _status(error))
             raise error from None
-        if len(choices) > 1:
-            return await _serve_choices(http, kind, choices, config, admission, endpoint, tools, ignored)
+        if len(choices) > 1:  # never streamed: the choices are decoded as one batch of engine requests
+            results = await _answered(_watched(_limited(engine.agenerate(choices, config), admission), http), admission, endpoint)
+            return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored))
         request = choices[0]
         events = _guarded(engine.astream(request, config), admission)
         try:
@@ -257,25 +258,16 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             return StreamingResponse(
                 _sse(kind, first, events, admission, config, endpoint, usage_chunk, tools, request.seed, ignored), media_type="text/event-stream"
             )
-        try:
-            result = first.result if isinstance(first, Finished) else await _until_finished(events, http)
-        except BaseException as err:
-            failure = _contained(err) if isinstance(err, Exception) else err
-            metrics.request(endpoint, _status(failure))
-            raise failure from None
-        finally:
-            state["in_flight"] -= 1
-        _record(result, admission)
-        metrics.request(endpoint, 200)
-        return JSONResponse(_response(kind, [result], choices, admission, config, tools, ignored))
+        async def only() -> list[Result]:
+            return [first.result if isinstance(first, Finished) else await _until_finished(events, http)]
 
-    async def _serve_choices(
-        http: Request, kind: Literal["chat", "text"], choices: list[EngineRequest], config: NablaConfig, admission: _Admission,
-        endpoint: str, tools: list[dict[str, Any]], ignored: dict[str, str],
-    ) -> Response:
-        """A request with ``n`` > 1: its choices decoded as one batch of engine requests (never streamed)."""
+        results = await _answered(only(), admission, endpoint)
+        return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored))
+
+    async def _answered(work: Awaitable[list[Result]], admission: _Admission, endpoint: str) -> list[Result]:
+        """The results of an admitted request that is not streamed; its status is counted and its place freed."""
         try:
-            results = await _watched(_limited(engine.agenerate(choices, config), admission), http)
+            results = await work
         except BaseException as err:
             failure = _contained(err) if isinstance(err, Exception) else err
             metrics.request(endpoint, _status(failure))
@@ -285,7 +277,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         for result in results:
             _record(result, admission)
         metrics.request(endpoint, 200)
-        return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored))
+        return results
 
     # --- decoding -------------------------------------------------------------------------
     async def _limited(work: Awaitable[T], admission: _Admission) -> T:
