@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -120,7 +121,8 @@ def load_embedded(
     """SmolLM2-135M-Instruct and its tokenizer (with chat template), in eval mode.
 
     The first call converts the embedded GGUF into ``cache_dir`` (default :func:`cache_root`); later calls
-    read only that copy.
+    read only that copy. A copy that differs from its manifest, or that matches it and still does not load (a
+    manifest rewritten over a damaged file), is converted again, with a warning.
     """
     gguf = find_embedded_gguf()
     target = embedded_cache_path(gguf, Path(cache_dir) if cache_dir is not None else None)
@@ -129,8 +131,14 @@ def load_embedded(
         if damage is not None:
             log.warning("the cached model %s is damaged (%s); converting %s again", target, damage, gguf.name)
             _remove(target)
-    if not target.is_dir():
-        convert_gguf(gguf, target)
+    if target.is_dir():
+        try:
+            return _load_dir(target, device, dtype, trust_remote_code=False)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            reason = str(err).strip().split("\n")[0]
+            log.warning("the cached model %s does not load (%s); converting %s again", target, reason, gguf.name)
+            _remove(target)
+    convert_gguf(gguf, target)
     return _load_dir(target, device, dtype, trust_remote_code=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import os
 import socket
 import time
@@ -429,3 +430,16 @@ def test_two_installs_of_the_same_gguf_share_one_converted_copy(fake_gguf: Simpl
     load_embedded(device="cpu", cache_dir=fake_gguf.cache)
     assert fake_gguf.reads == [fake_gguf.gguf]  # converted once
     assert len([p for p in fake_gguf.cache.iterdir() if p.is_dir()]) == 1
+
+
+def test_a_copy_whose_manifest_matches_a_damaged_file_is_converted_again(
+    fake_gguf: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    target = embedded_cache_path(fake_gguf.gguf, fake_gguf.cache)
+    (target / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    models._write_manifest(target)  # the manifest now vouches for the damaged file
+    with caplog.at_level(logging.WARNING, logger=models.__name__):
+        loaded, tokenizer = load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    assert len(fake_gguf.reads) == 2 and "does not load" in caplog.text
+    torch.testing.assert_close(_logits(loaded, tokenizer, "2 + 3"), _logits(*fake_gguf.pair, "2 + 3"))

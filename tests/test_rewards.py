@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -485,6 +485,60 @@ def test_lora_file_metadata_is_checked_against_its_tensors_before_any_allocation
     monkeypatch.setattr(lora, "inject_adapter_in_model", lambda *a, **k: pytest.fail("the adapter was allocated"))
     with pytest.raises(ValueError, match=rf"{path} is not a valid nabla-lc LoRA reward file: .*{message}"):
         LoRAReward.load(path, llama_policy(), tok)
+
+
+def _saved_then_edited(tok: PreTrainedTokenizerFast, tmp_path: Path, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> Path:
+    """A LoRA reward file saved by the project, then rewritten with ``edit`` applied to its tensors and metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = LoRAReward(llama_policy(), tok, rank=2).save(tmp_path / "reward.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    edit(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _head_one_by_one(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors["head.weight"] = torch.ones(1, 1)  # copy_ would broadcast it over the model's (1, 32)
+
+
+def _nan_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    name = next(k for k in tensors if ".lora_A." in k)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+
+
+def _huge_alpha(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    metadata["settings"] = json.dumps({**json.loads(metadata["settings"]), "alpha": 1e308})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [(_head_one_by_one, r"head\.weight is \(1, 1\), the model's is \(1, 32\)"), (_nan_adapter, "not finite"), (_huge_alpha, r"alpha must be in \[0, 1000")],
+)
+def test_lora_file_tensors_are_checked_for_shape_and_finiteness(
+    tok: PreTrainedTokenizerFast, tmp_path: Path, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None], message: str
+) -> None:
+    path = _saved_then_edited(tok, tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        LoRAReward.load(path, llama_policy(), tok)
+
+
+def test_a_garbage_reward_file_is_one_line_and_exit_2(tok: PreTrainedTokenizerFast, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nabla_lc.cli import main
+
+    policy = tmp_path / "policy"
+    llama_policy().save_pretrained(policy)
+    tok.save_pretrained(policy)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        LoRAReward.load(garbage, llama_policy(), tok)
+    capsys.readouterr()
+    assert main(["solve", "2+2?", "--policy", str(policy), "--reward", str(garbage), "--method", "greedy"]) == 2
+    err = capsys.readouterr().err.strip()  # after transformers' loading bar: the one line, no traceback
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("nabla-lc: error: ") and "is not a safetensors file" in err
 
 
 # --- implicit (log-probability ratio) LoRA reward ------------------------------------------------

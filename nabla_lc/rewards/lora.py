@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 ADAPTER = "nabla_reward"
 """Name of the injected adapter inside the policy model."""
 FORMAT = "nabla-lc-lora-reward"
+MAX_SCALING = 1000.0
+"""The largest alpha / rank a file may hold (its own files hold 2): past it the adapter's update swamps the
+layer's output, and near fp32's range (alpha 1e308) every reward is NaN."""
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
@@ -173,9 +177,12 @@ class LoRAReward(TransformerReward):
     def load(path: str | Path, policy_model: nn.Module, tokenizer: Any) -> "LoRAReward":
         """A reward from a file written by :meth:`save` (of the kind its ``head`` setting names), injected into
         ``policy_model``."""
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a safetensors file ({err})") from None
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a nabla-lc LoRA reward file")
         settings = _checked_settings(path, metadata.get("settings"), shapes)
@@ -186,6 +193,11 @@ class LoRAReward(TransformerReward):
         if set(params) != set(tensors):
             missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
             raise ValueError(f"{path} does not fit this policy model (missing {missing[:3]}, unexpected {extra[:3]})")
+        for name, p in params.items():  # why: copy_ would broadcast a (1, 1) head over (1, 576) and score silently wrong
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{path} does not fit this policy model: {name} is {tuple(tensors[name].shape)}, the model's is {tuple(p.shape)}")
+            if not bool(torch.isfinite(tensors[name]).all()):
+                raise ValueError(f"{path} is not a valid nabla-lc LoRA reward file: {name} holds values that are not finite")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])
@@ -224,6 +236,8 @@ def _checked_settings(path: str | Path, text: str | None, shapes: dict[str, tupl
         raise bad(f"rank must be an integer >= 1, got {rank!r:.50}")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
         raise bad(f"alpha must be a finite number, got {alpha!r:.50}")
+    if alpha is not None and not 0 <= alpha <= MAX_SCALING * rank:
+        raise bad(f"alpha must be in [0, {MAX_SCALING:g} * rank] (LoRA scales its update by alpha / rank), got {alpha!r:.50}")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise bad(f"target_modules must be a list of module names, got {targets!r:.100}")
     if system is not None and not isinstance(system, str):
