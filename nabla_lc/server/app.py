@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, T
 import anyio
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from jinja2 import TemplateError
@@ -40,6 +41,13 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_fi
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+_NOT_SERVED = {
+    "/v1/responses": " (OpenAI's Responses API is not implemented: send the conversation to /v1/chat/completions; "
+    "with LangChain, ChatOpenAI without use_responses_api)",
+}
+"""Endpoints of OpenAI's API that clients may try, with what to use instead (in the 404's message)."""
 
 
 class _ClientGone(Exception):
@@ -103,7 +111,12 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> Response:
-        return JSONResponse(APIError(err.status_code, str(err.detail), type="invalid_request_error").body(), status_code=err.status_code)
+        message, code = str(err.detail), None
+        if err.status_code == 404:  # no such route: the message names the ones there are
+            path = request.url.path
+            served = ", ".join(f"{method} {route.path_format}" for route in app.routes if isinstance(route, APIRoute) for method in sorted(route.methods - {"HEAD"}))
+            message, code = f"{request.method} {path} is not an endpoint of this server{_NOT_SERVED.get(path, '')}; it serves {served}", "unknown_endpoint"
+        return JSONResponse(APIError(err.status_code, message, type="invalid_request_error", code=code).body(), status_code=err.status_code)
 
     @app.exception_handler(_ClientGone)
     async def client_gone(request: Request, err: _ClientGone) -> Response:

@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+from langchain_openai import ChatOpenAI
 
 from ..fake_engine import FakeEngine, default_responder
 from ..server_harness import API_KEY, AUTH, running_server
@@ -120,3 +121,14 @@ def test_time_limit_is_504() -> None:
     with running_server(FakeEngine(delay_s=0.2), request_timeout_s=0.3) as url:
         out = httpx.post(url + "/chat/completions", headers=AUTH, json={"model": "tiny", "messages": [{"role": "user", "content": "slow"}]}, timeout=30)
     assert openai_error(out, 504)["type"] == "timeout"
+
+
+def test_the_responses_api_is_a_404_naming_what_is_served(url: str) -> None:
+    llm = ChatOpenAI(base_url=url, api_key=API_KEY, model="tiny", max_tokens=4, max_retries=0, use_responses_api=True)
+    with pytest.raises(openai.NotFoundError) as caught:
+        llm.invoke("hi")
+    error = caught.value.body
+    assert error["code"] == "unknown_endpoint" and "Responses API is not implemented" in error["message"]
+    assert "POST /v1/chat/completions" in error["message"] and "use_responses_api" in error["message"]
+    other = openai_error(httpx.post(url + "/embeddings", headers=AUTH, json={"model": "tiny", "input": "x"}), 404)["message"]
+    assert other.startswith("POST /v1/embeddings is not an endpoint") and "POST /v1/completions" in other and "GET /v1/models" in other
