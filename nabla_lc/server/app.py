@@ -287,8 +287,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             raise failure from None
         finally:
             state["in_flight"] -= 1
-        for result in results:
-            _record(result, admission)
+        _record(results, admission)
         metrics.request(endpoint, 200)
         return results
 
@@ -382,7 +381,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                         usage = {**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage([result]), "nabla": last["nabla"]}
                         yield _data(usage)
                     yield "data: [DONE]\n\n"
-                    _record(result, admission)
+                    _record([result], admission)
                     status = 200
                     return
                 event = await events.__anext__()
@@ -399,8 +398,11 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             with anyio.CancelScope(shield=True):  # why: a disconnect cancels this task; closing must still cancel the decoding
                 await events.aclose()  # type: ignore[attr-defined]
 
-    def _record(result: Result, admission: _Admission) -> None:
-        metrics.finished(result.stats.prompt_tokens, len(result.token_ids), result.stats.model_calls, time.perf_counter() - admission.start)
+    def _record(results: list[Result], admission: _Admission) -> None:
+        """One finished request in the metrics: its usage (the prompt once), every choice's model calls, its latency."""
+        usage = _usage(results)
+        calls = sum(r.stats.model_calls for r in results)
+        metrics.finished(usage["prompt_tokens"], usage["completion_tokens"], calls, time.perf_counter() - admission.start)
 
     def _chunk(kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, Any] | None", finish: str | None, usage_field: bool) -> dict[str, object]:
         if kind == "chat":

@@ -305,7 +305,7 @@ class ChatCompletionRequest(_Common):
     """Refused (OpenAI's deprecated form of ``tool_choice``; send ``tool_choice``)."""
 
     def top_logprobs_asked(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise bad_field("top_logprobs", "needs logprobs: true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -390,12 +390,14 @@ class CompletionRequest(_Common):
     """Not supported (absent only)."""
     best_of: int | None = None
     """Not supported (absent or 1 only); use ``nabla: {"method": "bon", "n": N}``."""
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: bool | int | None = Field(default=None, ge=0, le=5)
     """Report each token's log-probability and the ``logprobs`` most likely tokens at its position (0 to 5, as OpenAI
-    allows; ``choices[i].logprobs``): the policy's raw distribution, as for chat."""
+    allows; ``choices[i].logprobs``): the policy's raw distribution, as for chat. ``false`` is absent."""
 
     def top_logprobs_asked(self) -> int | None:
-        return self.logprobs
+        if self.logprobs is True:
+            raise bad_field("logprobs", "is the number of most likely tokens to report (0 to 5), not true")
+        return None if self.logprobs is None or self.logprobs is False else self.logprobs
 
     def budget(self) -> int | None:
         return self.max_tokens

@@ -68,12 +68,24 @@ def test_the_reported_seed_reproduces_a_seedless_request(client: openai.OpenAI, 
     assert sampled(client, seed=7).model_extra["nabla"]["seed"] == 7
 
 
+def test_a_stream_reports_its_seed_and_ignored_fields(client: openai.OpenAI) -> None:
+    chunks = list(sampled(client, stream=True, stream_options={"include_usage": True}, top_p=0.5, extra_body={"nabla": {"method": "greedy"}}))
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert isinstance(last.model_extra["nabla"]["seed"], int) and set(last.model_extra["nabla"]["ignored"]) == {"temperature", "top_p"}
+    assert chunks[-1].model_extra["nabla"] == last.model_extra["nabla"]
+    free = list(sampled(client, stream=True))
+    seed = next(c for c in free if c.choices and c.choices[0].finish_reason).model_extra["nabla"]["seed"]
+    text = "".join(c.choices[0].delta.content or "" for c in free if c.choices)
+    assert sampled(client, seed=seed).choices[0].message.content == text
+
+
 # --- n ----------------------------------------------------------------------------------
 def test_n_choices_equal_the_request_alone_with_seed_plus_i(client: openai.OpenAI, tiny_engine: Engine) -> None:
     out = sampled(client, n=3, seed=20)
     expected = [alone(tiny_engine, 20 + i) for i in range(3)]
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert [c.message.content for c in out.choices] == [r.text for r in expected]
+    assert [c.message.content for c in out.choices] == [sampled(client, seed=20 + i).choices[0].message.content for i in range(3)]
     assert [c.finish_reason for c in out.choices] == [r.finish_reason for r in expected]
     assert len({c.message.content for c in out.choices}) > 1
     assert out.usage.prompt_tokens == expected[0].stats.prompt_tokens
@@ -81,6 +93,21 @@ def test_n_choices_equal_the_request_alone_with_seed_plus_i(client: openai.OpenA
     nabla = out.model_extra["nabla"]
     assert [c["seed"] for c in nabla["choices"]] == [20, 21, 22] and nabla["seed"] == 20
     assert nabla["stats"]["rollouts"] == 3 and nabla["stats"]["model_calls"] == sum(r.stats.model_calls for r in expected)
+
+
+def test_n_choices_are_one_request_in_the_metrics(client: openai.OpenAI, url: str) -> None:
+    def counters() -> dict[str, float]:
+        text = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).text
+        lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        names = ("nabla_request_latency_seconds_count", 'nabla_tokens_total{kind="prompt"}', 'nabla_tokens_total{kind="completion"}')
+        return {name: float(lines[name]) for name in names}
+
+    before = counters()
+    out = sampled(client, n=3, seed=50)
+    after = counters()
+    assert after["nabla_request_latency_seconds_count"] - before["nabla_request_latency_seconds_count"] == 1
+    assert after['nabla_tokens_total{kind="prompt"}'] - before['nabla_tokens_total{kind="prompt"}'] == out.usage.prompt_tokens
+    assert after['nabla_tokens_total{kind="completion"}'] - before['nabla_tokens_total{kind="completion"}'] == out.usage.completion_tokens
 
 
 def test_n_on_text_completions(client: openai.OpenAI, tiny_engine: Engine) -> None:
@@ -137,7 +164,9 @@ def test_logprobs_without_meaning_or_out_of_range_are_400(client: openai.OpenAI)
     assert error_of(lambda: sampled(client, top_logprobs=2))["param"] == "top_logprobs"
     assert error_of(lambda: sampled(client, logprobs=True, top_logprobs=21))["param"] == "top_logprobs"
     assert error_of(lambda: sampled(client, logprobs=True, stream=True))["param"] == "logprobs"
+    assert error_of(lambda: client.completions.create(model="tiny", prompt="1", max_tokens=2, logprobs=True))["param"] == "logprobs"  # type: ignore[arg-type]
     assert sampled(client).choices[0].logprobs is None
+    assert sampled(client, logprobs=False, top_logprobs=0).choices[0].logprobs is None  # neutral values, as before
 
 
 # --- temperature and top_p ---------------------------------------------------------------
