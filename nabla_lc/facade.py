@@ -88,8 +88,10 @@ class Engine:
         for i, m in enumerate(messages):
             checked_text(f"messages[{i}]['content']", m["content"])
         users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users or not any(m["content"].strip() for m in messages):
+        if not users:
             raise ValueError("the conversation has no user message")
+        if not any(m["content"].strip() for m in messages):
+            raise ValueError("the conversation is empty: every message's content is empty or blank")
         ids = self.policy.template_messages(messages, tools)
         reward_prompt = users[-1] if question is None else checked_text("question", question)
         return Request(tuple(ids), reward_prompt, seed, max_new_tokens, tuple(stop) if stop is not None else None, constraint)

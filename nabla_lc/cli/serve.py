@@ -87,11 +87,19 @@ def run(args: argparse.Namespace) -> int:
         from ..server import ServerSettings, create_app
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(f"{err}; nabla-lc serve needs the 'serve' extra: pip install 'nabla-lc[serve]'") from None
+    from pydantic import ValidationError
+
     key = api_key(args)  # why: before loading any model
-    settings = ServerSettings(
-        api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
-        max_choices=args.max_choices, strict_params=args.strict_params, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
-    )
+    try:
+        settings = ServerSettings(
+            api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
+            max_choices=args.max_choices, strict_params=args.strict_params, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+        )
+    except ValidationError as err:  # why: pydantic's message spans lines and names the field, not the flag
+        first = err.errors()[0]
+        field = str(first["loc"][0])
+        flag = {"request_timeout_s": "--request-timeout", "model_name": "--served-model-name"}.get(field, "--" + field.replace("_", "-"))
+        raise ValueError(f"{flag} is {first['input']!r}: {first['msg'][0].lower()}{first['msg'][1:]}") from None
     if args.ray:
         return serve_on_ray(args, settings)
     if args.replicas is not None or args.max_replicas is not None or args.address is not None:

@@ -35,7 +35,7 @@ def bad_field(param: str, message: str) -> APIError:
 class StreamOptions(BaseModel):
     """OpenAI's ``stream_options``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
     """Send a last chunk with ``usage`` (and the ∇ statistics) and no choices."""
@@ -46,7 +46,7 @@ class StreamOptions(BaseModel):
 class TextPart(BaseModel):
     """A text part of a message's content list."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text"]
     """Only text parts are supported."""
@@ -57,7 +57,7 @@ class TextPart(BaseModel):
 class FunctionCall(BaseModel):
     """The function an assistant message called."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str
     """The tool's name."""
@@ -68,7 +68,7 @@ class FunctionCall(BaseModel):
 class MessageToolCall(BaseModel):
     """A tool call of an earlier assistant turn."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str
     """The call's id (a ``tool`` message answers it by ``tool_call_id``)."""
@@ -81,7 +81,7 @@ class MessageToolCall(BaseModel):
 class Message(BaseModel):
     """One chat message."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     """Who speaks; ``developer`` is read as ``system``; ``tool`` answers a tool call."""
@@ -103,7 +103,7 @@ class Message(BaseModel):
 class FunctionDefinition(BaseModel):
     """A tool's function: its name, description and parameters' JSON schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str
     """The name the model calls it by."""
@@ -118,7 +118,7 @@ class FunctionDefinition(BaseModel):
 class Tool(BaseModel):
     """An OpenAI-style tool."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     """Only function tools."""
@@ -129,7 +129,7 @@ class Tool(BaseModel):
 class NamedFunction(BaseModel):
     """The tool a named ``tool_choice`` forces."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str
     """Its name, one of ``tools``."""
@@ -138,7 +138,7 @@ class NamedFunction(BaseModel):
 class NamedToolChoice(BaseModel):
     """``{"type": "function", "function": {"name": ...}}``: call this tool."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     """Only function tools."""
@@ -149,7 +149,7 @@ class NamedToolChoice(BaseModel):
 class JSONSchemaFormat(BaseModel):
     """The schema of a ``json_schema`` response format."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     name: str
     """The schema's name."""
@@ -164,7 +164,7 @@ class JSONSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """``text``, ``json_object`` (any JSON object) or ``json_schema`` (a JSON document valid under a schema)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     """The kind of reply."""
@@ -177,7 +177,7 @@ class _Common(BaseModel):
     :func:`parse` can warn about them (vLLM's behaviour) or refuse them (``--strict-params``); nested objects refuse
     theirs."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     """The served model's name (``GET /v1/models``)."""
@@ -416,6 +416,10 @@ class CompletionRequest(_Common):
                 raise bad_field(name, f"is not supported by this server (got {getattr(self, name)!r})")
 
 
+JSON_DEPTH = 200
+"""About how deep pydantic's JSON parser nests arrays and objects before it stops ("recursion limit exceeded")."""
+
+
 def parse(model: type[_Common], body: bytes, strict: bool = False) -> _Common:
     """The validated request, or a 400 naming the first bad field. An unknown top-level field is logged and
     ignored (vLLM's behaviour; the response lists it in ``nabla.ignored``), or refused with a 400 when ``strict``."""
@@ -427,6 +431,8 @@ def parse(model: type[_Common], body: bytes, strict: bool = False) -> _Common:
         param = user_param(model, first["loc"]) or None
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"{param}: unsupported field", param=param, code="unsupported_field") from None
+        if first["type"] == "json_invalid" and "recursion limit" in first["msg"]:  # why: valid JSON, nested past the parser's limit
+            raise APIError(400, f"the body is nested too deep (the JSON parser stops at about {JSON_DEPTH} levels of arrays and objects)", code="too_deep") from None
         if first["type"] == "json_invalid":
             raise APIError(400, f"the body is not valid JSON: {first['msg']}", code="invalid_json") from None
         raise APIError(400, f"{param}: {_detail(model, param or '', errors)}", param=param, code="invalid_value") from None

@@ -141,3 +141,42 @@ def test_extreme_finite_values_are_400_naming_the_field(http: httpx.Client, fiel
     out = http.post("/chat/completions", json={**chat("x"), **fields})
     error = out.json()["error"]
     assert out.status_code == 400 and error["param"] == param and param in error["message"]
+
+
+def nested_schema(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "reason"),
+    [
+        ({"max_tokens": "10"}, "max_tokens", "valid integer"),
+        ({"max_tokens": True}, "max_tokens", "valid integer"),
+        ({"max_tokens": 10.0}, "max_tokens", "valid integer"),
+        ({"stream": "yes"}, "stream", "valid boolean"),
+        ({"seed": "3"}, "seed", "valid integer"),
+        ({"temperature": "0.5"}, "temperature", "valid number"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages", "empty"),
+        ({"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": ""}]}, "messages", "empty"),
+        ({"response_format": schema_format(nested_schema(200))}, None, "nested too deep"),
+    ],
+)
+def test_wrong_types_and_misleading_cases_are_400_saying_what_is_wrong(
+    http: httpx.Client, fields: dict[str, Any], param: str | None, reason: str
+) -> None:
+    out = http.post("/chat/completions", json={**chat("x"), **fields})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == param and reason in error["message"], error
+    assert "no user message" not in error["message"] and "not valid JSON" not in error["message"]
+
+
+def test_serve_flag_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from nabla_lc.cli import main
+
+    for flags, named in ((["--max-queue", "0"], "--max-queue"), (["--request-timeout", "0"], "--request-timeout")):
+        assert main(["serve", "--no-auth", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"nabla-lc: error: {named} is 0") and "greater than" in err, err
