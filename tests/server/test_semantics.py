@@ -149,6 +149,19 @@ def test_chat_logprobs_are_the_engines(client: openai.OpenAI, tiny_engine: Engin
     assert out.choices[0].message.content == expected.text
 
 
+def test_logprobs_through_chat_openai_and_dspy(url: str, tiny_engine: Engine) -> None:
+    expected = alone(tiny_engine, 60, logprobs=2)
+    assert expected.logprobs is not None
+    llm = ChatOpenAI(base_url=url, api_key=API_KEY, model="tiny", max_tokens=6, temperature=1.0, seed=60, logprobs=True, top_logprobs=2, max_retries=0, extra_body=SAMPLED)
+    content = llm.invoke("2+2?").response_metadata["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx([p.chosen.logprob for p in expected.logprobs], abs=1e-4)
+    assert [[t["token"] for t in c["top_logprobs"]] for c in content] == [[t.text for t in p.top] for p in expected.logprobs]
+    lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, max_tokens=6, temperature=1.0, seed=60, n=2, logprobs=True, cache=False, num_retries=0, extra_body=SAMPLED)
+    outputs = lm("2+2?")
+    assert [o["text"] for o in outputs] == [expected.text, alone(tiny_engine, 61).text]
+    assert [c["logprob"] for c in outputs[0]["logprobs"]["content"]] == pytest.approx([p.chosen.logprob for p in expected.logprobs], abs=1e-4)
+
+
 def test_text_logprobs(client: openai.OpenAI, tiny_engine: Engine) -> None:
     out = client.completions.create(model="tiny", prompt="1 2 3", max_tokens=5, seed=2, logprobs=1, extra_body={"nabla": {"method": "greedy"}})
     [expected] = tiny_engine.generate([dataclasses.replace(tiny_engine.request("1 2 3", chat=False, seed=2, max_new_tokens=5), logprobs=1)], tiny_engine.config.replace(method="greedy"))
