@@ -65,12 +65,13 @@ class DecodingContext:
     def stop(self, request: Request) -> tuple[str, ...]:
         return request.stop if request.stop is not None else self.config.stop
 
-    def generator(self, request: Request, sample: int = 0) -> torch.Generator | None:
-        """A generator seeded by (seed, prompt, sample): the same input decodes the same way in any batch."""
+    def generator(self, request: Request, sample: int = 0, device: torch.device | str | None = None) -> torch.Generator | None:
+        """A generator seeded by (seed, prompt, sample): the same input decodes the same way in any batch. It lives on
+        ``device`` (default: the policy's, where tokens are sampled)."""
         seed = request.seed if request.seed is not None else self.config.seed
         if seed is None:
             return None
-        return keyed_generator(f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}")
+        return keyed_generator(f"{seed}:{sample}:{','.join(map(str, request.prompt_ids))}", self.policy.device if device is None else device)
 
     def grammar(self, request: Request) -> Grammar | None:
         """A fresh parse state of the request's constraint (None without one)."""

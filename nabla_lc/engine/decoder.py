@@ -94,7 +94,7 @@ class Decoder:
         self.reward_value: float | None = None
         self.prefixes = PrefixEncoder(policy, reward, config, stats)
         self.probe_pass: ProbePass | None = None
-        self.noise = int(torch.randint(2**62, (1,), generator=generator)) if config.coupled_rollouts else None
+        self.noise = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator is not None else None)) if config.coupled_rollouts else None
         """The rollouts' shared randomness (``NablaConfig.coupled_rollouts``), drawn once from the request's generator."""
 
     def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:

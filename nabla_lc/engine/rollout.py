@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import torch
+
 from .. import kv
 from ..tensors import cat_left_padded
 from .accounting import Stats
@@ -65,9 +66,11 @@ class Rollout:
         return Rollout(self.tokens[k:], self.logits[k:], self.finish_reason, allowed, self.cache)
 
 
-def keyed_generator(key: str) -> torch.Generator:
-    """A generator seeded by a hash of ``key``: the same key draws the same numbers in any batch and process."""
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1)
+def keyed_generator(key: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded by a hash of ``key``: the same key draws the same numbers in any batch and
+    process (on one kind of device: a CUDA generator's stream is not a CPU one's)."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 NUCLEUS_CANDIDATES = 256
@@ -109,12 +112,19 @@ def _outside_nucleus_of_candidates(logits: torch.Tensor, top_p: float) -> torch.
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row. logits: [B, V] -> [B]. Each row draws from its own generator."""
+    """One token per row, on the logits' device. logits: [B, V] -> [B]. Each row draws from its own generator (on
+    that device; None: the device's global one).
+
+    The draw is ``torch.multinomial``'s for one sample, written out: the argmax of p / q with q ~ Exp(1) drawn from
+    the row's generator. On a CPU tensor it is the same draw from the same generator, token for token.
+    why: no row's probabilities go to the host, and one validity check serves the batch (multinomial syncs per row)."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)
-    out = [torch.multinomial(probs[b].cpu(), 1, generator=generators[b]) for b in range(probs.shape[0])]
-    return torch.cat(out).to(logits.device)
+    if not bool(probs.isfinite().all()):  # multinomial's own check (a softmax is never negative)
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    q = torch.stack([torch.empty_like(probs[b]).exponential_(1, generator=generators[b]) for b in range(probs.shape[0])])
+    return (probs / q).argmax(-1)
 
 
 def differ_chance(logits: torch.Tensor, token: int, sampling: Sampling) -> float:
@@ -162,9 +172,9 @@ class RolloutRow:
     keep_cache: bool = False
     """Whether the rollout keeps the row's KV cache (:attr:`Rollout.cache`; ∇ encodes its DTO prefixes from it)."""
 
-    def draw_generator(self, position: int) -> torch.Generator | None:
-        """The generator of the draw at response ``position``."""
-        return self.generator if self.noise is None else keyed_generator(f"{self.noise}:{position}")
+    def draw_generator(self, position: int, device: torch.device) -> torch.Generator | None:
+        """The generator of the draw at response ``position`` (a keyed one on ``device``, the logits')."""
+        return self.generator if self.noise is None else keyed_generator(f"{self.noise}:{position}", device)
 
 
 @torch.no_grad()
@@ -283,12 +293,13 @@ class RolloutBatch:
         logits, active = self.logits, self.active
         failed: dict[int, Exception] = {}
         allowed = [self._allowed(b, row, failed) for row, b in enumerate(active)]  # per row: [V] or None
-        generators = [rows[b].draw_generator(len(rows[b].committed) + len(self.tokens[b])) for b in active]
+        generators = [rows[b].draw_generator(len(rows[b].committed) + len(self.tokens[b]), policy.device) for b in active]
         step = sample(_masked_rows(logits, allowed), self.sampling, generators)
+        tokens = step.tolist()  # why: one copy to the host for the batch, not one a row
         keep_rows: list[int] = []
         done: list[tuple[int, Rollout | Exception]] = []
         for row, b in enumerate(active):
-            token = int(step[row])
+            token = tokens[row]
             grammar = rows[b].grammar
             if self.keep_going is not None and not self.keep_going(b):
                 reason: str | None = "cancelled"

@@ -81,7 +81,7 @@ def start(ctx: DecodingContext, requests: Sequence[Request], live: int) -> list[
             i,
             Stats(prompt_tokens=len(request.prompt_ids)),
             [ctx.generator(request, sample=j) for j in range(n)],
-            ctx.generator(request, sample=SLOT_CHOICE),
+            ctx.generator(request, sample=SLOT_CHOICE, device="cpu"),  # why: it draws over rewards, on the host
             [Candidate() for _ in range(live)],
         )
         for i, request in enumerate(requests)
