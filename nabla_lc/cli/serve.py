@@ -37,6 +37,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for (400 above)")
     p.add_argument("--max-n", type=int, default=16, help="largest nabla.n (samples, N_max, particles) a request may ask for (400 above)")
+    p.add_argument("--max-prompts", type=int, default=32, help="largest list of prompts one /v1/completions request may send (400 above)")
     p.add_argument("--max-choices", type=int, default=8, help="largest OpenAI n (choices per request) a request may ask for (400 above)")
     p.add_argument("--strict-params", action="store_true", help="refuse unknown request fields with a 400 (default: log a warning and ignore them)")
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429 with Retry-After")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings(
             api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
-            max_choices=args.max_choices, strict_params=args.strict_params, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+            max_prompts=args.max_prompts, max_choices=args.max_choices, strict_params=args.strict_params, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
         )
     except ValidationError as err:  # why: pydantic's message spans lines and names the field, not the flag
         first = err.errors()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -27,7 +28,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..config import NablaConfig
+from ..config import ConfigError, NablaConfig
 from ..engine.accounting import Stats
 from ..engine.constraints import compile_constraint
 from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta, TokenLogprob
@@ -68,6 +69,9 @@ class ServerSettings(BaseModel):
     """Largest request body; a larger one gets 413."""
     max_tokens_cap: int = Field(default=1024, ge=1)
     """Largest ``max_tokens`` a request may ask for (400 above it)."""
+    max_prompts: int = Field(default=32, ge=1)
+    """Largest list of prompts one ``/v1/completions`` request may send (400 above it); each prompt is decoded as
+    if sent alone, all at once."""
     max_choices: int = Field(default=8, ge=1)
     """Largest OpenAI ``n`` (choices, each a decoding of its own) a request may ask for (400 above it)."""
     strict_params: bool = False
@@ -234,29 +238,34 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                 check_model(chat.model)
                 budget, stop, choice = check_budget(chat.budget()), chat.stop_strings(), chat.choice()
                 request, tools = await anyio.to_thread.run_sync(chat_request, chat, budget, stop, choice)
+                requests, params = [request], ["messages"]
                 parsed: ChatCompletionRequest | CompletionRequest = chat
             else:
                 text = parse(CompletionRequest, body, settings.strict_params)
                 assert isinstance(text, CompletionRequest)
                 check_model(text.model)
-                budget, stop, prompt, tools = check_budget(text.budget()), text.stop_strings(), text.text(), []
-                request = await anyio.to_thread.run_sync(
-                    engine_request, lambda: engine.request(prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), "prompt"
-                )
+                budget, stop, prompts, tools = check_budget(text.budget()), text.stop_strings(), text.prompts(settings.max_prompts), []
+                requests = await anyio.to_thread.run_sync(lambda: [
+                    engine_request(functools.partial(engine.request, prompt, chat=False, seed=text.seed, max_new_tokens=budget, stop=stop), param)
+                    for prompt, param in prompts
+                ])  # fmt: skip
+                params = [param for _, param in prompts]
                 parsed = text
             config = parsed.config(engine.config)
             if "n" in (parsed.nabla or {}) and config.n > settings.max_n:  # the server's own default n is the operator's
                 raise bad_field("nabla.n", f"is {config.n}; this server's cap is {settings.max_n}")
-            choices = _choice_requests(request, parsed, config, settings.max_choices)
+            groups = [_choice_requests(request, parsed, config, settings.max_choices) for request in requests]
+            choices, per_prompt = [choice for group in groups for choice in group], len(groups[0])
             ignored = _ignored(parsed, config)
             admission = admit()
         except Exception as err:
             error = _contained(err)
             metrics.request(endpoint, _status(error))
             raise error from None
-        if len(choices) > 1:  # never streamed: the choices are decoded as one batch of engine requests
-            results = await _answered(_watched(_limited(engine.agenerate(choices, config), admission), http), admission, endpoint)
-            return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored))
+        if len(choices) > 1:  # never streamed: each prompt's choices are decoded as one batch of engine requests, all at once
+            decoded = _decoded(groups, params if len(groups) > 1 else [None], config)
+            results = await _answered(_watched(_limited(decoded, admission), http), admission, endpoint, per_prompt)
+            return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored, per_prompt))
         request = choices[0]
         events = _guarded(engine.astream(request, config), admission)
         try:
@@ -274,11 +283,12 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         async def only() -> list[Result]:
             return [first.result if isinstance(first, Finished) else await _until_finished(events, http)]
 
-        results = await _answered(only(), admission, endpoint)
-        return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored))
+        results = await _answered(only(), admission, endpoint, 1)
+        return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored, 1))
 
-    async def _answered(work: Awaitable[list[Result]], admission: _Admission, endpoint: str) -> list[Result]:
-        """The results of an admitted request that is not streamed; its status is counted and its place freed."""
+    async def _answered(work: Awaitable[list[Result]], admission: _Admission, endpoint: str, per_prompt: int) -> list[Result]:
+        """The results of an admitted request that is not streamed (``per_prompt`` choices of each prompt in turn);
+        its status is counted and its place freed."""
         try:
             results = await work
         except BaseException as err:
@@ -287,11 +297,32 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             raise failure from None
         finally:
             state["in_flight"] -= 1
-        _record(results, admission)
+        _record(results, admission, per_prompt)
         metrics.request(endpoint, 200)
         return results
 
     # --- decoding -------------------------------------------------------------------------
+    async def _decoded(groups: list[list[EngineRequest]], params: list[str | None], config: NablaConfig) -> list[Result]:
+        """The results of every prompt's choices, in order: each prompt's choices are one engine call, all started at
+        once (the scheduler batches them). An input error of the engine names its prompt (``prompt.K``) where a
+        param is given; the first failure cancels the other calls."""
+
+        async def one(group: list[EngineRequest], param: str | None) -> list[Result]:
+            try:
+                return await engine.agenerate(group, config)
+            except ValueError as err:
+                if param is None or isinstance(err, ConfigError):  # a config error is the whole request's
+                    raise
+                raise bad_field(param, str(err)) from None
+
+        tasks = [asyncio.ensure_future(one(group, param)) for group, param in zip(groups, params)]
+        try:
+            return [result for results in await asyncio.gather(*tasks) for result in results]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _limited(work: Awaitable[T], admission: _Admission) -> T:
         """``work`` within the request's time limit (504 past it); the engine's input errors become 400s."""
         deadline = admission.start + settings.request_timeout_s
@@ -378,10 +409,10 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                     last["nabla"] = _nabla([result], [seed], config, ignored)
                     yield _data(last)
                     if usage_chunk:
-                        usage = {**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage([result]), "nabla": last["nabla"]}
+                        usage = {**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage([result], 1), "nabla": last["nabla"]}
                         yield _data(usage)
                     yield "data: [DONE]\n\n"
-                    _record([result], admission)
+                    _record([result], admission, 1)
                     status = 200
                     return
                 event = await events.__anext__()
@@ -398,9 +429,9 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             with anyio.CancelScope(shield=True):  # why: a disconnect cancels this task; closing must still cancel the decoding
                 await events.aclose()  # type: ignore[attr-defined]
 
-    def _record(results: list[Result], admission: _Admission) -> None:
-        """One finished request in the metrics: its usage (the prompt once), every choice's model calls, its latency."""
-        usage = _usage(results)
+    def _record(results: list[Result], admission: _Admission, per_prompt: int) -> None:
+        """One finished request in the metrics: its usage (each prompt once), every choice's model calls, its latency."""
+        usage = _usage(results, per_prompt)
         calls = sum(r.stats.model_calls for r in results)
         metrics.finished(usage["prompt_tokens"], usage["completion_tokens"], calls, time.perf_counter() - admission.start)
 
@@ -419,8 +450,9 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
 
     def _response(
         kind: Literal["chat", "text"], results: list[Result], requests: list[EngineRequest], admission: _Admission, config: NablaConfig,
-        tools: list[dict[str, Any]], ignored: dict[str, str],
+        tools: list[dict[str, Any]], ignored: dict[str, str], per_prompt: int,
     ) -> dict[str, object]:
+        """The response's body; ``results`` are the choices of each prompt in turn, ``per_prompt`` of each."""
         choices: list[dict[str, object]] = []
         for index, result in enumerate(results):
             if kind == "chat":
@@ -431,7 +463,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                 choices.append({"index": index, "text": result.text, "logprobs": _text_logprobs(result), "finish_reason": result.finish_reason})
         head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion"} if kind == "chat" else {"id": f"cmpl-{admission.id}", "object": "text_completion"}
         nabla = _nabla(results, [r.seed for r in requests], config, ignored)
-        return {**head, "created": admission.created, "model": model_name, "choices": choices, "usage": _usage(results), "nabla": nabla}
+        return {**head, "created": admission.created, "model": model_name, "choices": choices, "usage": _usage(results, per_prompt), "nabla": nabla}
 
     return app
 
@@ -522,9 +554,10 @@ def _text_logprobs(result: Result) -> dict[str, object] | None:
     }
 
 
-def _usage(results: list[Result]) -> dict[str, int]:
-    """OpenAI's usage: the prompt counted once, the completion tokens of every choice."""
-    prompt, completion = results[0].stats.prompt_tokens, sum(len(r.token_ids) for r in results)
+def _usage(results: list[Result], per_prompt: int) -> dict[str, int]:
+    """OpenAI's usage: each prompt counted once (``results`` hold ``per_prompt`` choices of each prompt in turn), the
+    completion tokens of every choice."""
+    prompt, completion = sum(r.stats.prompt_tokens for r in results[::per_prompt]), sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

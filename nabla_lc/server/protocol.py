@@ -382,8 +382,8 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     """``POST /v1/completions``: a plain continuation of ``prompt`` (no chat template)."""
 
-    prompt: str | list[str]
-    """The text to continue (a list of one string is accepted)."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """The text to continue, or a list of texts (one choice each, in order); token-id prompts are refused (400)."""
     echo: bool = False
     """Not supported (false only)."""
     suffix: str | None = None
@@ -402,15 +402,22 @@ class CompletionRequest(_Common):
     def budget(self) -> int | None:
         return self.max_tokens
 
-    def text(self) -> str:
+    def prompts(self, cap: int) -> list[tuple[str, str]]:
+        """Each prompt with the field that names it (``prompt``, or ``prompt.K`` in a list); at most ``cap`` of them."""
         if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise bad_field("prompt", f"must be one string (got a list of {len(self.prompt)}); send one request per prompt")
-        return self.prompt[0]
+            return [(self.prompt, "prompt")]
+        if not self.prompt:
+            raise bad_field("prompt", "is an empty list; send at least one prompt")
+        if not all(isinstance(p, str) for p in self.prompt):
+            raise bad_field("prompt", "token-id prompts are not served; send the prompt as text (lm-eval: tokenized_requests=False)")
+        if len(self.prompt) > cap:
+            raise bad_field("prompt", f"is a list of {len(self.prompt)} prompts; this server's cap is {cap}")
+        return [(p, f"prompt.{k}") for k, p in enumerate(self.prompt)]  # type: ignore[misc]
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        if self.stream and isinstance(self.prompt, list) and len(self.prompt) > 1:
+            raise bad_field("prompt", f"is a list of {len(self.prompt)} prompts; a stream carries one choice (send stream: false, or one request per prompt)")
         for name, bad in (("echo", self.echo), ("suffix", self.suffix is not None), ("best_of", self.best_of not in (None, 1))):
             if bad:
                 raise bad_field(name, f"is not supported by this server (got {getattr(self, name)!r})")
