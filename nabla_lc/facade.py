@@ -181,13 +181,7 @@ class Engine:
         return requests
 
     def _validate(self, request: Request, config: NablaConfig) -> None:
-        if not request.prompt_ids:
-            raise ValueError("the prompt is empty")
-        room = self.policy.max_length - len(request.prompt_ids)
-        if room <= 0:
-            raise ValueError(
-                f"the prompt has {len(request.prompt_ids)} tokens, which fills the model's context of {self.policy.max_length}"
-            )
+        room = self.policy.room(request.prompt_ids)
         if request.constraint is not None:  # a bad grammar, or a method that would ignore it, fails here, before any decoding
             if not get_method(config.method).constrained:
                 honour = [name for name in method_names() if get_method(name).constrained]

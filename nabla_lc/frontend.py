@@ -20,6 +20,8 @@ class _Policy(Protocol):
     model: Any
     """The policy model; its ``name_or_path`` (when it has one) names the front-end's model."""
 
+    def room(self, prompt_ids: Sequence[int]) -> int: ...
+
 
 class FrontEndEngine(Protocol):
     """What the front-ends use of :class:`nabla_lc.facade.Engine`."""

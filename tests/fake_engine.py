@@ -53,6 +53,12 @@ class FakePolicy:
     model: FakeModel = field(default_factory=FakeModel)
     renders_tools: bool = False
 
+    def room(self, prompt_ids: Sequence[int]) -> int:
+        """The fake has no context limit: any non-empty prompt leaves room."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        return 1 << 20
+
 
 @dataclass
 class Call:

@@ -30,6 +30,16 @@ class Policy:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
 
+    def room(self, prompt_ids: Sequence[int]) -> int:
+        """The response tokens the context leaves after ``prompt_ids``; ``ValueError`` when the prompt is empty or
+        fills the context."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        room = self.max_length - len(prompt_ids)
+        if room <= 0:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, which fills the model's context of {self.max_length}")
+        return room
+
     @functools.cached_property
     def renders_tools(self) -> bool:
         """Whether the chat template renders tools (:func:`template_renders_tools`), checked once per policy."""

@@ -165,7 +165,8 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             raise bad_field("max_tokens", f"is {budget}; this server's cap is {settings.max_tokens_cap}")
         return budget
 
-    def engine_request(make: Callable[[], EngineRequest], param: str) -> EngineRequest:
+    def engine_request(make: Callable[[], T], param: str) -> T:
+        """What ``make`` builds from the request (an engine request, ...); its input errors are 400s naming ``param``."""
         try:
             return make()
         except TemplateError as err:  # why: a chat template may refuse a conversation (roles that do not alternate, ...)
@@ -178,16 +179,20 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
     ) -> tuple[EngineRequest, list[dict[str, Any]]]:
         """The engine request of a chat body and the tools its reply is read against. Runs in a worker thread: the
         chat template and the grammar's construction and compilation are CPU work that would hold up the event loop."""
-        constraint, param = chat.constraint(choice)
         tools = [] if choice == "none" else chat.tool_dicts()
         turns = conversation(chat.turns(), tools, engine.policy.renders_tools)
         request = engine_request(
             lambda: engine.request_from_messages(
-                turns.messages, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=turns.tools, constraint=constraint, question=turns.question
+                turns.messages, seed=chat.seed, max_new_tokens=budget, stop=stop, tools=turns.tools, question=turns.question
             ),
             "messages",
         )
+        if chat.response_format is not None or choice not in (None, "auto", "none"):
+            # why: a grammar over thousands of tools takes tens of seconds to build; a prompt too long is refused first
+            engine_request(lambda: engine.policy.room(request.prompt_ids), "messages")
+        constraint, param = chat.constraint(choice)
         if constraint is not None:
+            request = dataclasses.replace(request, constraint=constraint)
             try:  # why: compiled here, off the event loop; the engine's own check later finds it in xgrammar's cache
                 compile_constraint(engine.policy, constraint)
             except ImportError as err:

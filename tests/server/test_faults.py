@@ -180,3 +180,19 @@ def test_serve_flag_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> N
         assert main(["serve", "--no-auth", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"nabla-lc: error: {named} is 0") and "greater than" in err, err
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "t7"}}])
+def test_a_prompt_too_long_is_refused_before_any_grammar_is_built(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch, tool_choice: object
+) -> None:
+    from nabla_lc.server import protocol
+
+    built: list[int] = []
+    real = protocol.tool_call_constraint
+    monkeypatch.setattr(protocol, "tool_call_constraint", lambda tools, choice: built.append(len(tools)) or real(tools, choice))
+    many = [{"type": "function", "function": {"name": f"t{i}", "parameters": {"type": "object"}}} for i in range(5000)]
+    out = http.post("/chat/completions", json=chat("x", tools=many, tool_choice=tool_choice))
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == "messages" and "fills the model's context" in error["message"], error
+    assert built == []  # the grammar over 5000 tools (37-39 s on the embedded model) was never started
