@@ -267,12 +267,12 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             error = _contained(err)
             metrics.request(endpoint, _status(error))
             raise error from None
-        if len(choices) > 1:  # never streamed: each prompt's choices are decoded as one batch of engine requests, all at once
+        if len(choices) > 1 and not parsed.stream:  # each prompt's choices are decoded as one batch of engine requests, all at once
             decoded = _decoded(groups, params if len(groups) > 1 else [None], config)
             results = await _answered(_watched(_limited(decoded, admission), http), admission, endpoint, per_prompt)
             return JSONResponse(_response(kind, results, choices, admission, config, tools, ignored, per_prompt))
-        request = choices[0]
-        events = _guarded(engine.astream(request, config), admission)
+        streams = [_guarded(engine.astream(choice, config), admission) for choice in choices]  # a stream has one prompt
+        events: AsyncIterator[Any] = _indexed(streams) if parsed.stream else streams[0]
         try:
             first = await _first(events, http)
         except BaseException as err:
@@ -282,9 +282,9 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             raise failure from None
         if parsed.stream:
             usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
-            return StreamingResponse(
-                _sse(kind, first, events, admission, config, endpoint, usage_chunk, tools, request.seed, ignored), media_type="text/event-stream"
-            )
+            seeds = [choice.seed for choice in choices]
+            return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk, tools, seeds, ignored), media_type="text/event-stream")
+
         async def only() -> list[Result]:
             return [first.result if isinstance(first, Finished) else await _until_finished(events, http)]
 
@@ -356,7 +356,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             if close is not None:
                 await close()
 
-    async def _first(events: AsyncIterator[StreamEvent], http: Request) -> StreamEvent:
+    async def _first(events: AsyncIterator[T], http: Request) -> T:
         """The first event (so that input errors are answered as errors, not as a broken stream)."""
         return await _watched(events.__anext__(), http)
 
@@ -384,43 +384,70 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
+    async def _indexed(streams: list[AsyncIterator[StreamEvent]]) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Every choice's events as they come, each with its choice's index; closing this closes (cancels) them all."""
+        pending = {asyncio.ensure_future(stream.__anext__()): i for i, stream in enumerate(streams)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=pending.__getitem__):
+                    i = pending.pop(task)
+                    try:
+                        event = task.result()
+                    except StopAsyncIteration:
+                        continue
+                    yield i, event
+                    pending[asyncio.ensure_future(streams[i].__anext__())] = i
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+
     async def _sse(
-        kind: Literal["chat", "text"], first: StreamEvent, events: AsyncIterator[StreamEvent], admission: _Admission,
-        config: NablaConfig, endpoint: str, usage_chunk: bool, tools: list[dict[str, Any]], seed: int | None, ignored: dict[str, str],
+        kind: Literal["chat", "text"], first: tuple[int, StreamEvent], events: AsyncIterator[tuple[int, StreamEvent]], admission: _Admission,
+        config: NablaConfig, endpoint: str, usage_chunk: bool, tools: list[dict[str, Any]], seeds: list[int | None], ignored: dict[str, str],
     ) -> AsyncIterator[str]:
-        """The response as server-sent events; with tools the reply is held back and sent whole at the end, where
-        its tool calls can be read."""
+        """The response as server-sent events, the choices' chunks interleaved as their text comes; with tools a
+        choice's reply is held back and sent whole at its end, where its tool calls can be read. Each choice's last
+        chunk carries its own ``nabla`` object; the usage chunk the request's."""
         status = 499
+        results: dict[int, Result] = {}
+        n = len(seeds)
         try:
             if kind == "chat":
-                yield _data(_chunk(kind, admission, {"role": "assistant", "content": ""}, None, usage_chunk))
-            event = first
+                for index in range(n):
+                    yield _data(_chunk(kind, admission, {"role": "assistant", "content": ""}, None, usage_chunk, index))
+            index, event = first
             while True:
                 if isinstance(event, TextDelta):
                     if not tools:
-                        yield _data(_chunk(kind, admission, event.text, None, usage_chunk))
+                        yield _data(_chunk(kind, admission, event.text, None, usage_chunk, index))
                 else:
-                    result = event.result
+                    result = results[index] = event.result
                     finish: str = result.finish_reason
                     if tools:
                         message = _message(result, tools)
                         if message["content"]:
-                            yield _data(_chunk(kind, admission, {"content": message["content"]}, None, usage_chunk))
+                            yield _data(_chunk(kind, admission, {"content": message["content"]}, None, usage_chunk, index))
                         if "tool_calls" in message:
                             calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-                            yield _data(_chunk(kind, admission, {"tool_calls": calls}, None, usage_chunk))
+                            yield _data(_chunk(kind, admission, {"tool_calls": calls}, None, usage_chunk, index))
                             finish = "tool_calls"
-                    last = _chunk(kind, admission, "", finish, usage_chunk)
-                    last["nabla"] = _nabla([result], [seed], config, ignored)
+                    last = _chunk(kind, admission, "", finish, usage_chunk, index)
+                    last["nabla"] = _nabla([result], [seeds[index]], config, ignored)
                     yield _data(last)
-                    if usage_chunk:
-                        usage = {**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage([result], 1), "nabla": last["nabla"]}
-                        yield _data(usage)
-                    yield "data: [DONE]\n\n"
-                    _record([result], admission, 1)
-                    status = 200
-                    return
-                event = await events.__anext__()
+                    if len(results) == n:
+                        ordered = [results[i] for i in range(n)]
+                        if usage_chunk:
+                            nabla = _nabla(ordered, seeds, config, ignored)
+                            yield _data({**_chunk(kind, admission, None, None, False), "choices": [], "usage": _usage(ordered, n), "nabla": nabla})
+                        yield "data: [DONE]\n\n"
+                        _record(ordered, admission, n)
+                        status = 200
+                        return
+                index, event = await events.__anext__()
         except Exception as err:  # headers are sent: the error goes into the stream, as OpenAI does, and the stream ends
             if not isinstance(err, APIError):  # why: an unexpected failure mid-stream still ends with an error, never a cut
                 log.exception("a streamed request failed")
@@ -440,13 +467,15 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         calls = sum(r.stats.model_calls for r in results)
         metrics.finished(usage["prompt_tokens"], usage["completion_tokens"], calls, time.perf_counter() - admission.start)
 
-    def _chunk(kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, Any] | None", finish: str | None, usage_field: bool) -> dict[str, object]:
+    def _chunk(
+        kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, Any] | None", finish: str | None, usage_field: bool, index: int = 0
+    ) -> dict[str, object]:
         if kind == "chat":
             delta = text if isinstance(text, dict) else ({"content": text} if text else {})
-            choice: dict[str, object] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, object] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion.chunk"}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
             head = {"id": f"cmpl-{admission.id}", "object": "text_completion"}
         chunk: dict[str, object] = {**head, "created": admission.created, "model": model_name, "choices": [choice]}
         if usage_field:

@@ -203,7 +203,7 @@ class _Common(BaseModel):
 
     n: int | None = Field(default=None, ge=1)
     """Choices: independent responses to the prompt, decoded in one batch, choice i with seed ``seed + i`` (at most
-    the server's ``max_choices``; not with ``stream``). Not ``nabla.n``, the method's own budget per choice."""
+    the server's ``max_choices``; streamed, their chunks interleave, each with its index). Not ``nabla.n``, the method's own budget per choice."""
 
     # Fields the server does not support: accepted only at their neutral value, else a 400 naming them.
     presence_penalty: float | None = None
@@ -228,8 +228,6 @@ class _Common(BaseModel):
     def check_unsupported(self) -> None:
         """A 400 naming the first field set to something the server cannot do."""
         logprobs = self.top_logprobs_asked()
-        if self.stream and self.choices() > 1:
-            raise bad_field("n", f"is {self.n}; a stream carries one choice (send stream: false, or one request per choice)")
         if self.stream and logprobs is not None:
             raise bad_field("logprobs", "is not supported with stream: true (send stream: false)")
         refused = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 
 import dspy
 import httpx
@@ -16,7 +17,8 @@ from langchain_openai import ChatOpenAI
 
 from nabla_lc import Engine
 
-from ..server_harness import API_KEY, openai_client, running_server
+from ..server_harness import API_KEY, AUTH, openai_client, running_server
+from .test_shutdown import HeldAfterFirst, in_flight, until
 
 MESSAGES = [{"role": "user", "content": "2+2?"}]
 SAMPLED = {"nabla": {"method": "bon", "n": 1}}
@@ -95,6 +97,48 @@ def test_n_choices_equal_the_request_alone_with_seed_plus_i(client: openai.OpenA
     assert nabla["stats"]["rollouts"] == 3 and nabla["stats"]["model_calls"] == sum(r.stats.model_calls for r in expected)
 
 
+def test_streamed_choices_equal_the_unstreamed_ones(client: openai.OpenAI) -> None:
+    whole = sampled(client, n=3, seed=70)
+    chunks = list(sampled(client, n=3, seed=70, stream=True, stream_options={"include_usage": True}))
+    texts, finishes, nabla = ["", "", ""], [None, None, None], [None, None, None]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                assert finishes[choice.index] is None  # one finish per choice
+                finishes[choice.index], nabla[choice.index] = choice.finish_reason, chunk.model_extra["nabla"]
+    assert texts == [c.message.content for c in whole.choices] and finishes == [c.finish_reason for c in whole.choices]
+    assert [n["seed"] for n in nabla] == [70, 71, 72]
+    usage = chunks[-1]
+    assert not usage.choices and usage.usage.model_dump() == whole.usage.model_dump()
+    assert usage.model_extra["nabla"]["stats"]["model_calls"] == whole.model_extra["nabla"]["stats"]["model_calls"]
+    assert [c["seed"] for c in usage.model_extra["nabla"]["choices"]] == [70, 71, 72]
+
+
+class CountedCloses:
+    """Stands in for :class:`HeldAfterFirst`'s event: counts the streams the server closed."""
+
+    def __init__(self) -> None:
+        self.count, self.lock = 0, threading.Lock()
+
+    def set(self) -> None:
+        with self.lock:
+            self.count += 1
+
+
+def test_a_client_gone_from_a_stream_of_choices_closes_every_choice() -> None:
+    engine = HeldAfterFirst()
+    engine.closed = CountedCloses()  # type: ignore[assignment]
+    with running_server(engine) as url:
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 50, "n": 2, "stream": True}
+        with httpx.stream("POST", url + "/chat/completions", headers=AUTH, json=body, timeout=60) as response:
+            lines = response.iter_lines()  # kept: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")
+            assert in_flight(url) == 1
+        until(lambda: engine.closed.count == 2, "the server to close both choices' streams")  # type: ignore[attr-defined]
+        until(lambda: in_flight(url) == 0, "the server to free the place of the client that left")
+
+
 def test_n_choices_are_one_request_in_the_metrics(client: openai.OpenAI, url: str) -> None:
     def counters() -> dict[str, float]:
         text = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).text
@@ -117,9 +161,8 @@ def test_n_on_text_completions(client: openai.OpenAI, tiny_engine: Engine) -> No
     assert [c.text for c in out.choices] == [r.text for r in expected] and [c.index for c in out.choices] == [0, 1]
 
 
-def test_n_over_the_cap_or_with_stream_is_400(client: openai.OpenAI) -> None:
+def test_n_over_the_cap_is_400(client: openai.OpenAI) -> None:
     assert error_of(lambda: sampled(client, n=9))["param"] == "n"  # the default max_choices is 8
-    assert error_of(lambda: sampled(client, n=2, stream=True))["param"] == "n"
     assert error_of(lambda: sampled(client, n=0))["param"] == "n"
 
 
