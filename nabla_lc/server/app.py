@@ -283,7 +283,9 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         if parsed.stream:
             usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
             seeds = [choice.seed for choice in choices]
-            return StreamingResponse(_sse(kind, first, events, admission, config, endpoint, usage_chunk, tools, seeds, ignored), media_type="text/event-stream")
+            held = bool(tools) or parsed.top_logprobs_asked() is not None  # why: a reply's tool calls and logprobs are read at its end
+            sse = _sse(kind, first, events, admission, config, endpoint, usage_chunk, tools, seeds, ignored, held)
+            return StreamingResponse(sse, media_type="text/event-stream")
 
         async def only() -> list[Result]:
             return [first.result if isinstance(first, Finished) else await _until_finished(events, http)]
@@ -408,10 +410,11 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
     async def _sse(
         kind: Literal["chat", "text"], first: tuple[int, StreamEvent], events: AsyncIterator[tuple[int, StreamEvent]], admission: _Admission,
         config: NablaConfig, endpoint: str, usage_chunk: bool, tools: list[dict[str, Any]], seeds: list[int | None], ignored: dict[str, str],
+        held: bool,
     ) -> AsyncIterator[str]:
-        """The response as server-sent events, the choices' chunks interleaved as their text comes; with tools a
-        choice's reply is held back and sent whole at its end, where its tool calls can be read. Each choice's last
-        chunk carries its own ``nabla`` object; the usage chunk the request's."""
+        """The response as server-sent events, the choices' chunks interleaved as their text comes; when ``held`` (tools
+        or logprobs) a choice's reply is held back and sent whole at its end, where its tool calls and log-probabilities
+        are read. Each choice's last chunk carries its own ``nabla`` object; the usage chunk the request's."""
         status = 499
         results: dict[int, Result] = {}
         n = len(seeds)
@@ -422,15 +425,18 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             index, event = first
             while True:
                 if isinstance(event, TextDelta):
-                    if not tools:
+                    if not held:
                         yield _data(_chunk(kind, admission, event.text, None, usage_chunk, index))
                 else:
                     result = results[index] = event.result
                     finish: str = result.finish_reason
-                    if tools:
+                    if held and kind == "text":
+                        yield _data(_chunk(kind, admission, result.text, None, usage_chunk, index, _text_logprobs(result)))
+                    elif held:
                         message = _message(result, tools)
                         if message["content"]:
-                            yield _data(_chunk(kind, admission, {"content": message["content"]}, None, usage_chunk, index))
+                            content = {"content": message["content"]}
+                            yield _data(_chunk(kind, admission, content, None, usage_chunk, index, _chat_logprobs(result)))
                         if "tool_calls" in message:
                             calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
                             yield _data(_chunk(kind, admission, {"tool_calls": calls}, None, usage_chunk, index))
@@ -468,14 +474,15 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         metrics.finished(usage["prompt_tokens"], usage["completion_tokens"], calls, time.perf_counter() - admission.start)
 
     def _chunk(
-        kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, Any] | None", finish: str | None, usage_field: bool, index: int = 0
+        kind: Literal["chat", "text"], admission: _Admission, text: "str | dict[str, Any] | None", finish: str | None, usage_field: bool,
+        index: int = 0, logprobs: dict[str, object] | None = None,
     ) -> dict[str, object]:
         if kind == "chat":
             delta = text if isinstance(text, dict) else ({"content": text} if text else {})
-            choice: dict[str, object] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, object] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             head = {"id": f"chatcmpl-{admission.id}", "object": "chat.completion.chunk"}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             head = {"id": f"cmpl-{admission.id}", "object": "text_completion"}
         chunk: dict[str, object] = {**head, "created": admission.created, "model": model_name, "choices": [choice]}
         if usage_field:

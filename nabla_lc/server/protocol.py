@@ -227,9 +227,7 @@ class _Common(BaseModel):
 
     def check_unsupported(self) -> None:
         """A 400 naming the first field set to something the server cannot do."""
-        logprobs = self.top_logprobs_asked()
-        if self.stream and logprobs is not None:
-            raise bad_field("logprobs", "is not supported with stream: true (send stream: false)")
+        self.top_logprobs_asked()  # its own checks (top_logprobs without logprobs)
         refused = {
             "presence_penalty": self.presence_penalty not in (None, 0),
             "frequency_penalty": self.frequency_penalty not in (None, 0),

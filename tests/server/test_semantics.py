@@ -205,6 +205,20 @@ def test_logprobs_through_chat_openai_and_dspy(url: str, tiny_engine: Engine) ->
     assert [c["logprob"] for c in outputs[0]["logprobs"]["content"]] == pytest.approx([p.chosen.logprob for p in expected.logprobs], abs=1e-4)
 
 
+def test_a_stream_with_logprobs_sends_each_reply_whole_with_them(client: openai.OpenAI) -> None:
+    whole = sampled(client, seed=8, n=2, logprobs=True, top_logprobs=2)
+    chunks = list(sampled(client, seed=8, n=2, logprobs=True, top_logprobs=2, stream=True))
+    held = [(c.choices[0].index, c.choices[0]) for c in chunks if c.choices and c.choices[0].delta.content]
+    assert sorted(i for i, _ in held) == [0, 1]  # one content chunk a choice: the reply, whole
+    for index, choice in held:
+        assert choice.delta.content == whole.choices[index].message.content
+        assert choice.logprobs.model_dump() == whole.choices[index].logprobs.model_dump()
+    text = list(client.completions.create(model="tiny", prompt="1 2 3", max_tokens=5, seed=2, logprobs=1, stream=True, extra_body=SAMPLED))
+    alone_text = client.completions.create(model="tiny", prompt="1 2 3", max_tokens=5, seed=2, logprobs=1, extra_body=SAMPLED)
+    [piece] = [c.choices[0] for c in text if c.choices[0].text]
+    assert piece.text == alone_text.choices[0].text and piece.logprobs.model_dump() == alone_text.choices[0].logprobs.model_dump()
+
+
 def test_text_logprobs(client: openai.OpenAI, tiny_engine: Engine) -> None:
     out = client.completions.create(model="tiny", prompt="1 2 3", max_tokens=5, seed=2, logprobs=1, extra_body={"nabla": {"method": "greedy"}})
     [expected] = tiny_engine.generate([dataclasses.replace(tiny_engine.request("1 2 3", chat=False, seed=2, max_new_tokens=5), logprobs=1)], tiny_engine.config.replace(method="greedy"))
@@ -219,7 +233,6 @@ def test_logprobs_without_meaning_or_out_of_range_are_400(client: openai.OpenAI)
     assert error_of(lambda: sampled(client, logprobs=True, extra_body={"nabla": {"method": "nabla", "n": 2}}))["param"] == "logprobs"
     assert error_of(lambda: sampled(client, top_logprobs=2))["param"] == "top_logprobs"
     assert error_of(lambda: sampled(client, logprobs=True, top_logprobs=21))["param"] == "top_logprobs"
-    assert error_of(lambda: sampled(client, logprobs=True, stream=True))["param"] == "logprobs"
     assert error_of(lambda: client.completions.create(model="tiny", prompt="1", max_tokens=2, logprobs=True))["param"] == "logprobs"  # type: ignore[arg-type]
     assert sampled(client).choices[0].logprobs is None
     assert sampled(client, logprobs=False, top_logprobs=0).choices[0].logprobs is None  # neutral values, as before
