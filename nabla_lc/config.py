@@ -71,11 +71,13 @@ class NablaConfig:
     st_tau: float = 0.5
     """Temperature of the straight-through backward pass, softmax(z/st_tau) (the authors' code: 1.0; at least
     :data:`MIN_TEMPERATURE`)."""
-    step: Literal["adam", "trust_region"] = "adam"
-    """How a DTO run moves the logits: ``adam``, the paper's T AdamW steps as they are, or ``trust_region``, the
-    same steps' direction rescaled so that KL(softmax(z̃/τ) ‖ softmax(z/τ)) equals ``target_kl`` in every optimized row."""
+    step: Literal["adam", "trust_region", "mirror"] = "adam"
+    """How a DTO run moves the logits: ``adam``, the paper's T AdamW steps as they are; ``trust_region``, the
+    same steps' direction rescaled so that KL(softmax(z̃/τ) ‖ softmax(z/τ)) equals ``target_kl`` in every optimized row;
+    or ``mirror``, the exact minimizer of the linearised loss inside that KL ball (an exponentiated-gradient step
+    along dL/dy itself, z̃ = z − α·dL/dy; one pass, the probe's, and no AdamW steps)."""
     target_kl: float = 0.5
-    """KL (nats) that a ``trust_region`` step moves each optimized row's distribution at temperature τ."""
+    """KL (nats) that a ``trust_region`` or ``mirror`` step moves each optimized row's distribution at temperature τ."""
     entropy_threshold: float = 0.25
     """ε_ent: a position gets DTO only when the entropy (nats) of its next-token distribution exceeds this."""
     differ_threshold: float = 0.0
@@ -150,7 +152,7 @@ class NablaConfig:
         )
         _check(_finite(self.tau) and self.tau >= MIN_TEMPERATURE, "tau", f"must be >= {MIN_TEMPERATURE:g}, got {self.tau!r}")
         _check(_finite(self.st_tau) and self.st_tau >= MIN_TEMPERATURE, "st_tau", f"must be >= {MIN_TEMPERATURE:g}, got {self.st_tau!r}")
-        _check(self.step in ("adam", "trust_region"), "step", f"must be 'adam' or 'trust_region', got {self.step!r}")
+        _check(self.step in ("adam", "trust_region", "mirror"), "step", f"must be 'adam', 'trust_region' or 'mirror', got {self.step!r}")
         _check(_finite(self.target_kl) and self.target_kl > 0, "target_kl", f"must be > 0, got {self.target_kl!r}")
         _check(
             _finite(self.differ_threshold) and 0 <= self.differ_threshold < 1,

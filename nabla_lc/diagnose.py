@@ -10,7 +10,10 @@ evenly spaced from the first to the last get:
   argmax changed;
 * the **swap test**: for the ``k`` most likely other tokens j, the reward change the gradient predicts,
   ∂r/∂y · (e_j − e_y), against the actual change from scoring the response with that one token swapped and the
-  rest fixed (Pearson correlation, sign agreement, and whether the predicted best swap is the actual best).
+  rest fixed (Pearson correlation, sign agreement, and whether the predicted best swap is the actual best);
+* the **proposal gain**: among those scored swaps, the expected actual reward change of a proposal drawn as ∇ draws
+  it (softmax(·/τ), top-p), and the chance that it raises the reward, from z and from z̃. The swap test judges the
+  reward's gradient; the gain judges the step: whether DTO moves proposals toward swaps that raise the reward.
 
 Every pass is counted in one :class:`~nabla_lc.engine.accounting.Stats`.
 """
@@ -32,7 +35,7 @@ from .config import NablaConfig
 from .engine.accounting import Stats
 from .engine.decoder import entropy, gate, proposal_sampling
 from .engine.dto import DTORun, NonFiniteGradient, kl_rows
-from .engine.rollout import RolloutRow, Sampling, differ_chance, rollout
+from .engine.rollout import RolloutRow, Sampling, differ_chance, filter_logits, rollout
 from .engine.types import Request
 from .facade import Engine
 from .rewards.base import checked_soft
@@ -82,6 +85,14 @@ class PositionDiagnosis:
     """Fraction of swaps whose predicted and actual changes have the same sign."""
     swap_best_found: bool | None = None
     """Whether the swap predicted best is the actual best."""
+    swap_gain_z: float | None = None
+    """The actual reward change of a proposal drawn from z (τ, top-p) given that it is one of the scored swaps."""
+    swap_gain_dto: float | None = None
+    """The same from the optimized logits z̃: above :attr:`swap_gain_z` when DTO moves proposals toward better swaps."""
+    swap_win_z: float | None = None
+    """The chance that such a proposal from z is a swap that raises the reward."""
+    swap_win_dto: float | None = None
+    """The same from z̃."""
 
 
 @dataclass
@@ -151,7 +162,7 @@ def _diagnose_request(
             log.warning("question %d, position %d: %s; skipped", q, i, err)
             continue
         found = _moves(policy.token_text(tokens[i]), z.float(), optimized, tokens[i], grad_norm, config, q, i)
-        _swap_test(engine, request.reward_prompt, committed, tokens[i:], z, found, k, stats)
+        _swap_test(engine, request.reward_prompt, committed, tokens[i:], z, optimized, config, found, k, stats)
         out.append(found)
     return out
 
@@ -194,11 +205,14 @@ def _swap_test(
     committed: list[int],
     rest: list[int],
     z: torch.Tensor,
+    z_opt: torch.Tensor,
+    config: NablaConfig,
     found: PositionDiagnosis,
     k: int,
     stats: Stats,
 ) -> None:
-    """Fill ``found``'s swap fields: the reward gradient's predicted changes against scored swaps. z: [V] the position's logits."""
+    """Fill ``found``'s swap fields: the reward gradient's predicted changes against scored swaps, and what a proposal
+    drawn before and after DTO gains among them. z, z_opt: [V] the position's logits before and after DTO."""
     reward = engine.reward
     if k == 0 or reward is None or not reward.differentiable:
         return
@@ -219,6 +233,21 @@ def _swap_test(
     found.swap_best_found = bool(found.swaps) and max(range(len(predicted)), key=predicted.__getitem__) == max(
         range(len(actual)), key=actual.__getitem__
     )
+    found.swap_gain_z, found.swap_win_z = proposal_gain(z.float(), alternatives, actual, config)
+    found.swap_gain_dto, found.swap_win_dto = proposal_gain(z_opt, alternatives, actual, config)
+
+
+def proposal_gain(logits: torch.Tensor, tokens: Sequence[int], changes: Sequence[float], config: NablaConfig) -> tuple[float | None, float | None]:
+    """For a proposal drawn from ``logits`` ([V]) as ∇ draws it, given that it is one of ``tokens``: the expected reward
+    change (``changes``, one a token) and the chance that the change is positive. (None, None) when none can be drawn."""
+    sampling = proposal_sampling(config)
+    probs = filter_logits(logits.float()[None] / sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)[0]
+    p = probs[list(tokens)].double()
+    if not tokens or float(p.sum()) <= 0:
+        return None, None
+    p = p / p.sum()
+    change = torch.tensor(list(changes), dtype=torch.float64)
+    return float((p * change).sum()), float(p[change > 0].sum())
 
 
 def reward_gradient(engine: Engine, prompt: str, committed: list[int], rest: list[int], stats: Stats) -> torch.Tensor:
@@ -274,4 +303,8 @@ def summarize(found: Sequence[PositionDiagnosis], k: int) -> dict[str, Any]:
         "swap_sign_agreement": avg([p.swap_sign_agreement for p in found]),
         "swap_best_found_rate": avg([None if p.swap_best_found is None else float(p.swap_best_found) for p in found]),
         "swap_best_chance": 1 / k if k else None,
+        "swap_gain_z_mean": avg([p.swap_gain_z for p in found]),
+        "swap_gain_dto_mean": avg([p.swap_gain_dto for p in found]),
+        "swap_win_z_mean": avg([p.swap_win_z for p in found]),
+        "swap_win_dto_mean": avg([p.swap_win_dto for p in found]),
     }

@@ -1,4 +1,4 @@
-"""The DTO step rules (the paper's AdamW and the trust region), the proposal gate, both rejection rates, diagnose."""
+"""The DTO step rules (the paper's AdamW, the trust region, the mirror step), the proposal gate, both rejection rates, diagnose."""
 
 import math
 import statistics
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nabla_lc import Engine, NablaConfig, Stats
-from nabla_lc.diagnose import diagnose, pearson, spread
+from nabla_lc.diagnose import diagnose, pearson, proposal_gain, spread
 from nabla_lc.engine.dto import DTORun, kl_rows, straight_through_grad, trust_region
 from nabla_lc.engine.policy import Policy
 from nabla_lc.engine.rollout import RolloutRow, Sampling, differ_chance, rollout
@@ -66,6 +66,43 @@ def test_a_trust_region_run_moves_every_row_by_the_target_kl(tokenizer, position
     torch.testing.assert_close(kl_rows(z, r.logits[:rows].float(), 0.5), torch.full((rows,), 0.3), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("positions", ["first", "all"])
+def test_the_mirror_step_solves_the_linearised_problem_in_the_kl_ball(tokenizer, positions):
+    """z̃ = z − α·dL/dy at the KL target, and no distribution in the same ball has a lower linearised loss ⟨g, p⟩."""
+    run, r = _run(tokenizer, DigitReward, step="mirror", target_kl=0.3, dto_positions=positions)
+    run.probe()
+    g = run.probe_pass.found.grad.float()
+    z = run.optimize()
+    rows = z.shape[0]
+    z0, g = r.logits[:rows].float(), g[:rows]
+    torch.testing.assert_close(kl_rows(z, z0, 0.5), torch.full((rows,), 0.3), rtol=1e-3, atol=1e-6)
+    alpha = (z0 - z) / g  # one positive factor per row along −g
+    finite = g.abs() > 1e-3
+    assert bool((alpha[finite] > 0).all())
+    for row in range(rows):
+        a = alpha[row][finite[row]]
+        torch.testing.assert_close(a, a[:1].expand_as(a), rtol=1e-3, atol=1e-5)
+    best = ((z / 0.5).softmax(-1) * g).sum(-1)  # [rows]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # any other direction, scaled to the same KL, does worse on ⟨g, p⟩
+        other = trust_region(z0, z0 + 5 * torch.randn(z0.shape, generator=gen), 0.5, 0.3)
+        assert bool((((other / 0.5).softmax(-1) * g).sum(-1) >= best - 1e-4).all())
+    adam = DTORun(run.policy, run.reward, run.config.replace(step="trust_region"), "q", run.prefix_ids, [], r.tokens, r.logits, Stats())
+    adam.probe()
+    assert bool((((adam.optimize() / 0.5).softmax(-1) * g).sum(-1) >= best - 1e-4).all())  # nor does the AdamW direction
+
+
+def test_the_mirror_step_needs_no_pass_beyond_the_probe(tokenizer):
+    run, _ = _run(tokenizer, DigitReward, step="mirror", dto_steps=20)
+    run.probe()
+    before = run.stats.to_dict()
+    run.optimize()
+    after = run.stats.to_dict()
+    assert after["policy_forward"] == before["policy_forward"] and after["policy_backward"] == before["policy_backward"]
+    assert (after["dto_steps"], after["cache_hits"], run.steps) == (1, 1, 1)
+    assert run.stats.model_calls_paper == 4  # the probe's pass, the one uncached step
+
+
 def test_the_paper_step_moves_each_logit_by_at_most_the_summed_lr(tokenizer):
     run, r = _run(tokenizer, DigitReward, weight_decay=0.0, lr=0.01, min_lr=0.001, dto_steps=20)
     run.probe()
@@ -89,20 +126,22 @@ def _final_reward(reward, result):
     return float(reward.score([""], [result.token_ids]).values[0])
 
 
-def test_trust_region_makes_proposals_win_where_the_gradient_is_informative(tokenizer):
-    """Plain rejection sampling rejects most proposals; trust-region DTO with an informative reward does not."""
+def test_trust_region_and_mirror_make_proposals_win_where_the_gradient_is_informative(tokenizer):
+    """Plain rejection sampling rejects most proposals; trust-region or mirror DTO with an informative reward does not."""
     model = make_policy(tokenizer)
     reward = DigitReward(tokenizer, model.config.vocab_size)
     engine = Engine(model, tokenizer, reward)
     base = NablaConfig(max_new_tokens=4, n=8, entropy_threshold=0.0, grad_threshold=0.0, dto_positions="first", dto_steps=20)
     rates, rewards = {}, {}
-    for name, config in {"rs": base.replace(dto_steps=0), "tr": base.replace(step="trust_region", target_kl=2.0)}.items():
+    steps = {"rs": base.replace(dto_steps=0), "tr": base.replace(step="trust_region", target_kl=2.0), "mirror": base.replace(step="mirror", target_kl=2.0)}
+    for name, config in steps.items():
         results = [r for seed in range(6) for r in engine.generate([engine.request(p, seed=seed) for p in PROMPTS], config)]
         stats = [r.stats for r in results]
         rates[name] = sum(s.rejections for s in stats) / sum(s.proposals for s in stats)
         rewards[name] = statistics.mean(_final_reward(reward, r) for r in results)
-    assert rates["tr"] <= rates["rs"] - 0.30, rates
-    assert rewards["tr"] > rewards["rs"], rewards
+    for name in ("tr", "mirror"):
+        assert rates[name] <= rates["rs"] - 0.30, rates
+        assert rewards[name] > rewards["rs"], rewards
 
 
 def test_the_proposal_gate_skips_positions_before_their_probe(tokenizer):
@@ -161,6 +200,28 @@ def test_diagnose_with_a_linear_reward_predicts_every_swap(tokenizer):
     assert s.probes == s.dto_runs == 6 and s.rollouts == 2
     assert s.reward_forward >= 6 * 6  # each position scores the response and its 5 swaps
     assert s.model_calls >= s.model_calls_paper > 0
+
+
+def test_the_proposal_gain_by_hand():
+    config = NablaConfig(tau=1.0, top_p=1.0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.1, 0.1]))
+    gain, win = proposal_gain(logits, [1, 2, 3], [1.0, -2.0, 0.0], config)
+    assert gain == pytest.approx((0.3 * 1.0 + 0.1 * -2.0) / 0.5) and win == pytest.approx(0.3 / 0.5)
+    assert proposal_gain(logits, [], [], config) == (None, None)
+
+
+def test_diagnose_sees_the_mirror_step_move_proposals_toward_better_swaps(tokenizer):
+    """With a linear reward (an exact gradient) and λ large, the mirror step's proposals gain more reward among the
+    scored swaps than proposals from the rollout's logits, at every probed position."""
+    model = make_policy(tokenizer)
+    engine = Engine(model, tokenizer, LinearReward(model.config.vocab_size))
+    config = NablaConfig(max_new_tokens=10, entropy_threshold=0.0, step="mirror", target_kl=0.5, reward_weight=1e4)
+    found = diagnose(engine, [engine.request(p, seed=1) for p in PROMPTS[:2]], config, positions=3, k=5)
+    for p in found.positions:
+        assert p.swap_gain_dto > p.swap_gain_z and p.swap_win_dto >= p.swap_win_z
+    summary = found.summary
+    assert summary["swap_gain_dto_mean"] > summary["swap_gain_z_mean"]
+    assert found.stats.dto_steps == found.stats.dto_runs == found.stats.probes == 6  # one step a run, from the probe's pass
 
 
 def test_spread_takes_evenly_spaced_positions():

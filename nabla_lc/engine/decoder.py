@@ -186,7 +186,7 @@ class Decoder:
             log.warning("position %d: %s; keeping the rollout's token", record.index, err)
             self.stats.nonfinite_gradients += 1
             return None
-        record.optimized, record.steps, record.cache_hits = True, self.config.dto_steps, run.cache_hits
+        record.optimized, record.steps, record.cache_hits = True, run.steps, run.cache_hits
         record.loss_start, record.loss_end = run.loss_start, run.loss_end
         record.top_after = top_tokens(self.policy, z[0], self.config.tau)
         return z[0]
