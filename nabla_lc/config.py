@@ -99,6 +99,13 @@ class NablaConfig:
     numbers, seeded by the request's seed and p), so a proposal's continuation differs from the rollout it is compared
     with only where the changed token changes the policy's distribution (off: each rollout draws on from the request's
     generator, as the paper's sampling does)."""
+    proposal_window: int = 1
+    """∇: how many proposals along the current rollout roll out together. With W > 1 the decoder walks on past a
+    proposal as if it were rejected, up to W proposals (or the budget), rolls their continuations out in one batch and
+    scores them in one pass; the first accepted one wins and the continuations after it are discarded (their passes
+    are counted; N_max counts only the rollouts the one-at-a-time search makes). W > 1 draws every proposal and
+    rollout from a generator keyed by the request and the position, so every W > 1 makes the same decisions; W = 1
+    draws from the request's generator in decoding order (the paper's sampling)."""
     no_gradient_reward: Literal["likelihood", "error"] = "likelihood"
     """With a reward that has no gradient: run DTO on the likelihood term alone (with a warning) or raise."""
     trace: bool = True
@@ -161,6 +168,11 @@ class NablaConfig:
         )
         _check(_finite(self.entropy_threshold), "entropy_threshold", f"must be a finite number, got {self.entropy_threshold!r}")
         _check(_finite(self.grad_threshold), "grad_threshold", f"must be a finite number, got {self.grad_threshold!r}")
+        _check(
+            _is_int(self.proposal_window) and self.proposal_window >= 1,
+            "proposal_window",
+            f"must be an integer >= 1, got {self.proposal_window!r}",
+        )
         _check(self.dto_positions in ("all", "first"), "dto_positions", f"must be 'all' or 'first', got {self.dto_positions!r}")
         _check(
             self.no_gradient_reward in ("likelihood", "error"),

@@ -415,3 +415,52 @@ def test_top_p_from_the_top_candidates_keeps_what_a_whole_sort_keeps(seed):
     edge = float(p[0] + p[1] / 2)  # the nucleus ends between the two equal logits
     assert rollout_module._outside_nucleus_of_candidates(tie, edge) is None
     assert torch.equal(torch.isfinite(filter_logits(tie, edge, 0)), ~rollout_module._outside_nucleus(tie, edge))
+
+
+DECISIONS = ("rollouts", "proposals", "rejections", "positions", "probes", "dto_runs", "skipped_entropy", "skipped_gradient", "response_tokens")
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_a_proposal_window_makes_the_same_decisions_with_fewer_rollout_rounds(tokenizer, monkeypatch, coupled):
+    # W > 1 walks on past a proposal as if it were rejected and rolls the proposals out together; with keyed draws
+    # every W > 1 decodes the same tokens and decisions, and discarded work is counted as work only
+    from nabla_lc.engine.rollout import RolloutBatch
+
+    engine, requests = _search_engine(tokenizer)
+    joins: list[int] = []
+    original = RolloutBatch.add
+
+    def counted(self, rows):
+        joins.append(len(rows))
+        return original(self, rows)
+
+    monkeypatch.setattr(RolloutBatch, "add", counted)
+    runs, rounds = {}, {}
+    for window in (2, 3, 8):
+        config = engine.config.replace(proposal_window=window, coupled_rollouts=coupled, n=6)
+        joins.clear()
+        runs[window] = [engine.generate([r], config)[0] for r in requests]
+        rounds[window] = len(joins)
+    for a, b, c in zip(runs[2], runs[3], runs[8]):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert _decisions(a) == _decisions(b) == _decisions(c)
+        assert a.reward == pytest.approx(b.reward, abs=1e-5) and a.reward == pytest.approx(c.reward, abs=1e-5)  # scored in other batches
+        for name in DECISIONS:
+            assert getattr(a.stats, name) == getattr(b.stats, name) == getattr(c.stats, name), name
+        assert a.stats.rollouts <= 6
+        assert c.stats.policy_forward >= a.stats.policy_forward  # work done ahead and discarded still counts
+    assert sum(r.stats.proposals for r in runs[2]) > 0 and sum(r.stats.rejections for r in runs[2]) > 0
+    assert rounds[8] < rounds[2]  # fewer sequential rollout rounds
+    together = engine.generate(requests, engine.config.replace(proposal_window=3, coupled_rollouts=coupled, n=6))
+    for a, b in zip(together, runs[3]):
+        assert a.token_ids == b.token_ids and _decisions(a) == _decisions(b)
+        assert dataclasses.replace(a.stats, wall_s=0.0) == dataclasses.replace(b.stats, wall_s=0.0)
+
+
+def test_a_window_of_one_is_the_paper_search(tokenizer):
+    engine, requests = _search_engine(tokenizer)
+    config = engine.config.replace(proposal_window=1)
+    for a in engine.generate(requests, config):
+        _check_accounting(a, config)
+    assert [r.token_ids for r in engine.generate(requests, config)] == [r.token_ids for r in engine.generate(requests)]
+    assert [r.token_ids for r in engine.generate(requests, config.replace(proposal_window=2))] != [r.token_ids for r in engine.generate(requests)]

@@ -117,6 +117,11 @@ class Stats:
             if f.name != "wall_s":
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    def add_work(self, other: "Stats") -> None:
+        """Add only another's model work (passes, tokens), not its decisions: work done ahead and then discarded."""
+        for name in WORK:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def to_dict(self) -> dict[str, Any]:
         """Every counter plus the derived totals."""
         out: dict[str, Any] = dataclasses.asdict(self)
@@ -125,3 +130,7 @@ class Stats:
         out["rejection_rate"] = self.rejection_rate
         out["rejection_rate_generations"] = self.rejection_rate_generations
         return out
+
+
+WORK = ("policy_forward", "policy_backward", "reward_forward", "reward_backward", "policy_tokens", "reward_tokens", "rollout_tokens")
+"""The :class:`Stats` fields that count model work rather than decisions."""

@@ -119,6 +119,8 @@ class PrefixEncoder:
         self.reward = gradient_reward(reward, config)
         self.prefix: PolicyPrefix | None = None
         self.reward_prefix: RewardPrefix | None = None
+        self.reward_committed: list[int] = []
+        """The committed tokens :attr:`reward_prefix` encodes."""
 
     def encode(
         self, reward_prompt: str, prefix_ids: Sequence[int], committed: Sequence[int], cached: tuple[kv.Cache, torch.Tensor] | None = None
@@ -135,10 +137,14 @@ class PrefixEncoder:
         else:
             self.prefix = extend_prefix(self.policy, self.prefix, prefix_ids, self.stats)
         if self.reward is not None:
-            if self.reward_prefix is None or not self.config.prefix_cache:
+            committed = list(committed)
+            # why: a decoder that walked ahead of a proposal it then accepted asks for a shorter prefix: encode afresh
+            ahead = committed[: len(self.reward_committed)] != self.reward_committed
+            if self.reward_prefix is None or not self.config.prefix_cache or ahead:
                 self.reward_prefix = self.reward.prepare(reward_prompt, committed)
             else:
                 self.reward_prefix = self.reward.extend(self.reward_prefix, reward_prompt, committed)
+            self.reward_committed = committed
             self.stats.count_reward(self.reward_prefix.passes, self.reward_prefix.tokens)
         return self.prefix, self.reward_prefix
 
