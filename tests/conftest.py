@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
-from nabla_lc import Engine
+from nabla_lc import Engine, models
 
 from .tiny import make_engine, make_tokenizer
 
 torch.set_num_threads(1)  # why: tiny models gain nothing from threads, and oversubscribed cores lose a lot
+
+# --- the fast subset: `pytest -m "not real_model"` never loads the embedded SmolLM2 -------------------------------
+
+_running: pytest.Item | None = None
+"""The test being set up, run or torn down (its fixtures included)."""
+_find_embedded_gguf = models.find_embedded_gguf
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def find_embedded_gguf_for_marked_tests() -> Path:
+    """``models.find_embedded_gguf`` while the suite runs: the installed GGUF, found for a test (or its fixtures)
+    not marked ``real_model``, fails that test, naming the marker. Every way to the embedded model (load_embedded,
+    load_policy("embedded"), ``ChatNablaReasoner.embedded``, the CLI's default policy) passes through it, so the
+    marker stays complete and ``-m "not real_model"`` stays fast. Tests that stand a stub in for it are unaffected."""
+    path = _find_embedded_gguf()
+    if _running is not None and _running.get_closest_marker("real_model") is None:
+        pytest.fail(f"{_running.nodeid} loads the embedded SmolLM2 ({path.name}): mark it @pytest.mark.real_model")
+    return path
+
+
+models.find_embedded_gguf = find_embedded_gguf_for_marked_tests
 
 
 @pytest.fixture(scope="session")

