@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.base import LanguageModelInput
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolCallChunk, ToolMessage
 from langchain_core.messages import InvalidToolCall as LCInvalidToolCall
 from langchain_core.messages import ToolCall as LCToolCall
@@ -27,13 +28,14 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, ConfigDict, InstanceOf, SkipValidation, model_validator
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, SkipValidation, model_validator
 
 from .config import NablaConfig
 from .engine.types import Constraint, Finished, Request, Result, StreamEvent, TextDelta
 from .frontend import CONFIG_FIELDS, FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
 from .loading import load_engine
-from .tool_calls import InvalidToolCall, Reply, ToolCall, check_tool_choice, conversation, json_schema_of, parse_tool_calls, response_format_schema, tool_call_constraint
+from .tool_calls import InvalidToolCall, Reply, ToolCall, check_tool_choice, conversation, json_schema_of, parse_tool_calls, response_format_schema, tool_call_constraint, tool_call_or_json_constraint
 
 if TYPE_CHECKING:
     import dspy
@@ -55,6 +57,10 @@ class NablaReasonerLLM(BaseLLM):
     Per-call options (``llm.invoke(p, temperature=0.2)``, ``llm.bind(max_tokens=64)``) are any NablaConfig field,
     or LangChain's ``max_tokens`` for ``max_new_tokens``; they apply to that call only and are part of
     LangChain's cache key (:meth:`generate` decodes them on a copy whose config holds them).
+
+    LangChain's standard parameters: ``model`` is :attr:`model_id`; ``temperature``, ``stop`` and ``max_tokens``
+    (``max_new_tokens``) go to the config; ``timeout`` and ``max_retries`` are accepted and ignored (a local
+    engine has no request to time out or retry); ``streaming`` decodes ``invoke`` through the engine's stream.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -71,20 +77,34 @@ class NablaReasonerLLM(BaseLLM):
     """System message for string prompts under the chat template (and for chat messages that have none)."""
     return_trace: bool = False
     """Put the per-position trace (a list of dicts) in ``generation_info["trace"]``; needs ``trace=True`` in the config."""
+    timeout: Annotated[float, Field(gt=0)] | None = None
+    """LangChain's standard parameter, accepted and ignored: decoding is local and bounded by ``max_new_tokens``
+    (to stop one early, cancel the task awaiting ``ainvoke``: the engine stops at the next token)."""
+    max_retries: Annotated[int, Field(ge=0)] = 0
+    """LangChain's standard parameter, accepted and ignored: a local engine has no transient failure to retry."""
+    streaming: bool = False
+    """``invoke``/``generate`` decode each prompt through the engine's stream, so callbacks get ``on_llm_new_token``
+    as text is committed (same text; the prompts of one call are then decoded one after another, not batched)."""
 
     @model_validator(mode="before")
     @classmethod
     def _fold_config_keywords(cls, data: Any) -> Any:
-        """Move NablaConfig keywords into ``config``; every other unknown name is left to fail."""
+        """Move NablaConfig keywords (and ``max_tokens``) into ``config`` and ``model`` into ``model_id``; every
+        other unknown name is left to fail."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        changes = {name: data.pop(name) for name in list(data) if name in CONFIG_FIELDS}
+        if "model" in data:
+            model = data.pop("model")
+            if data.get("model_id") not in (None, "", model):
+                raise ValueError(f"model {model!r} and model_id {data['model_id']!r} name two models; give one")
+            data["model_id"] = model
+        changes = {name: data.pop(name) for name in list(data) if is_call_option(name)}
         base = data.get("config")
         if base is None:
             engine = data.get("engine")
             base = engine.config if engine is not None else NablaConfig()
-        data["config"] = base.replace(**changes) if changes else base
+        data["config"] = call_config(base, changes)
         if not data.get("model_id") and data.get("engine") is not None:
             data["model_id"] = default_model_id(data["engine"])
         return data
@@ -142,7 +162,7 @@ class NablaReasonerLLM(BaseLLM):
         ``llm.with_settings(method="bon", n=8)`` keeps ``llm``'s config (unlike a new
         ``NablaReasonerLLM(engine=llm.engine, ...)``, which starts from the engine's config).
         """
-        fields = {name: getattr(self, name) for name in ("engine", "config", "model_id", "chat", "system", "return_trace")}
+        fields = {name: getattr(self, name) for name in LLM_FIELDS}
         return type(self)(**{**fields, **changes})
 
     @property
@@ -172,7 +192,7 @@ class NablaReasonerLLM(BaseLLM):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        return {**params, **ls_params(self.model_id, self.config, kwargs)}  # type: ignore[typeddict-item]
+        return {**params, **ls_params(self.model_id, self.config, stop, kwargs)}  # type: ignore[typeddict-item]
 
     def generate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any) -> LLMResult:
         """BaseLLM's ``generate``, with per-call options moved into a copy's config first.
@@ -207,9 +227,14 @@ class NablaReasonerLLM(BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        """Decode every prompt in one engine call."""
-        config = call_config(self.config, kwargs)
-        return self._llm_result(self.engine.generate([self._request(p, stop, config) for p in prompts], config))
+        """Decode every prompt in one engine call (one after another through the stream under :attr:`streaming`)."""
+        config = call_config(self.config, served_options(self.model_id, kwargs))
+        requests = [self._request(p, stop, config) for p in prompts]
+        if self.streaming and run_manager is not None:
+            results = [self._streamed(request, config, run_manager) for request in requests]
+        else:
+            results = self.engine.generate(requests, config)
+        return self._llm_result(results)
 
     async def _agenerate(
         self,
@@ -219,8 +244,29 @@ class NablaReasonerLLM(BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         """Like :meth:`_generate`, awaiting the engine's scheduler: cancelling the task stops the decoding."""
-        config = call_config(self.config, kwargs)
-        return self._llm_result(await self.engine.agenerate([self._request(p, stop, config) for p in prompts], config))
+        config = call_config(self.config, served_options(self.model_id, kwargs))
+        requests = [self._request(p, stop, config) for p in prompts]
+        if self.streaming and run_manager is not None:
+            results = [await self._astreamed(request, config, run_manager) for request in requests]
+        else:
+            results = await self.engine.agenerate(requests, config)
+        return self._llm_result(results)
+
+    def _streamed(self, request: Request, config: NablaConfig, run_manager: CallbackManagerForLLMRun) -> Result:
+        """One request decoded through the engine's stream, each committed text passed to ``on_llm_new_token``."""
+        for event in self.engine.stream(request, config):
+            if isinstance(event, Finished):
+                return event.result
+            run_manager.on_llm_new_token(event.text)
+        raise RuntimeError("the engine's stream ended without a result")
+
+    async def _astreamed(self, request: Request, config: NablaConfig, run_manager: AsyncCallbackManagerForLLMRun) -> Result:
+        """The async form of :meth:`_streamed`."""
+        async for event in self.engine.astream(request, config):
+            if isinstance(event, Finished):
+                return event.result
+            await run_manager.on_llm_new_token(event.text)
+        raise RuntimeError("the engine's stream ended without a result")
 
     def _llm_result(self, results: list[Result]) -> LLMResult:
         return LLMResult(
@@ -236,7 +282,7 @@ class NablaReasonerLLM(BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         """Yield committed text as the decoder commits it; the last chunk carries ``generation_info``."""
-        config = call_config(self.config, kwargs)
+        config = call_config(self.config, served_options(self.model_id, kwargs))
         for event in self.engine.stream(self._request(prompt, stop, config), config):
             chunk = self._chunk(event)
             if run_manager is not None:
@@ -251,7 +297,7 @@ class NablaReasonerLLM(BaseLLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         """Like :meth:`_stream`; decoding runs on the engine's scheduler thread, so the event loop stays free."""
-        config = call_config(self.config, kwargs)
+        config = call_config(self.config, served_options(self.model_id, kwargs))
         async for event in self.engine.astream(self._request(prompt, stop, config), config):
             chunk = self._chunk(event)
             if run_manager is not None:
@@ -294,7 +340,12 @@ class ChatNablaReasoner(BaseChatModel):
     model_config = ConfigDict(extra="forbid")
 
     llm: NablaReasonerLLM
-    """The LLM whose engine, config, ``system`` and ``return_trace`` this chat model uses."""
+    """The LLM whose engine, config, ``system`` and ``return_trace`` this chat model uses. Instead of one, the
+    constructor takes the LLM's keywords (``engine=``, NablaConfig fields, the standard parameters ``model``,
+    ``temperature``, ``max_tokens``, ``stop``, ``timeout``, ``max_retries``); beside ``llm=`` they change a copy of it."""
+    streaming: bool = False
+    """``invoke`` decodes through :meth:`_stream` (LangChain's rule for a ``streaming`` field): same reply, and
+    callbacks get each committed text."""
     tool_use: Literal["model", "call_then_answer"] = "model"
     """What ``tool_choice`` None or ``"auto"`` means. ``model``: the model decides at every turn.
     ``call_then_answer``: on a turn that answers the user (the last message is a human message) a tool call is
@@ -302,6 +353,19 @@ class ChatNablaReasoner(BaseChatModel):
     withdrawn, so the model answers in text. For small models that do not decide well: under ``model`` the
     embedded SmolLM2 answered every arithmetic question itself, and once shown a tool result it called tools again
     and again (docs/frontends.md, "Tools")."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_llm_keywords(cls, data: Any) -> Any:
+        """Build ``llm`` from the LLM's keywords (or apply them to a copy of the given one)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        keywords = {name: data.pop(name) for name in list(data) if name == "model" or name in LLM_FIELDS and name != "streaming" or is_call_option(name)}
+        if keywords:
+            llm = data.get("llm")
+            data["llm"] = NablaReasonerLLM(**keywords) if llm is None else llm.with_settings(**keywords)
+        return data
 
     @classmethod
     def embedded(cls, *, tool_use: Literal["model", "call_then_answer"] = "model", **kwargs: Any) -> "ChatNablaReasoner":
@@ -318,7 +382,23 @@ class ChatNablaReasoner(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        return {**params, **ls_params(self.llm.model_id, self.llm.config, kwargs)}  # type: ignore[typeddict-item]
+        return {**params, **ls_params(self.llm.model_id, self.llm.config, stop, kwargs)}  # type: ignore[typeddict-item]
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """What this model serves: text in, tool calls and structured output by grammar (so ``create_agent`` uses
+        the provider strategy for ``response_format``), no images, audio or PDFs."""
+        return ModelProfile(
+            max_input_tokens=self.llm.engine.policy.max_length,
+            text_inputs=True,
+            image_inputs=False,
+            image_url_inputs=False,
+            pdf_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            tool_calling=True,
+            tool_choice=True,
+            structured_output=True,
+        )
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the policy's own vocabulary."""
@@ -350,28 +430,29 @@ class ChatNablaReasoner(BaseChatModel):
         strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
-        """A runnable that returns ``schema``'s object (a pydantic instance, or a dict for a TypedDict or JSON schema).
+        """A runnable that returns ``schema``'s object (a pydantic instance, v2 or v1, or a dict for a TypedDict or JSON schema).
 
         ``json_schema``: the reply is constrained to the schema's JSON; ``function_calling``: to a call of a tool
-        whose parameters are the schema (read back from the tool call); ``json_mode``: to a JSON object (parsed,
-        and validated when ``schema`` is a pydantic model). ``strict`` is accepted for compatibility: the grammar
-        is always strict. With ``include_raw`` the result is ``{"raw", "parsed", "parsing_error"}``.
+        whose parameters are the schema (read back from the tool call); ``json_mode``: to a JSON object, here the
+        schema's own (the grammar can hold it to the schema, so it does; a bare ``{"type": "object"}`` asks for any
+        object). ``strict`` is accepted for compatibility: the grammar is always strict. With ``include_raw`` the
+        result is ``{"raw", "parsed", "parsing_error"}``.
         """
         if kwargs:
             raise TypeError(f"with_structured_output got unknown arguments {sorted(kwargs)}")
-        pydantic_schema = isinstance(schema, type) and issubclass(schema, BaseModel)
+        pydantic_schema = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"kwargs": {"method": method, "strict": strict}, "schema": schema}  # why: LangChain converts it with convert_to_json_schema
         if method == "function_calling":
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
-            bound = self.bind_tools([tool], tool_choice=name, ls_structured_output_format={"kwargs": {"method": method}, "schema": tool})
+            bound = self.bind_tools([tool], tool_choice=name, ls_structured_output_format=traced)
             parser: Runnable[Any, Any] = (
                 PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if pydantic_schema
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
-            json_schema = json_schema_of(schema) if method == "json_schema" else {"type": "object"}
-            bound = self.bind(response_format=json_schema, ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema})
+            bound = self.bind(response_format=json_schema_of(schema), ls_structured_output_format=traced)
             parser = PydanticOutputParser(pydantic_object=schema) if pydantic_schema else JsonOutputParser()  # type: ignore[arg-type]
         else:
             raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
@@ -501,21 +582,32 @@ class ChatNablaReasoner(BaseChatModel):
     def _call(
         self, messages: list[BaseMessage], stop: str | Sequence[str] | None, options: Mapping[str, Any]
     ) -> tuple[Request, NablaConfig, list[dict[str, Any]]]:
-        """The engine request, config and bound tools of one call."""
-        options = dict(options)
+        """The engine request, config and bound tools of one call.
+
+        With tools and a ``response_format``, the reply is a tool call or the answer in the schema (the model
+        chooses; under ``call_then_answer`` the user's turn is a call and the turn after the results the answer).
+        """
+        options = served_options(self.llm.model_id, options)
         tools: list[dict[str, Any]] = options.pop("tools", None) or []
         choice = check_tool_choice(tools, options.pop("tool_choice", None))
-        if tools and choice in (None, "auto") and self.tool_use == "call_then_answer":
+        implied = bool(tools) and choice in (None, "auto") and self.tool_use == "call_then_answer"
+        if implied:
             choice = "any" if isinstance(messages[-1], HumanMessage) else "none" if isinstance(messages[-1], ToolMessage) else choice
         response_format = options.pop("response_format", None)
         options.pop("ls_structured_output_format", None)  # why: tracing metadata LangChain passes through a bind
+        options.pop("strict", None)  # why: create_agent's provider strategy may send it; the grammar is always strict
         config = call_config(self.llm.config, options)
-        constraint = tool_call_constraint(tools, choice) if tools else None
         schema = response_format_schema(response_format) if response_format is not None else None
-        if schema is not None:
-            if constraint is not None:
-                raise ValueError("a forced tool_choice and response_format cannot both constrain one reply")
+        if schema is None:
+            constraint = tool_call_constraint(tools, choice) if tools else None
+        elif not tools or choice == "none":
             constraint = Constraint.json_schema(schema)
+        elif choice in (None, "auto"):
+            constraint = tool_call_or_json_constraint(tools, schema)
+        elif implied:
+            constraint = tool_call_constraint(tools, choice)
+        else:
+            raise ValueError("a forced tool_choice and response_format cannot both constrain one reply")
         if choice == "none":
             tools = []
         turns = [_turn(m) for m in messages]
@@ -550,12 +642,29 @@ def lc_invalid_tool_call(call: InvalidToolCall) -> LCInvalidToolCall:
     return LCInvalidToolCall(name=call.name, args=call.text, id=call.id, error=call.error, type="invalid_tool_call")
 
 
+LLM_FIELDS: tuple[str, ...] = tuple(name for name in NablaReasonerLLM.model_fields if name not in BaseLLM.model_fields)
+"""NablaReasonerLLM's own fields (not BaseLLM's callbacks, cache, tags...): what :meth:`~NablaReasonerLLM.with_settings` keeps."""
+
+
 # --- shared translation helpers -------------------------------------------------------------
-def ls_params(model_id: str, config: NablaConfig, options: Mapping[str, Any]) -> dict[str, Any]:
-    """LangSmith's model name, temperature and max tokens of a call (its options over the config)."""
-    temperature = options.get("temperature", config.temperature)
-    max_tokens = options.get("max_tokens", options.get("max_new_tokens", config.max_new_tokens))
-    return {"ls_model_name": model_id, "ls_temperature": temperature, "ls_max_tokens": max_tokens}
+def served_options(model_id: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's options without LangChain's per-call ``model``, which must name the served model (one engine serves one)."""
+    options = dict(options)
+    model = options.pop("model", None)
+    if model is not None and model != model_id:
+        raise ValueError(f"this object serves the model {model_id!r}; a call for model {model!r} needs an object over that model's engine")
+    return options
+
+
+def ls_params(model_id: str, config: NablaConfig, stop: Sequence[str] | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """LangSmith's model name, temperature, max tokens and stop strings of a call, as it runs: its options over the
+    config, the method's fixed fields applied (greedy reports temperature 0); a per-call ``model`` is reported as given."""
+    ran = call_config(config, {k: v for k, v in options.items() if is_call_option(k)}).ran()
+    params: dict[str, Any] = {"ls_model_name": options.get("model") or model_id, "ls_temperature": ran.temperature, "ls_max_tokens": ran.max_new_tokens}
+    stops = list(dict.fromkeys((*ran.stop, *(stop or ()))))
+    if stops:
+        params["ls_stop"] = stops
+    return params
 
 
 def token_usage(results: Sequence[Result]) -> dict[str, int]:

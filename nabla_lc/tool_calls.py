@@ -17,9 +17,9 @@ Tool calls and tool results of earlier turns are rendered by :func:`conversation
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple, Sequence
 
@@ -75,13 +75,28 @@ def check_tool_choice(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) ->
 
 def tool_call_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> Constraint | None:
     """The grammar of a forced tool call (``any`` or a name): one ``<tool_call>`` block whose JSON names a bound
-    tool and holds arguments valid under its parameters' schema. None when the model may answer in text."""
+    tool and holds arguments valid under its parameters' schema (:func:`filled`: a required string is never
+    empty). None when the model may answer in text."""
     if choice in (None, "auto", "none"):
         return None
+    return Constraint.ebnf(str(_tool_call_grammar(tools, choice)))
+
+
+def tool_call_or_json_constraint(tools: Sequence[Mapping[str, Any]], schema: Mapping[str, Any]) -> Constraint:
+    """The grammar of a reply that either calls one of ``tools`` (as :func:`tool_call_constraint` with ``any``) or
+    answers with a JSON document valid under ``schema``: tools the model may use, and a ``response_format``."""
+    import xgrammar as xgr  # why: only constrained requests need it
+
+    return Constraint.ebnf(str(xgr.Grammar.union(_tool_call_grammar(tools, "any"), _json_grammar(schema))))
+
+
+def _tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> "xgrammar.Grammar":
+    """The grammar of one ``<tool_call>`` block calling a tool that ``choice`` (``any`` or a name) allows;
+    :class:`ToolSchemaError` names a tool whose parameters do not compile."""
     calls = {
         i: {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "properties": {"name": {"const": f["name"]}, "arguments": filled(f.get("parameters") or {"type": "object"})},
             "required": ["name", "arguments"],
         }
         for i, f in enumerate(map(_function, tools))
@@ -89,7 +104,7 @@ def tool_call_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice)
     }
     schema = next(iter(calls.values())) if len(calls) == 1 else {"anyOf": list(calls.values())}
     try:
-        return wrapped_json_schema(schema, "<tool_call>\n", "\n</tool_call>")
+        return _wrapped_grammar(schema, "<tool_call>\n", "\n</tool_call>")
     except ValueError as err:  # why: name the tool whose parameters fail (looked for only once the whole failed)
         for i, call in calls.items():
             try:
@@ -107,14 +122,32 @@ class ToolSchemaError(ValueError):
         self.index = index
 
 
-def wrapped_json_schema(schema: Mapping[str, Any], prefix: str, suffix: str) -> Constraint:
-    """An EBNF constraint: ``prefix``, a JSON document valid under ``schema``, then ``suffix``; ``ValueError`` where
-    the schema does not compile."""
+def filled(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` with ``minLength: 1`` on every required string property that sets no length (in nested objects
+    too). Why: under a forced call the embedded SmolLM2 called the calculator with an empty ``expression`` in 2 of 3
+    questions; a required argument the tool cannot use is no argument (docs/frontends.md, "Tools")."""
+    out = dict(schema)
+    properties = schema.get("properties")
+    if isinstance(properties, Mapping):
+        required = set(schema.get("required") or ())
+        out["properties"] = {
+            name: _filled_property(value, name in required) if isinstance(value, Mapping) else value for name, value in properties.items()
+        }
+    return out
+
+
+def _filled_property(schema: Mapping[str, Any], required: bool) -> dict[str, Any]:
+    if required and schema.get("type") == "string" and "minLength" not in schema and "enum" not in schema and "const" not in schema:
+        return {**schema, "minLength": 1}
+    return filled(schema) if schema.get("type") == "object" else dict(schema)
+
+
+def _wrapped_grammar(schema: Mapping[str, Any], prefix: str, suffix: str) -> "xgrammar.Grammar":
+    """``prefix``, a JSON document valid under ``schema``, then ``suffix``; ``ValueError`` where the schema does not compile."""
     import xgrammar as xgr  # why: only requests with a forced tool call need it
 
     body = _json_grammar(schema)
-    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(prefix)}"), body, xgr.Grammar.from_ebnf(f"root ::= {json.dumps(suffix)}"))
-    return Constraint.ebnf(str(grammar))
+    return xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(prefix)}"), body, xgr.Grammar.from_ebnf(f"root ::= {json.dumps(suffix)}"))
 
 
 def _json_grammar(schema: Mapping[str, Any]) -> "xgrammar.Grammar":
@@ -159,9 +192,9 @@ def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]]) -> Reply:
     """The reply's ``<tool_call>`` blocks as calls of the bound tools (others: invalid), and the text around them."""
     names = set(tool_names(tools))
     reply = Reply(TOOL_CALL.sub("", text).strip())
-    for index, match in enumerate(TOOL_CALL.finditer(text)):
+    for match in TOOL_CALL.finditer(text):
         block = match.group(1)
-        call_id = "call_" + hashlib.sha256(f"{index}:{block}".encode()).hexdigest()[:16]  # why: deterministic, so cached replies agree
+        call_id = "call_" + uuid.uuid4().hex[:24]  # why: unique per call, as OpenAI's; a cached reply keeps the ids it was stored with
         try:
             value = json.loads(block)
         except json.JSONDecodeError as err:
