@@ -349,8 +349,8 @@ class ChatNablaReasoner(BaseChatModel):
     tool_use: Literal["model", "call_then_answer"] = "model"
     """What ``tool_choice`` None or ``"auto"`` means. ``model``: the model decides at every turn.
     ``call_then_answer``: on a turn that answers the user (the last message is a human message) a tool call is
-    forced (by the grammar); on a turn after tool results (the last message is a tool message) the tools are
-    withdrawn, so the model answers in text. For small models that do not decide well: under ``model`` the
+    forced (by the grammar), its required free string arguments quoted from the user's message; on a turn after
+    tool results (the last message is a tool message) the tools are withdrawn, so the model answers in text. For small models that do not decide well: under ``model`` the
     embedded SmolLM2 answered every arithmetic question itself, and once shown a tool result it called tools again
     and again (docs/frontends.md, "Tools")."""
 
@@ -387,8 +387,7 @@ class ChatNablaReasoner(BaseChatModel):
     def _resolve_model_profile(self) -> ModelProfile | None:
         """What this model serves: text in, tool calls and structured output by grammar (so ``create_agent`` uses
         the provider strategy for ``response_format``), no images, audio or PDFs."""
-        return ModelProfile(
-            max_input_tokens=self.llm.engine.policy.max_length,
+        profile = ModelProfile(
             text_inputs=True,
             image_inputs=False,
             image_url_inputs=False,
@@ -399,6 +398,10 @@ class ChatNablaReasoner(BaseChatModel):
             tool_choice=True,
             structured_output=True,
         )
+        length = getattr(self.llm.engine.policy, "max_length", None)  # why: the engine's policy has one; a stand-in may not
+        if isinstance(length, int):
+            profile["max_input_tokens"] = length
+        return profile
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the policy's own vocabulary."""
@@ -586,6 +589,8 @@ class ChatNablaReasoner(BaseChatModel):
 
         With tools and a ``response_format``, the reply is a tool call or the answer in the schema (the model
         chooses; under ``call_then_answer`` the user's turn is a call and the turn after the results the answer).
+        ``call_then_answer``'s forced call quotes required free string arguments from the user's message
+        (:func:`~nabla_lc.tool_calls.filled`).
         """
         options = served_options(self.llm.model_id, options)
         tools: list[dict[str, Any]] = options.pop("tools", None) or []
@@ -598,14 +603,16 @@ class ChatNablaReasoner(BaseChatModel):
         options.pop("strict", None)  # why: create_agent's provider strategy may send it; the grammar is always strict
         config = call_config(self.llm.config, options)
         schema = response_format_schema(response_format) if response_format is not None else None
+        # why: call_then_answer is for small models; its forced call quotes free string arguments from the question
+        quote = messages[-1].text if implied and isinstance(messages[-1], HumanMessage) else None
         if schema is None:
-            constraint = tool_call_constraint(tools, choice) if tools else None
+            constraint = tool_call_constraint(tools, choice, quote) if tools else None
         elif not tools or choice == "none":
             constraint = Constraint.json_schema(schema)
         elif choice in (None, "auto"):
             constraint = tool_call_or_json_constraint(tools, schema)
         elif implied:
-            constraint = tool_call_constraint(tools, choice)
+            constraint = tool_call_constraint(tools, choice, quote)
         else:
             raise ValueError("a forced tool_choice and response_format cannot both constrain one reply")
         if choice == "none":

@@ -73,13 +73,13 @@ def check_tool_choice(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) ->
     return choice
 
 
-def tool_call_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> Constraint | None:
+def tool_call_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, quote: str | None = None) -> Constraint | None:
     """The grammar of a forced tool call (``any`` or a name): one ``<tool_call>`` block whose JSON names a bound
-    tool and holds arguments valid under its parameters' schema (:func:`filled`: a required string is never
-    empty). None when the model may answer in text."""
+    tool and holds arguments valid under its parameters' schema, where a required string is never empty and, given
+    ``quote``, a required free string is quoted from it (:func:`filled`). None when the model may answer in text."""
     if choice in (None, "auto", "none"):
         return None
-    return Constraint.ebnf(str(_tool_call_grammar(tools, choice)))
+    return Constraint.ebnf(str(_tool_call_grammar(tools, choice, quote)))
 
 
 def tool_call_or_json_constraint(tools: Sequence[Mapping[str, Any]], schema: Mapping[str, Any]) -> Constraint:
@@ -90,13 +90,13 @@ def tool_call_or_json_constraint(tools: Sequence[Mapping[str, Any]], schema: Map
     return Constraint.ebnf(str(xgr.Grammar.union(_tool_call_grammar(tools, "any"), _json_grammar(schema))))
 
 
-def _tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: ToolChoice) -> "xgrammar.Grammar":
+def _tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, quote: str | None = None) -> "xgrammar.Grammar":
     """The grammar of one ``<tool_call>`` block calling a tool that ``choice`` (``any`` or a name) allows;
     :class:`ToolSchemaError` names a tool whose parameters do not compile."""
     calls = {
         i: {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": filled(f.get("parameters") or {"type": "object"})},
+            "properties": {"name": {"const": f["name"]}, "arguments": filled(f.get("parameters") or {"type": "object"}, quote)},
             "required": ["name", "arguments"],
         }
         for i, f in enumerate(map(_function, tools))
@@ -122,24 +122,65 @@ class ToolSchemaError(ValueError):
         self.index = index
 
 
-def filled(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """``schema`` with ``minLength: 1`` on every required string property that sets no length (in nested objects
-    too). Why: under a forced call the embedded SmolLM2 called the calculator with an empty ``expression`` in 2 of 3
-    questions; a required argument the tool cannot use is no argument (docs/frontends.md, "Tools")."""
+def filled(schema: Mapping[str, Any], quote: str | None = None) -> dict[str, Any]:
+    """``schema`` with every required string property that sets no length, pattern, format or values (in nested
+    objects too) made non-empty (``minLength: 1``), and, given ``quote``, a quotation from it
+    (:func:`quotation_pattern`; ``minLength`` only when ``quote`` has nothing to quote or is too long to).
+
+    Why: under a forced call the embedded SmolLM2 called a calculator whose argument is a bare string with an
+    empty ``expression``, or wrote ``)(285, 225)`` for "What is 285 + 225?"; quoted, it writes ``285 + 225``
+    (docs/frontends.md, "Tools")."""
     out = dict(schema)
     properties = schema.get("properties")
     if isinstance(properties, Mapping):
         required = set(schema.get("required") or ())
         out["properties"] = {
-            name: _filled_property(value, name in required) if isinstance(value, Mapping) else value for name, value in properties.items()
+            name: _filled_property(value, name in required, quote) if isinstance(value, Mapping) else value for name, value in properties.items()
         }
     return out
 
 
-def _filled_property(schema: Mapping[str, Any], required: bool) -> dict[str, Any]:
-    if required and schema.get("type") == "string" and "minLength" not in schema and "enum" not in schema and "const" not in schema:
-        return {**schema, "minLength": 1}
-    return filled(schema) if schema.get("type") == "object" else dict(schema)
+def _filled_property(schema: Mapping[str, Any], required: bool, quote: str | None) -> dict[str, Any]:
+    if schema.get("type") == "object":
+        return filled(schema, quote)
+    if not required or schema.get("type") != "string" or any(k in schema for k in ("minLength", "pattern", "format", "enum", "const")):
+        return dict(schema)
+    pattern = quotation_pattern(quote) if quote is not None else None
+    return {**schema, "pattern": pattern} if pattern is not None else {**schema, "minLength": 1}
+
+
+QUOTE_PATTERN_LIMIT = 20_000
+"""The longest quotation pattern a tool-call grammar takes (characters; the pattern grows with the square of the
+quoted text's length: a 209-character question makes about 12,000)."""
+
+QUOTE_OPENERS = "'([{$-"
+"""The characters other than letters and digits a quotation may begin with (not an operator: quoting "What is 442 +
+345?", the embedded SmolLM2 began 7 of 34 calculator expressions at the "+" and wrote "+ 345")."""
+
+_REGEX_META = frozenset("\\.^$|?*+()[]{}/-")
+
+
+def quotation_pattern(text: str) -> str | None:
+    """A regular expression for the non-empty substrings of ``text`` that begin a word (at a letter, a digit or one
+    of :data:`QUOTE_OPENERS`, not inside a word) and do not run into the text's trailing spaces; a ``"``, ``\\`` or control character (which JSON escapes) ends
+    a quotable piece. None when there is none, or the pattern would pass :data:`QUOTE_PATTERN_LIMIT`."""
+    alternatives = []
+    for piece in re.split(r'["\\\x00-\x1f]', text):
+        for i, char in enumerate(piece):
+            rest = piece[i:].rstrip()
+            if rest and (char.isalnum() or char in QUOTE_OPENERS) and not (i > 0 and piece[i - 1].isalnum()):
+                alternatives.append(_prefixes(rest))
+    pattern = "^(" + "|".join(alternatives) + ")$"
+    return pattern if alternatives and len(pattern) <= QUOTE_PATTERN_LIMIT else None
+
+
+def _prefixes(text: str) -> str:
+    """A regular expression for the non-empty prefixes of ``text``."""
+    escaped = ["\\" + c if c in _REGEX_META else c for c in text]
+    out = ""
+    for char in reversed(escaped[1:]):
+        out = f"({char}{out})?"
+    return escaped[0] + out
 
 
 def _wrapped_grammar(schema: Mapping[str, Any], prefix: str, suffix: str) -> "xgrammar.Grammar":

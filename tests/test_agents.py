@@ -17,7 +17,7 @@ from typing_extensions import TypedDict
 
 from nabla_lc import Engine, NablaConfig
 from nabla_lc.langchain import ChatNablaReasoner, NablaReasonerLLM
-from nabla_lc.tool_calls import ToolCall, conversation, parse_tool_calls
+from nabla_lc.tool_calls import ToolCall, conversation, filled, parse_tool_calls, quotation_pattern
 
 from .fake_engine import FakeEngine
 
@@ -313,3 +313,110 @@ def test_without_a_user_turn_the_reward_sees_the_last_user_role_turn() -> None:
     assert chat.question is None
     request = FakeEngine().request_from_messages(chat.messages, question=chat.question)
     assert request.reward_prompt == "The add tool returned: 3\nAnswer my question with this result."
+
+
+# --- ids, filled arguments, response_format beside tools ------------------------------------------
+def test_tool_call_ids_are_unique_across_calls() -> None:
+    block = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    ids = [c.id for _ in range(50) for c in parse_tool_calls(block + block, [add_schema()]).calls]
+    chat = scripted()
+    ids += [chat.bind_tools([add]).invoke("What is 123 + 456?").tool_calls[0]["id"] for _ in range(50)]  # identical calls
+    assert len(ids) == 150 and len(set(ids)) == 150 and all(i.startswith("call_") for i in ids)
+
+
+def add_schema() -> dict[str, Any]:
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    return convert_to_openai_tool(add)
+
+
+def test_required_free_strings_are_never_empty_and_quote_the_question_under_call_then_answer() -> None:
+    parameters = {
+        "type": "object",
+        "properties": {
+            "text": {"type": "string"},
+            "note": {"type": "string"},
+            "code": {"type": "string", "pattern": "^[a-z]+$"},
+            "inner": {"type": "object", "properties": {"deep": {"type": "string"}}, "required": ["deep"]},
+        },
+        "required": ["text", "code", "inner"],
+    }
+    plain = filled(parameters)
+    assert plain["properties"]["text"] == {"type": "string", "minLength": 1} and plain["properties"]["inner"]["properties"]["deep"]["minLength"] == 1
+    assert plain["properties"]["note"] == {"type": "string"} and plain["properties"]["code"] == parameters["properties"]["code"]  # optional, or already bounded
+    quoted = filled(parameters, "What is 12 + 34?")["properties"]["text"]["pattern"]
+    assert [t for t in ["12 + 34", "34?", "What is 12", "", "2 + 3", "35", "+ 34"] if re.fullmatch(quoted, t)] == ["12 + 34", "34?", "What is 12"]
+    assert quotation_pattern("x" * 300) is not None and quotation_pattern(" ".join(["ab"] * 200)) is None  # too long: minLength only
+
+
+NOTE = {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {"text": {"type": "string", "maxLength": 8}}, "required": ["text"]}}}
+"""A tool whose one argument is a required string (bounded, so the tiny model's forced call ends within its budget)."""
+
+
+def test_a_forced_call_of_the_tiny_model_fills_and_quotes_its_string_arguments(wide_engine: Engine) -> None:
+    chat = ChatNablaReasoner(engine=wide_engine, method="greedy", max_tokens=80)
+    for seed in range(3):
+        [call] = chat.bind_tools([NOTE], tool_choice="note").invoke("note 2 + 3", method="bon", n=2, temperature=1.5, seed=seed).tool_calls
+        assert call["args"]["text"] != ""
+    quoting = chat.model_copy(update={"tool_use": "call_then_answer"}).bind_tools([NOTE])
+    for seed in range(3):
+        [call] = quoting.invoke([HumanMessage("note 2 + 3 now")], method="bon", n=2, temperature=1.5, seed=seed).tool_calls
+        assert call["args"]["text"] and call["args"]["text"] in "note 2 + 3 now"
+
+
+def test_tools_beside_a_response_format_give_a_call_or_the_answer() -> None:
+    answer = '{"answer": 579, "sure": true}'
+    chat = scripted(answer)
+    bound = chat.bind_tools([add], response_format=Answer.model_json_schema())
+    assert bound.invoke("What is 123 + 456?").content == answer
+    assert chat.llm.engine.calls[-1].requests[0].constraint is not None  # the union of a call and the schema
+    chat.tool_use = "call_then_answer"
+    reply = scripted().model_copy(update={"tool_use": "call_then_answer"}).bind_tools([add], response_format=Answer.model_json_schema())
+    assert reply.invoke([HumanMessage("What is 123 + 456?")]).tool_calls[0]["name"] == "add"
+    with pytest.raises(ValueError, match="cannot both constrain"):
+        chat.bind_tools([add], tool_choice="add", response_format=Answer.model_json_schema()).invoke("q")
+
+
+def test_create_agent_with_a_response_format_calls_the_tool_then_answers_in_the_schema() -> None:
+    from langchain.agents import create_agent
+
+    def respond(prompt: str, user: str, seed: int | None, sample: int) -> str:
+        result = re.search(r"tool returned: (\d+)", prompt)
+        return f'{{"answer": {result.group(1)}, "sure": true}}' if result else '<tool_call>\n{"name": "add", "arguments": {"a": 123, "b": 456}}\n</tool_call>'
+
+    chat = ChatNablaReasoner(llm=NablaReasonerLLM(engine=FakeEngine(respond)), tool_use="call_then_answer")
+    assert chat.profile is not None and chat.profile.get("structured_output")  # so create_agent takes the provider strategy
+    state = create_agent(chat, tools=[add], response_format=Answer).invoke({"messages": [HumanMessage("What is 123 + 456?")]})
+    assert state["structured_response"] == Answer(answer=579, sure=True)
+    assert [type(m).__name__ for m in state["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+
+
+def test_structured_output_returns_pydantic_v1_models_and_traces_the_schema(tiny_chat: ChatNablaReasoner) -> None:
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.utils.function_calling import convert_to_json_schema
+    from pydantic.v1 import BaseModel as BaseModelV1
+
+    class Old(BaseModelV1):
+        answer: int
+        sure: bool
+
+    assert isinstance(tiny_chat.with_structured_output(Old).invoke("2+2?"), Old)
+
+    class Options(BaseCallbackHandler):
+        seen: list[Any] = []
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, *, options: Any = None, **kwargs: Any) -> None:
+            self.seen.append(options["ls_structured_output_format"])
+
+    for schema in (Answer, AnswerDict):
+        for method in ("json_schema", "function_calling", "json_mode"):
+            handler = Options()
+            handler.seen = []
+            tiny_chat.with_structured_output(schema, method=method).invoke("2+2?", config={"callbacks": [handler]})
+            assert handler.seen[0]["schema"] == convert_to_json_schema(schema) and handler.seen[0]["kwargs"]["method"] == method
+
+
+def test_json_mode_holds_the_reply_to_the_schema(tiny_chat: ChatNablaReasoner) -> None:
+    for seed in range(3):
+        value = tiny_chat.with_structured_output(AnswerDict, method="json_mode").invoke("2+2?", method="bon", n=2, temperature=1.5, seed=seed)
+        assert set(value) == {"answer", "sure"}

@@ -28,10 +28,28 @@ def tiny() -> Engine:
     return make_engine()
 
 
-class TestChatNablaReasonerUnit(ChatModelUnitTests):
+class Capabilities:
+    """What ChatNablaReasoner declares to both standard suites (the suites' defaults cover the rest: tool calling,
+    structured output and usage metadata on; images, audio, PDFs off)."""
+
     @property
     def chat_model_class(self) -> type[ChatNablaReasoner]:
         return ChatNablaReasoner
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True  # "any" and a tool's name are grammars
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one engine serves one model: a per-call model naming another raises ValueError
+
+
+class TestChatNablaReasonerUnit(Capabilities, ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
@@ -44,18 +62,6 @@ class TestChatNablaReasonerUnit(ChatModelUnitTests):
         params = super().standard_chat_model_params
         del params["api_key"]
         return params
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one engine serves one model: a per-call model naming another raises ValueError
 
 
 # --- NablaReasonerLLM under the same standard parameters ------------------------------------------

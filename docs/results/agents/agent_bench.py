@@ -1,6 +1,7 @@
 """Agents on the embedded SmolLM2-135M-Instruct: the measurements of BENCHMARKS.md, "Tools and structured output".
 
     python docs/results/agents/agent_bench.py agent --method greedy --limit 50
+    python docs/results/agents/agent_bench.py agent --method greedy --limit 50 --plain-tool [--tool-use model] [--response-format]
     python docs/results/agents/agent_bench.py agent --method nabla --limit 10
     python docs/results/agents/agent_bench.py plain --method greedy --limit 50
     python docs/results/agents/agent_bench.py report
@@ -48,11 +49,12 @@ def questions(limit: int) -> list[tuple[str, int]]:
     return out
 
 
-def calculator_tool():
+def calculator_tool(plain: bool = False):
+    """The calculator; ``plain``: its argument is a bare ``str`` (as a user writes it, and docs/frontends.md shows),
+    else a ``str`` with a pattern of integers and operators."""
     from langchain_core.tools import tool
 
-    @tool
-    def calculator(expression: Annotated[str, Field(pattern=r"^[0-9]+( *[-+*/] *[0-9]+)+$")]) -> str:
+    def calculator(expression: str) -> str:
         """Evaluate an arithmetic expression of integers and + - * /."""
         import ast
         import operator
@@ -74,42 +76,52 @@ def calculator_tool():
             return f"error: {err}"
         return str(int(result)) if float(result).is_integer() else str(result)
 
-    return calculator
+    class Expression(BaseModel):
+        expression: Annotated[str, Field(pattern=r"^[0-9]+( *[-+*/] *[0-9]+)+$")]
+
+    return tool(calculator) if plain else tool(args_schema=Expression)(calculator)
 
 
 def options(method: str) -> dict:
     return {"greedy": {"method": "greedy"}, "bon": {"method": "bon", "n": 4}, "nabla": {"method": "nabla", "n": 4}}[method]
 
 
-def run_agent(method: str, limit: int, max_new_tokens: int, resume: bool = False) -> None:
+def run_agent(method: str, limit: int, max_new_tokens: int, resume: bool = False, plain: bool = False, tool_use: str = "call_then_answer", structured: bool = False) -> None:
+    """``create_agent`` with the calculator; ``structured``: with ``response_format=Answer`` (the answer is read from
+    the structured response). The file is agent-<method>[-plain][-<tool_use>][-structured].jsonl."""
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
     from langgraph.errors import GraphRecursionError
 
     from nabla_lc import ChatNablaReasoner
 
-    chat = ChatNablaReasoner.embedded(tool_use="call_then_answer", max_new_tokens=max_new_tokens, **options(method))
-    agent = create_agent(chat, tools=[calculator_tool()])
-    path = OUT / f"agent-{method}.jsonl"
+    chat = ChatNablaReasoner.embedded(tool_use=tool_use, max_new_tokens=max_new_tokens, **options(method))
+    agent = create_agent(chat, tools=[calculator_tool(plain)], response_format=Answer if structured else None)
+    suffix = "-plain" * plain + f"-{tool_use}" * (tool_use != "call_then_answer") + "-structured" * structured
+    path = OUT / f"agent-{method}{suffix}.jsonl"
     rows = [json.loads(line) for line in path.open()] if resume and path.exists() else []
     with path.open("a" if resume else "w") as out:
         for question, truth in questions(limit)[len(rows) :]:
             start = time.perf_counter()
-            messages = []
+            messages, state, error = [], {}, None
             # why: stream the state, so a run that hits the recursion limit (the model calls tools again and again)
             # still has its messages; it counts as a wrong answer
             try:
                 for state in agent.stream({"messages": [HumanMessage(question)]}, {"recursion_limit": 6}, stream_mode="values"):
                     messages = state["messages"]
-            except GraphRecursionError:
-                pass
+            except GraphRecursionError as err:
+                error = type(err).__name__
             calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
             final = messages[-1].content if isinstance(messages[-1], AIMessage) and not messages[-1].tool_calls else ""
+            if structured:
+                response = state.get("structured_response")
+                final = str(response.answer) if isinstance(response, Answer) else ""
             answer = find_answer(final)
             row = {
                 "question": question,
                 "truth": truth,
                 "tool_calls": [c["args"] for c in calls],
+                "empty_arguments": sum(any(v in ("", None) for v in c["args"].values()) or not c["args"] for c in calls),
                 "tool_results": [m.content for m in messages if isinstance(m, ToolMessage)],
                 "final": final,
                 "answer": answer,
@@ -117,6 +129,7 @@ def run_agent(method: str, limit: int, max_new_tokens: int, resume: bool = False
                 "mentions": str(truth) in re.findall(r"-?\d+", final.replace(",", "")),
                 "tool_result_correct": str(truth) in [m.content for m in messages if isinstance(m, ToolMessage)],
                 "model_calls": sum(m.response_metadata.get("nabla", {}).get("model_calls", 0) for m in messages if isinstance(m, AIMessage)),
+                "error": error,
                 "wall_s": round(time.perf_counter() - start, 1),
             }
             rows.append(row)
@@ -130,6 +143,8 @@ def run_agent(method: str, limit: int, max_new_tokens: int, resume: bool = False
         "mentions_rate": sum(r["mentions"] for r in rows) / len(rows),
         "tool_result_correct_rate": sum(r["tool_result_correct"] for r in rows) / len(rows),
         "tool_call_rate": sum(bool(r["tool_calls"]) for r in rows) / len(rows),
+        "empty_arguments": sum(r.get("empty_arguments", 0) for r in rows),
+        "errors": sum(bool(r.get("error")) for r in rows),
         "mean_model_calls": sum(r["model_calls"] for r in rows) / len(rows),
     }
     print(json.dumps(summary))
@@ -257,6 +272,8 @@ def report() -> None:
         counts = {key: sum(bool(r[key]) for r in rows) for key in ("correct", "mentions", "tool_result_correct", "tool_calls", "valid", "parsed") if key in rows[0]}
         calls = [r["model_calls"] for r in rows if "model_calls" in r]
         extra = f", mean model calls {sum(calls) / len(calls):.1f}" if calls else ""
+        if "empty_arguments" in rows[0]:
+            extra += f", empty arguments {sum(r['empty_arguments'] for r in rows)}, recursion errors {sum(bool(r['error']) for r in rows)}"
         wall = sum(r["wall_s"] for r in rows) / len(rows)
         print(f"{path.stem}: {len(rows)} questions, " + ", ".join(f"{k} {v}/{len(rows)}" for k, v in counts.items()) + f"{extra}, mean wall {wall:.1f} s")
 
@@ -268,12 +285,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--resume", action="store_true", help="agent: keep the rows already in the file, run the rest")
+    parser.add_argument("--plain-tool", action="store_true", help="agent: the calculator's argument is a bare str (no pattern)")
+    parser.add_argument("--tool-use", choices=["call_then_answer", "model"], default="call_then_answer", help="agent: ChatNablaReasoner's tool_use")
+    parser.add_argument("--response-format", action="store_true", help="agent: create_agent(..., response_format=Answer)")
     args = parser.parse_args()
     if args.task == "report":
         report()
         return
-    if args.resume:
-        run_agent(args.method, args.limit, args.max_new_tokens, resume=True)
+    if args.task == "agent":
+        run_agent(args.method, args.limit, args.max_new_tokens, args.resume, args.plain_tool, args.tool_use, args.response_format)
         return
     {"agent": run_agent, "plain": run_plain, "structured": run_structured, "dspy": run_dspy, "react": run_react}[args.task](args.method, args.limit, args.max_new_tokens)
 
