@@ -15,8 +15,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from nabla_lc import Engine
-from nabla_lc.langchain import ChatNablaReasoner
 from nabla_lc.loading import load_engine
+
+from .test_langchain_standard import Capabilities
 
 pytestmark = pytest.mark.real_model
 
@@ -29,23 +30,8 @@ def smollm2() -> Engine:
     return load_engine("embedded", "none")
 
 
-class TestChatNablaReasonerIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatNablaReasoner]:
-        return ChatNablaReasoner
-
+class TestChatNablaReasonerIntegration(Capabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"engine": smollm2(), "model": MODEL, "method": "greedy", "tool_use": "call_then_answer"}
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one engine serves one model: a per-call model naming another raises ValueError
