@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import threading
 from typing import Any, AsyncIterator, Iterator, Mapping
@@ -54,7 +55,18 @@ from nabla_lc.engine.types import Request as EngineRequest
 from nabla_lc.frontend import FrontEndSettings, call_config
 from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, response_format_schema, tool_call_constraint
 
-__all__ = ["AsyncNablaDSPyEngine", "GrammarJSONAdapter", "NablaDSPyEngine", "dspy_lm"]
+__all__ = ["AsyncNablaDSPyEngine", "GrammarJSONAdapter", "NablaDSPyEngine", "dspy_lm", "server_lm"]
+
+log = logging.getLogger(__name__)
+
+JSON_MODE_HINT = (
+    "a DSPy request in JSON mode (response_format json_object) constrains the reply to some JSON object, not to the "
+    "signature's fields: dspy.JSONAdapter sends it for signatures with dict outputs (ReAct's next_tool_args), and "
+    "DSPy's ChatAdapter falls back to it when a reply does not parse; a small model often misses the fields then and "
+    "the parse fails. dspy.configure(adapter=nabla_lc.integrations.dspy.GrammarJSONAdapter()) sends the fields' "
+    "schema instead, so the reply parses"
+)
+"""Logged (once per engine) when JSON mode arrives: where the embedded model's DSPy parses failed."""
 
 SUPPORTED_CONFIG: frozenset[str] = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "response_format", "tool_choice", "extensions"})
 """``dspy.lm15.Config`` fields this engine carries; any other field that is set is refused. Of ``extensions``, only
@@ -83,6 +95,7 @@ class NablaDSPyEngine:
         self.settings = settings
         self._seeds = random.Random(settings.config.seed)
         self._seed_lock = threading.Lock()
+        self._hinted = False
 
     def complete(self, request: Request) -> Response:
         """Decode one candidate."""
@@ -140,6 +153,9 @@ class NablaDSPyEngine:
         choice = _tool_choice(options)
         constraint = tool_call_constraint(tools, choice) if tools else None
         if options.response_format is not None:
+            if options.response_format == {"type": "json_object"} and not self._hinted:
+                self._hinted = True
+                log.warning(JSON_MODE_HINT)
             if constraint is not None:
                 raise UnsupportedFeatureError("a required tool call and response_format cannot both constrain one reply", feature="config.response_format")
             constraint = Constraint.json_schema(response_format_schema(options.response_format))
@@ -252,6 +268,28 @@ class GrammarJSONAdapter(dspy.JSONAdapter):
         if lm_kwargs.get("response_format") == {"type": "json_object"}:
             fields = {name: (field.annotation, ...) for name, field in signature.output_fields.items()}
             lm_kwargs["response_format"] = pydantic.create_model("DSPyProgramOutputs", **fields)  # type: ignore[call-overload]
+
+
+SERVER_PROVIDER = "nabla-lc"
+"""The lm15 provider id :func:`server_lm` registers for a ``nabla-lc serve`` endpoint."""
+
+
+def server_lm(model: str, api_base: str, api_key: str | None = None, **kwargs: Any) -> dspy.LM:
+    """A ``dspy.LM`` of a ``nabla-lc serve`` endpoint that sends its JSON schemas, so the server's grammar holds
+    the reply to the signature (``nabla-lc/<model>``; ``kwargs`` are ``dspy.LM``'s).
+
+    Why: ``dspy.LM("openai/<model>", api_base=...)`` cannot know that a local server takes schemas (its model
+    catalogue does not list the model), so DSPy's adapters send none, or JSON mode, and a small model's reply often
+    does not parse. This registers the endpoint as an OpenAI-compatible lm15 provider (vLLM's dialect) that states
+    response schemas and function calling (``dspy.lm15.register_provider``, replacing an earlier registration:
+    LMs built before keep theirs), the documented way to declare such a server to DSPy.
+    """
+    from dspy.lm15 import AccessPolicy, ModelSupport, OpenAIChatCompat, ProviderDefinition, register_provider
+
+    access = AccessPolicy(provider=SERVER_PROVIDER, env_keys=("NABLA_LC_API_KEY",), base_url=api_base)
+    definition = ProviderDefinition.chat(access, compat=OpenAIChatCompat.preset("vllm"))
+    register_provider(definition, supports=ModelSupport(response_schema=True, function_calling=True), replace=True)
+    return dspy.LM(f"{SERVER_PROVIDER}/{model}", api_base=api_base, api_key=api_key, **kwargs)
 
 
 def default_model_name(settings: FrontEndSettings) -> str:

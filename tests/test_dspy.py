@@ -8,11 +8,12 @@ import warnings
 from typing import Any
 
 import dspy
+import pydantic
 import pytest
 from dspy.clients.errors import LMInvalidRequestError, LMUnsupportedFeatureError
 from dspy.lm15 import Config, Message, Request, TextPart, UnsupportedFeatureError
 
-from nabla_lc.integrations.dspy import GrammarJSONAdapter, NablaDSPyEngine
+from nabla_lc.integrations.dspy import GrammarJSONAdapter, NablaDSPyEngine, server_lm
 from nabla_lc.langchain import NablaReasonerLLM
 from nabla_lc.tool_calls import tool_call_constraint
 
@@ -249,3 +250,32 @@ def test_grammar_json_adapter_gives_react_a_schema() -> None:
             assert list(step["properties"]) == ["next_thought", "next_tool_name", "next_tool_args"]
             assert step["properties"]["next_tool_name"]["enum"] == ["add", "finish"]
             assert step["properties"]["next_tool_args"]["type"] == "object"
+
+
+def test_json_mode_logs_a_hint_naming_grammar_json_adapter(caplog: pytest.LogCaptureFixture) -> None:
+    """Where the embedded model's parses failed (ReAct under JSONAdapter, ChatAdapter's fallback): JSON mode."""
+    engine = FakeEngine(responder=lambda *_: '{"answer": 3}')
+    sync = NablaDSPyEngine(NablaReasonerLLM(engine=engine).settings)
+    with caplog.at_level("WARNING", logger="nabla_lc.integrations.dspy"):
+        for _ in range(2):
+            sync.complete(Request(model="m", messages=(Message.user("q"),), config=Config(response_format={"type": "json_object"})))
+        sync.complete(Request(model="m", messages=(Message.user("q"),), config=Config(response_format={"type": "json_schema", "name": "A", "schema": {"type": "object"}})))
+    hints = [r.getMessage() for r in caplog.records if "GrammarJSONAdapter" in r.getMessage()]
+    assert len(hints) == 1  # once per engine
+
+
+def test_a_server_lm_sends_the_signatures_schema_and_openai_prefixed_lms_do_not(wide_engine) -> None:
+    """``dspy.LM("openai/<id>", api_base=...)`` does not know the server takes schemas; ``server_lm`` declares it,
+    so JSONAdapter sends the signature's schema and the server's grammar holds the tiny model's reply to it."""
+    from .server_harness import API_KEY, running_server
+
+    with running_server(wide_engine) as url:
+        plain = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, max_tokens=40, cache=False, num_retries=0)
+        assert plain.supports_response_schema is False  # DSPy cannot know what a local server serves
+        lm = server_lm("tiny", url, API_KEY, max_tokens=40, cache=False, num_retries=0)
+        assert lm.supports_response_schema is True
+        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+            prediction = dspy.Predict("question -> answer: bool")(question="Is 7 odd?")
+        assert isinstance(prediction.answer, bool)
+        sent = lm.history[-1]["kwargs"]["response_format"]
+        assert issubclass(sent, pydantic.BaseModel) and list(sent.model_fields) == ["answer"]
