@@ -79,10 +79,10 @@ class _Task:
 class _Group:
     """The running batch of one sampling setting, and which task's call each of its rows belongs to."""
 
-    def __init__(self, policy: Policy, call: RolloutCall, stats: "SchedulerStats") -> None:
+    def __init__(self, policy: Policy, call: RolloutCall, stats: "SchedulerStats", prefill_chunk: int | None) -> None:
         self.owners: dict[int, tuple[_Task, int]] = {}
         self.stats = stats
-        self.batch = RolloutBatch(policy, call.sampling, call.keep_logits, self.on_token, self.keep_going)
+        self.batch = RolloutBatch(policy, call.sampling, call.keep_logits, self.on_token, self.keep_going, prefill_chunk)
 
     def on_token(self, b: int, token: int) -> None:
         self.stats.tokens += 1
@@ -134,9 +134,12 @@ class Scheduler:
     """Runs jobs on one thread, batching their rollouts. ``lock`` is held while the models are in use, so other
     code that uses them directly (``nabla_lc.diagnose``) excludes the scheduler by holding it too."""
 
-    def __init__(self, policy: Policy, lock: threading.RLock) -> None:
+    def __init__(self, policy: Policy, lock: threading.RLock, prefill_chunk: int | None = None) -> None:
         self.policy = policy
         self.lock = lock
+        self.prefill_chunk = prefill_chunk
+        """Prefill a prefix longer than this many tokens a chunk a step, between the other rows' tokens (None: at once;
+        :class:`~nabla_lc.engine.rollout.RolloutBatch`); a batch started later picks up a change."""
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._incoming: list[_Task] = []
@@ -193,9 +196,9 @@ class Scheduler:
                 self._run_passes(live, groups)
                 self._place([t for t in live if isinstance(t.call, RolloutCall) and not t.placed], groups, live)
                 for key, group in list(groups.items()):
-                    if group.batch.active:
+                    if group.batch.busy:
                         self._step(group, live)
-                    if not group.batch.active:
+                    if not group.batch.busy:
                         del groups[key]
 
     def _gather(self) -> None:
@@ -218,7 +221,7 @@ class Scheduler:
                 if not waiting:
                     continue
                 oldest = min(t.since for t in waiting)
-                decoding = any(g.batch.active for g in groups.values()) or any(isinstance(t.call, RolloutCall) for t in live)
+                decoding = any(g.batch.busy for g in groups.values()) or any(isinstance(t.call, RolloutCall) for t in live)
                 capable = sum(t.passes for t in live)  # why: a job that never yields passes cannot join the batch
                 if decoding and 2 * len(waiting) < capable and self.stats.steps - oldest < PASS_WAIT_STEPS:
                     continue
@@ -277,7 +280,7 @@ class Scheduler:
             by_key.setdefault((call.sampling, call.keep_logits), []).append(task)  # why: the whole Sampling, so a field added to it splits batches too
         for key, joining in by_key.items():
             if key not in groups:
-                groups[key] = _Group(self.policy, joining[0].call, self.stats)  # type: ignore[arg-type]
+                groups[key] = _Group(self.policy, joining[0].call, self.stats, self.prefill_chunk)  # type: ignore[arg-type]
             error = self._join(groups[key], joining, live)
             if error is None:
                 continue
@@ -326,7 +329,7 @@ class Scheduler:
             for task in {id(t): t for t, _ in group.owners.values()}.values():
                 self._finish(task, live, error=err)
             group.owners.clear()
-            group.batch.active = []
+            group.batch.active, group.batch.prefilling = [], []
             return
         self._deliver(group, done, live)
 

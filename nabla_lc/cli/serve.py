@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .flags import add_config_flags, add_model_flags, config_from_args, load_engine
 
 if TYPE_CHECKING:
+    from ..facade import Engine
     from ..server import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strict-params", action="store_true", help="refuse unknown request fields with a 400 (default: log a warning and ignore them)")
     p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="encode a prompt longer than this many tokens a chunk a step, between the other requests' tokens, "
+                   "so that one long prompt does not stall them (default: at once)")
     ray = p.add_argument_group("Ray Serve (pip install 'nabla-lc[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas, each with its own engine, behind Ray's HTTP proxy on --host:--port")
     ray.add_argument("--replicas", type=int, help="replicas (default: one per GPU in the cluster, else one per CPU); the minimum with --max-replicas")
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     key = api_key(args)  # why: before loading any model
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk is {args.prefill_chunk}: it must be at least 1 token")
     try:
         settings = ServerSettings(
             api_key=key, model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap, max_n=args.max_n,
@@ -105,11 +111,18 @@ def run(args: argparse.Namespace) -> int:
         return serve_on_ray(args, settings)
     if args.replicas is not None or args.max_replicas is not None or args.address is not None:
         raise ValueError("--replicas, --max-replicas and --address need --ray")
-    engine = load_engine(args, config_from_args(args))
+    engine = serving_engine(args)
     app = create_app(engine, settings)
     log.warning("serving %s on http://%s:%d/v1 (auth %s)", args.policy, args.host, args.port, "off" if key is None else "on")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serving_engine(args: argparse.Namespace) -> Engine:
+    """The engine the model and decoding flags name, prefilling long prompts in chunks as ``--prefill-chunk`` says."""
+    engine = load_engine(args, config_from_args(args))
+    engine.scheduler.prefill_chunk = args.prefill_chunk
+    return engine
 
 
 def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
@@ -119,7 +132,7 @@ def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
         from ..server.ray_serve import application, serve_forever
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(f"{err}; nabla-lc serve --ray needs the 'ray' extra: pip install 'nabla-lc[ray]'") from None
-    factory = functools.partial(load_engine, args, config_from_args(args))
+    factory = functools.partial(serving_engine, args)
     with joined(args.address) as resources:
         shape = worker_shape(resources, args.replicas, flag="--replicas")
         app = application(factory, settings, shape, max_replicas=args.max_replicas)

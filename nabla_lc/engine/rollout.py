@@ -196,7 +196,7 @@ def rollout(
     """
     batch = RolloutBatch(policy, sampling, keep_logits, on_token, keep_going)
     results: dict[int, Rollout] = dict(batch.add(rows))
-    while batch.active:
+    while batch.busy:
         for b, result in batch.step():
             if isinstance(result, Exception):
                 raise result
@@ -210,6 +210,12 @@ class RolloutBatch:
     :meth:`add` encodes new rows' prefixes in one pass and merges their KV cache into the batch's (the shorter
     side left-padded, masked); :meth:`step` samples one token for every active row. Rows are numbered in the order
     they were added; ``on_token`` and ``keep_going`` see those numbers (see :func:`rollout`).
+
+    With ``prefill_chunk``, a row whose prefix is longer than that many tokens is not encoded at once: each
+    :meth:`step` encodes the next ``prefill_chunk`` tokens of one such row (after sampling the active rows' tokens;
+    the row with the fewest tokens left first), and the row joins once its whole prefix is encoded, so one long prompt delays the other rows' tokens by
+    one chunk's pass a step instead of by its whole prefill (vLLM's chunked prefill). Its pass is counted as one
+    pass over its prefix, as unchunked.
     """
 
     def __init__(
@@ -219,8 +225,12 @@ class RolloutBatch:
         keep_logits: bool = False,
         on_token: Callable[[int, int], None] | None = None,
         keep_going: Callable[[int], bool] | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.policy, self.sampling, self.keep_logits, self.on_token, self.keep_going = policy, sampling, keep_logits, on_token, keep_going
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: list[_Prefill] = []
+        """Rows whose prefixes are being encoded a chunk a step (not yet in :attr:`active`)."""
         self.rows: dict[int, RolloutRow] = {}
         """Rows not yet finished, by number."""
         self.count = 0
@@ -239,25 +249,33 @@ class RolloutBatch:
 
         Atomic: if encoding or merging raises, the batch is as it was (no row joined, :attr:`count` unchanged)."""
         policy, done, new = self.policy, [], []
+        long: list[_Prefill] = []
         for j, row in enumerate(rows):
-            if row.budget > 0:
+            if row.budget > 0 and self.prefill_chunk is not None and len(row.prefix) > self.prefill_chunk:
+                long.append(_Prefill(self.count + j, row))
+            elif row.budget > 0:
                 new.append((self.count + j, row))
             else:
                 masks = torch.empty(0, policy.vocab_size, dtype=torch.bool) if self.keep_logits and row.grammar is not None else None
                 done.append((self.count + j, Rollout([], torch.empty(0, policy.vocab_size) if self.keep_logits else None, "length", masks)))
         if new:
-            self._join(new)
+            ids, mask = _left_pad([row.prefix for _, row in new], policy.pad_id, policy.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = kv.empty()
+            out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            self._join(new, cache, mask, positions, out.logits[:, -1].float())
+        self.prefilling.extend(long)
         self.count += len(rows)
         return done
 
-    def _join(self, new: list[tuple[int, RolloutRow]]) -> None:
-        """Encode the new rows' prefixes and merge them into the batch; the bookkeeping changes only once both worked."""
-        policy = self.policy
-        ids, mask = _left_pad([row.prefix for _, row in new], policy.pad_id, policy.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = kv.empty()
-        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # [B_new, V]
+    @property
+    def busy(self) -> bool:
+        """Whether rows are decoding or being prefilled (:meth:`step` has work)."""
+        return bool(self.active or self.prefilling)
+
+    def _join(self, new: list[tuple[int, RolloutRow]], cache: kv.Cache, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Merge the new rows, their prefixes encoded (``cache``, ``mask`` and ``positions`` [B_new, L], the next
+        token's ``logits`` [B_new, V]), into the batch; the bookkeeping changes only once the merge worked."""
         if self.cache is None:
             self.cache, self.mask, self.last_position, self.logits = cache, mask, positions[:, -1:], logits
         else:
@@ -286,8 +304,36 @@ class RolloutBatch:
         kv.trim_left(self.cache, first)
 
     def step(self) -> list[tuple[int, Rollout | Exception]]:
-        """Sample one token for every active row; the rows that finished, with their rollouts, and the rows whose own
-        work failed (their grammar allows no token, ...), with the error: those leave the batch, the others go on."""
+        """Sample one token for every active row, then encode one chunk of the oldest row being prefilled; the rows
+        that finished, with their rollouts, and the rows whose own work failed (their grammar allows no token, ...),
+        with the error: those leave the batch, the others go on."""
+        done = self._decode() if self.active else []
+        if self.prefilling:
+            done.extend(self._prefill())
+        return done
+
+    def _prefill(self) -> list[tuple[int, Rollout | Exception]]:
+        """Encode the next chunk of the row being prefilled with the fewest tokens left (a cancelled one leaves); join
+        it once whole. why fewest left: a short prompt behind a long one joins after its own few chunks."""
+        first = min(self.prefilling, key=lambda p: len(p.row.prefix) - p.encoded)
+        if self.keep_going is not None and not self.keep_going(first.b):
+            self.prefilling.remove(first)
+            return [(first.b, Rollout([], torch.empty(0, self.policy.vocab_size) if self.keep_logits else None, "cancelled"))]
+        assert self.prefill_chunk is not None
+        try:
+            logits = first.advance(self.policy, self.prefill_chunk)
+        except Exception as err:  # why: the row's own prefill failed: it leaves, the others go on
+            self.prefilling.remove(first)
+            return [(first.b, err)]
+        if logits is not None:
+            n = len(first.row.prefix)
+            mask = torch.ones(1, n, dtype=torch.long, device=self.policy.device)
+            self._join([(first.b, first.row)], first.cache, mask, torch.arange(n, device=self.policy.device)[None], logits)
+            self.prefilling.remove(first)
+        return []
+
+    def _decode(self) -> list[tuple[int, Rollout | Exception]]:
+        """Sample one token for every active row (see :meth:`step`)."""
         policy, rows = self.policy, self.rows
         assert self.cache is not None and self.mask is not None and self.last_position is not None and self.logits is not None
         logits, active = self.logits, self.active
@@ -379,6 +425,27 @@ class RolloutBatch:
         assert self.cache is not None and self.mask is not None
         n = int(self.mask[row].sum())
         return RowCache((self.rows[b].prefix + self.tokens[b])[:n], kv.copy_row(self.cache, row, n))
+
+
+class _Prefill:
+    """A row whose prefix is encoded a chunk at a time (:attr:`RolloutBatch.prefill_chunk`), and its cache so far."""
+
+    def __init__(self, b: int, row: RolloutRow) -> None:
+        self.b, self.row = b, row
+        self.cache = kv.empty()
+        self.encoded = 0
+        """Tokens of the prefix in :attr:`cache`."""
+
+    def advance(self, policy: Policy, chunk: int) -> torch.Tensor | None:
+        """Encode the next ``chunk`` tokens; the next token's logits ([1, V]) once the whole prefix is encoded."""
+        prefix, start = self.row.prefix, self.encoded
+        end = min(start + chunk, len(prefix))
+        ids = torch.tensor([prefix[start:end]], device=policy.device)
+        mask = torch.ones(1, end, dtype=torch.long, device=policy.device)
+        positions = torch.arange(start, end, device=policy.device)[None]
+        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True)
+        self.encoded = end
+        return out.logits[:, -1].float() if end == len(prefix) else None
 
 
 def _masked_rows(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
