@@ -4,11 +4,14 @@ server tests share (the key, its header, greedy decoding, the in-process result 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from nabla_lc import Engine
 from nabla_lc.engine.types import Result
 from nabla_lc.server import ServerSettings, create_app, serving
+
+if TYPE_CHECKING:
+    import openai
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -24,7 +27,7 @@ def running_server(engine: object, **settings: object) -> Iterator[str]:
         yield url
 
 
-def openai_client(url: str) -> "openai.OpenAI":
+def openai_client(url: str) -> openai.OpenAI:
     """An OpenAI client of the server at ``url`` with the test key, no retries."""
     import openai
 

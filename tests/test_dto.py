@@ -230,7 +230,7 @@ def test_a_rollouts_cache_gives_the_prefix_a_fresh_encoding_gives(tokenizer, arc
         done = committed + r.tokens[:k]
         ids = prompt + done
         forwards = []
-        handle = policy.model.register_forward_hook(lambda *_: forwards.append(1))
+        handle = policy.model.register_forward_hook(lambda *_: forwards.append(1))  # noqa: B023 (why: called within this iteration)
         try:
             cached, _ = PrefixEncoder(policy, reward, config, Stats()).encode("q", ids, done, (r.cache.head(len(ids)), r.logits[k]))
         finally:
@@ -241,7 +241,7 @@ def test_a_rollouts_cache_gives_the_prefix_a_fresh_encoding_gives(tokenizer, arc
         for a, b in zip(cached.snapshot.tensors, fresh.snapshot.tensors):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         rest = r.drop(k)
-        reused = DTORun(policy, reward, config, "q", ids, done, rest.tokens, rest.logits, Stats(), prefixes=lambda: (cached, reward.prepare("q", done)))
+        reused = DTORun(policy, reward, config, "q", ids, done, rest.tokens, rest.logits, Stats(), prefixes=lambda: (cached, reward.prepare("q", done)))  # noqa: B023
         _assert_same_passes(reused, DTORun(policy, reward, config, "q", ids, done, rest.tokens, rest.logits, Stats()))
 
 

@@ -157,7 +157,7 @@ def test_a_request_whose_pass_fails_fails_alone(tokenizer):
     before = dataclasses.replace(engine.scheduler.stats)
     with engine.lock:  # why: every job is admitted at the same boundary, so their first passes run in one batch
         futures = [engine.submit([r], config) for r in requests]
-    for request, expected, future in zip(requests, alone, futures):
+    for expected, future in zip(alone, futures):
         if expected is None:
             with pytest.raises(RuntimeError, match="failed on 'hi'"):
                 future.result(timeout=300)

@@ -125,7 +125,7 @@ def test_head_keeps_the_first_columns_and_leaves_the_cache_alone(model):
 
 
 def test_copy_row_takes_a_rows_real_columns(model):
-    cache, mask = encode(model, ROWS)
+    cache, _ = encode(model, ROWS)
     for row in range(len(ROWS)):
         one = kv.copy_row(cache, row, len(ROWS[row]))
         assert kv.shapes(one)[0][:3] == (1, kv.shapes(cache)[0][1], len(ROWS[row]))

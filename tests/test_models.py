@@ -158,7 +158,7 @@ def test_model_names_are_short_and_never_paths(tmp_path: Path) -> None:
 
 
 def test_first_load_converts_and_second_reads_only_the_copy(fake_gguf: SimpleNamespace) -> None:
-    model, tokenizer = load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    _, tokenizer = load_embedded(device="cpu", cache_dir=fake_gguf.cache)
     assert fake_gguf.reads == [fake_gguf.gguf]
     target = embedded_cache_path(fake_gguf.gguf, fake_gguf.cache)
     assert (target / "model.safetensors").is_file() and not _temps(fake_gguf.cache)

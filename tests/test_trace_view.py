@@ -40,7 +40,9 @@ def test_trace_page_marks_every_probed_position(tiny_engine):
 def test_model_text_is_escaped():
     evil = "<script>alert(1)</script>"
     ids = list(range(len(evil)))
-    result = Result(evil, ids, "stop", Stats(), trace=[PositionRecord(3, 3, "<b>", 1.0, 9.0, optimized=True, proposed_token=4, proposed_text="<script>", reward_current=0.1, reward_proposal=0.2, accepted=True, top_after=[("</table>", 0.5)])])
+    record = PositionRecord(3, 3, "<b>", 1.0, 9.0, optimized=True, proposed_token=4, proposed_text="<script>",
+                            reward_current=0.1, reward_proposal=0.2, accepted=True, top_after=[("</table>", 0.5)])
+    result = Result(evil, ids, "stop", Stats(), trace=[record])
     page = render_trace(result, lambda t: evil[: len(t)], prompt="<img src=x onerror=alert(1)>")
     assert "<script>" not in page and "<img" not in page and "</table>" not in page.split('<table id="positions">')[1].split("</tr>")[1]
     assert "&lt;script&gt;" in page

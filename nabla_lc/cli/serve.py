@@ -34,7 +34,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", type=Path, default=None, help=f"file holding the API key (default: the {API_KEY_ENV} environment variable)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without a key (only with a loopback --host)")
-    p.add_argument("--served-model-name", default=None, help="the model name /v1/models lists and clients send (default: the policy's short name: a hub id as given, a local model by its directory's name, the embedded one as smollm2-135m-instruct; never a path)")
+    p.add_argument("--served-model-name", default=None, help=(
+        "the model name /v1/models lists and clients send (default: the policy's short name: a hub id as given, "
+        "a local model by its directory's name, the embedded one as smollm2-135m-instruct; never a path)"))
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for (400 above)")
     p.add_argument("--max-n", type=int, default=16, help="largest nabla.n (samples, N_max, particles) a request may ask for (400 above)")

@@ -180,7 +180,7 @@ class LoRAReward(TransformerReward):
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (why: safe_open cannot be iterated)
         except SafetensorError as err:
             raise ValueError(f"{path} is not a safetensors file ({err})") from None
         if metadata.get("format") != FORMAT:

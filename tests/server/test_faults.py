@@ -122,7 +122,7 @@ def test_an_unexpected_failure_is_a_counted_500_and_the_connection_survives(
     assert out.status_code == 500 and out.json()["error"]["type"] == "server_error" and "a bug" not in out.text
     metrics = http.get(url.removesuffix("/v1") + "/metrics").text
     line = 'nabla_requests_total{endpoint="/v1/chat/completions",status="500"}'
-    count = {text: next((float(l.split()[-1]) for l in text.splitlines() if l.startswith(line)), 0.0) for text in (before, metrics)}
+    count = {text: next((float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)), 0.0) for text in (before, metrics)}
     assert count[metrics] == count[before] + 1
     assert http.post("/chat/completions", json=chat("x")).status_code == 200
 

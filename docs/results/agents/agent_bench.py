@@ -174,7 +174,8 @@ def run_plain(method: str, limit: int, max_new_tokens: int) -> None:
             rows.append(row)
             out.write(json.dumps(row) + "\n")
             out.flush()
-    print(json.dumps({"task": "plain", "method": method, "questions": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows), "mentions_rate": sum(r["mentions"] for r in rows) / len(rows)}))
+    accuracy, mentions = sum(r["correct"] for r in rows) / len(rows), sum(r["mentions"] for r in rows) / len(rows)
+    print(json.dumps({"task": "plain", "method": method, "questions": len(rows), "accuracy": accuracy, "mentions_rate": mentions}))
 
 
 class Answer(BaseModel):

@@ -14,10 +14,11 @@ limit = int(sys.argv[1])
 rows = defaultdict(dict)
 for arg in sys.argv[2:]:
     path, _, only = arg.partition(":")
-    for line in open(path):
-        r = json.loads(line)
-        if r["index"] < limit and r["n"] in (4, 8) and (not only or r["method"] in only.split(",")):
-            rows[(path.split("/")[-2], r["method"], r["n"])][r["index"]] = r
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["index"] < limit and r["n"] in (4, 8) and (not only or r["method"] in only.split(",")):
+                rows[(path.split("/")[-2], r["method"], r["n"])][r["index"]] = r
 common = sorted(set.intersection(*(set(v) for v in rows.values())))
 bon = {n: v for (run, m, n), v in rows.items() if m == "bon"}
 print(f"{len(common)} problems every row has\n")
