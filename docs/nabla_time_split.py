@@ -35,6 +35,7 @@ from nabla_lc.bench.runner import load_task
 from nabla_lc.engine import context, dto, rollout
 from nabla_lc.loading import load_engine
 from nabla_lc.rewards.transformer import TransformerReward
+
 from serve_load import run_header
 
 log = logging.getLogger("nabla_time_split")

@@ -32,7 +32,6 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 
 import dspy
 import pydantic
-from dspy.lm15 import TextDelta as DSPyTextDelta
 from dspy.lm15 import (
     Config,
     InvalidRequestError,
@@ -48,6 +47,7 @@ from dspy.lm15 import (
     UnsupportedFeatureError,
     Usage,
 )
+from dspy.lm15 import TextDelta as DSPyTextDelta
 
 from nabla_lc.config import NablaConfig
 from nabla_lc.engine.types import Constraint, Result, TextDelta

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, NablaConfig
 from .engine.accounting import Stats
-from .facade import Engine
 from .engine.trace import PositionRecord
 from .engine.types import Request, Result
+from .facade import Engine
 from .rewards.base import RewardAdapter
 
 if TYPE_CHECKING:

@@ -235,7 +235,7 @@ class NablaConfig:
             name: f"method {self.method!r} always runs with {name} = {value!r}" for name, value in fixed.items() if getattr(self, name) != value
         }
         if self.ran().temperature == 0:
-            unused.update({name: "temperature 0 decodes greedily (argmax), so it has no effect" for name in ("top_p", "top_k")})
+            unused.update(dict.fromkeys(("top_p", "top_k"), "temperature 0 decodes greedily (argmax), so it has no effect"))
         return unused
 
     def to_dict(self) -> dict[str, Any]:

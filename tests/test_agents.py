@@ -15,7 +15,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
-from nabla_lc import Engine, NablaConfig
+from nabla_lc import Engine
 from nabla_lc.langchain import ChatNablaReasoner, NablaReasonerLLM
 from nabla_lc.tool_calls import ToolCall, conversation, filled, parse_tool_calls, quotation_pattern
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from nabla_lc.cli import bench as bench_cli
 from nabla_lc.bench.grading import Verdict, extract_answer
 from nabla_lc.bench.report import paired_counts, sign_test, summarize, to_markdown, write_report
 from nabla_lc.bench.runner import (
@@ -23,6 +22,7 @@ from nabla_lc.bench.runner import (
     results_path,
     run_bench,
 )
+from nabla_lc.cli import bench as bench_cli
 from nabla_lc.config import ConfigError, NablaConfig
 from nabla_lc.engine.accounting import Stats
 from nabla_lc.engine.types import Result

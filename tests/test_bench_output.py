@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nabla_lc.cli import bench as bench_cli
 from nabla_lc.bench.output import OutputInUseError, output_lock
 from nabla_lc.bench.runner import merge_results, read_results, results_path, run_bench
+from nabla_lc.cli import bench as bench_cli
 from nabla_lc.cli import main
 from nabla_lc.config import NablaConfig
 

@@ -19,10 +19,10 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 from nabla_lc import NablaConfig  # noqa: E402
 from nabla_lc.bench.ray_pipeline import WORKER_NAME, ray_executor  # noqa: E402
-from nabla_lc.cluster import WorkerShape, worker_shape  # noqa: E402
 from nabla_lc.bench.runner import load_task, read_results, results_path, run_bench, run_jobs  # noqa: E402
 from nabla_lc.cli import bench as bench_cli  # noqa: E402
 from nabla_lc.cli import main  # noqa: E402
+from nabla_lc.cluster import WorkerShape, worker_shape  # noqa: E402
 
 from .test_bench import bench_parser  # noqa: E402
 from .tiny import make_engine, make_policy, make_tokenizer  # noqa: E402

@@ -309,7 +309,7 @@ def test_a_running_batch_drops_the_columns_of_rows_that_left(tokenizer):
 
     policy = Policy(make_policy(tokenizer), tokenizer)
     batch = RolloutBatch(policy, Sampling(1.0))
-    row = lambda prefix, budget: RolloutRow(prefix, [], budget, (), torch.Generator().manual_seed(0), Stats())  # noqa: E731
+    row = lambda prefix, budget: RolloutRow(prefix, [], budget, (), torch.Generator().manual_seed(0), Stats())
     batch.add([row([5, 6], 12)])
     batch.step()
     batch.add([row(list(range(5, 45)), 1)])  # 40 prefix tokens, one token of budget
@@ -328,7 +328,7 @@ def test_a_failed_join_leaves_the_batch_as_it_was(tokenizer, monkeypatch, fail):
     from nabla_lc.engine.rollout import RolloutBatch, RolloutRow, Sampling, rollout
 
     policy = Policy(make_policy(tokenizer), tokenizer)
-    row = lambda prefix, budget: RolloutRow(prefix, [], budget, (), torch.Generator().manual_seed(0), Stats())  # noqa: E731
+    row = lambda prefix, budget: RolloutRow(prefix, [], budget, (), torch.Generator().manual_seed(0), Stats())
     [alone] = rollout(policy, [row([5, 6, 7], 8)], Sampling(1.0))
     batch = RolloutBatch(policy, Sampling(1.0))
     batch.add([row([5, 6, 7], 8)])

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from nabla_lc import NablaConfig, cli
-from nabla_lc.cli import flags, solve, train
 from nabla_lc.bench import arith
-from nabla_lc.bench.runner import ARITH_DEFAULT_COUNT
-from nabla_lc.rewards import LoRAReward
 from nabla_lc.bench.reward_recipe import RESERVED_DEV, TRAIN_LEVELS, generate_records, training_problems
+from nabla_lc.bench.runner import ARITH_DEFAULT_COUNT
+from nabla_lc.cli import flags, solve, train
+from nabla_lc.rewards import LoRAReward
 from nabla_lc.rewards.default import DEFAULT_REWARD_FILE, RECIPE_COMMAND, load_default_reward
 
 from .tiny import make_policy, make_tokenizer

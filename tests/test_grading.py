@@ -197,8 +197,8 @@ def test_a_grading_process_that_dies_on_start_says_so(monkeypatch, tmp_path: Pat
 def test_bench_without_its_extra_names_the_package_before_loading_a_model(monkeypatch, tmp_path: Path, capsys) -> None:
     import importlib.util
 
-    from nabla_lc.cli import bench as bench_cli
     from nabla_lc.bench import grading
+    from nabla_lc.cli import bench as bench_cli
     from nabla_lc.cli import main
 
     real = importlib.util.find_spec

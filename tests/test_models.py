@@ -37,6 +37,7 @@ from nabla_lc.models import (
     load_policy,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The test machines share few cores; run every model on one thread."""

@@ -494,7 +494,7 @@ def _saved_then_edited(tok: PreTrainedTokenizerFast, tmp_path: Path, edit: Calla
 
     path = LoRAReward(llama_policy(), tok, rank=2).save(tmp_path / "reward.safetensors")
     with safe_open(str(path), framework="pt") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (why: safe_open cannot be iterated), dict(f.metadata())
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118 (why: safe_open cannot be iterated)
     edit(tensors, metadata)
     save_file(tensors, str(path), metadata=metadata)
     return path

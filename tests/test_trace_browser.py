@@ -76,9 +76,10 @@ def _text_nodes(browser, element) -> str:
 
 @pytest.mark.real_model
 def test_marked_positions_of_a_real_solve_render_visibly(driver, tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+
     import nabla_lc.trace_view as trace_view
     from nabla_lc.cli import main
-    from selenium.webdriver.common.by import By
 
     captured = {}
     write_trace = trace_view.write_trace

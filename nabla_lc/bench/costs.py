@@ -16,7 +16,6 @@ from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
-
 from tqdm import tqdm
 
 from ..config import NablaConfig

@@ -241,7 +241,7 @@ def _serve() -> None:
         name, answer, reference = json.loads(line)
         try:
             verdict = _GRADERS[name](answer, reference)
-        except Exception:  # noqa: BLE001 - a grader's failure is "no verdict", never a crash
+        except Exception:  # why: a grader's failure is "no verdict", never a crash
             verdict = None
         print(json.dumps(verdict), flush=True)
 
@@ -277,7 +277,7 @@ class Grader:
             log.info("graders disagree on %r vs reference %r: math-verify %s, normalised %s", answer, reference, mv, nm)
         return verdict
 
-    def _call(self, name: str, answer: str, reference: str) -> "bool | None | _TimedOut":
+    def _call(self, name: str, answer: str, reference: str) -> "bool | _TimedOut | None":
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._start()

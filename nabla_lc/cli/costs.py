@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{report['model']} on {report['device']} ({report['dtype']}, {report['threads']} threads)")
     print(f"{'prompt':>6} {'rollout':>7} {'prefix KV':>9} {'step s':>8} {'fwd s':>8} {'step/fwd':>8}")
     for r in report["settings"]:
-        print(f"{r['prompt_len']:>6} {r['rollout_len']:>7} {str(r['prefix_cache']):>9} {r['dto_step_s']:>8.4f} {r['forward_s']:>8.4f} {r['dto_step_over_forward']:>8.2f}")
+        print(f"{r['prompt_len']:>6} {r['rollout_len']:>7} {r['prefix_cache']!s:>9} {r['dto_step_s']:>8.4f} {r['forward_s']:>8.4f} {r['dto_step_over_forward']:>8.2f}")
     return 0

@@ -21,6 +21,7 @@ from .stream import TextStream
 from .trace import PositionRecord
 from .types import AnswerExtractor, Request, Result, TokenCallback
 
+
 def wanted_tokens(request: Request, config: NablaConfig) -> int:
     """The request's max_new_tokens, else the config's (before the model's context cuts it)."""
     return request.max_new_tokens if request.max_new_tokens is not None else config.max_new_tokens

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Callable, Generator, NamedTuple, Sequence, TypeVar
 
 import torch
+
 from .. import kv
 from ..config import NablaConfig
 from ..numerics import upcast

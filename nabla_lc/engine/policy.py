@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import logging
 from typing import Any, Sequence
 

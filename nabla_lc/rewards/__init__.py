@@ -3,8 +3,8 @@ policy, the policy as its own judge, and plain Python verifiers."""
 
 from .base import NoGradientError, RewardAdapter, RewardPrefix, Scores, SoftScore
 from .classifier import SequenceClassifierReward
-from .judge import SelfJudgeReward
 from .implicit import ImplicitLoRAReward
+from .judge import SelfJudgeReward
 from .lora import LoRAReward
 from .process import ProcessReward, aggregate
 from .transformer import TransformerReward

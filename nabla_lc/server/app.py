@@ -19,19 +19,19 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, TypeVar
 
 import anyio
-
 from fastapi import FastAPI, Request
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.routing import APIRoute
 from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..config import ConfigError, NablaConfig
 from ..engine.accounting import Stats
 from ..engine.constraints import compile_constraint
-from ..engine.types import Finished, Request as EngineRequest, Result, StreamEvent, TextDelta, TokenLogprob
+from ..engine.types import Finished, Result, StreamEvent, TextDelta, TokenLogprob
+from ..engine.types import Request as EngineRequest
 from ..frontend import FrontEndEngine, default_model_id
 from ..methods import get_method, method_names
 from ..models import model_name as short_name
@@ -566,7 +566,7 @@ def _ignored(parsed: ChatCompletionRequest | CompletionRequest, config: NablaCon
     unused = config.without_effect()
     ignored = {name: reason for name, reason in unused.items() if name in sent}
     ignored.update({f"nabla.{name}": reason for name, reason in unused.items() if name in (parsed.nabla or {})})
-    ignored.update({name: "unknown field" for name in parsed.unknown_fields()})
+    ignored.update(dict.fromkeys(parsed.unknown_fields(), "unknown field"))
     return ignored
 
 

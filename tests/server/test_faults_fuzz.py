@@ -104,9 +104,8 @@ BODY = st.tuples(
 @pytest.fixture(scope="module")
 def http(wide_engine: Engine) -> Iterator[httpx.Client]:
     """One keep-alive connection to a server with small caps, so that no example decodes for long."""
-    with running_server(wide_engine, max_tokens_cap=6, max_n=2, max_choices=2) as url:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
-            yield client
+    with running_server(wide_engine, max_tokens_cap=6, max_n=2, max_choices=2) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        yield client
 
 
 def chat(**fields: Any) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def questions(limit: int) -> list[tuple[str, str, int]]:
 def main() -> None:
     llm = NablaReasonerLLM.embedded(method="greedy", max_new_tokens=48)
     engine = llm.engine
-    rows, right = [], {name: 0 for name in RENDERINGS}
+    rows, right = [], dict.fromkeys(RENDERINGS, 0)
     qs = questions(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
     for question, expression, truth in qs:
         for name, render in RENDERINGS.items():

@@ -1,9 +1,15 @@
 """Prototype: an implicit (log-ratio) LoRA reward trained like the shipped one, then its swap test."""
-import json, logging, sys, time
+import json
+import logging
+import sys
+import time
+
 import torch
+
 from nabla_lc.models import load_embedded
 from nabla_lc.rewards import ImplicitLoRAReward
 from nabla_lc.rewards.train import read_records, train_reward
+
 logging.basicConfig(level=logging.INFO)
 torch.set_num_threads(1)
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else None
