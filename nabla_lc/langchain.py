@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Itera
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
-from langchain_core.language_models.base import LangSmithParams
-from langchain_core.language_models.base import LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolCallChunk, ToolMessage
 from langchain_core.messages import InvalidToolCall as LCInvalidToolCall
@@ -33,9 +32,20 @@ from pydantic import BaseModel, ConfigDict, Field, InstanceOf, SkipValidation, m
 
 from .config import NablaConfig
 from .engine.types import Constraint, Finished, Request, Result, StreamEvent, TextDelta
-from .frontend import CONFIG_FIELDS, FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
+from .frontend import FrontEndEngine, FrontEndSettings, call_config, default_model_id, is_call_option
 from .loading import load_engine
-from .tool_calls import InvalidToolCall, Reply, ToolCall, check_tool_choice, conversation, json_schema_of, parse_tool_calls, response_format_schema, tool_call_constraint, tool_call_or_json_constraint
+from .tool_calls import (
+    InvalidToolCall,
+    Reply,
+    ToolCall,
+    check_tool_choice,
+    conversation,
+    json_schema_of,
+    parse_tool_calls,
+    response_format_schema,
+    tool_call_constraint,
+    tool_call_or_json_constraint,
+)
 
 if TYPE_CHECKING:
     import dspy
@@ -361,7 +371,7 @@ class ChatNablaReasoner(BaseChatModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        keywords = {name: data.pop(name) for name in list(data) if name == "model" or name in LLM_FIELDS and name != "streaming" or is_call_option(name)}
+        keywords = {name: data.pop(name) for name in list(data) if name == "model" or (name in LLM_FIELDS and name != "streaming") or is_call_option(name)}
         if keywords:
             llm = data.get("llm")
             data["llm"] = NablaReasonerLLM(**keywords) if llm is None else llm.with_settings(**keywords)

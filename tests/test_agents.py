@@ -403,7 +403,7 @@ def test_structured_output_returns_pydantic_v1_models_and_traces_the_schema(tiny
     assert isinstance(tiny_chat.with_structured_output(Old).invoke("2+2?"), Old)
 
     class Options(BaseCallbackHandler):
-        seen: list[Any] = []
+        seen: list[Any]  # set per handler below
 
         def on_chat_model_start(self, serialized: Any, messages: Any, *, options: Any = None, **kwargs: Any) -> None:
             self.seen.append(options["ls_structured_output_format"])
