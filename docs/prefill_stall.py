@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_load import run_header  # the same header (command, commit, machine, load) as the serving benchmark
-
 from nabla_lc import NablaConfig
 from nabla_lc.loading import load_engine
+
+from serve_load import run_header  # the same header (command, commit, machine, load) as the serving benchmark
 
 log = logging.getLogger("prefill_stall")
 
