@@ -172,7 +172,7 @@ class NablaReasonerLLM(BaseLLM):
         ``llm.with_settings(method="bon", n=8)`` keeps ``llm``'s config (unlike a new
         ``NablaReasonerLLM(engine=llm.engine, ...)``, which starts from the engine's config).
         """
-        fields = {name: getattr(self, name) for name in LLM_FIELDS}
+        fields = {name: getattr(self, name) for name in LLM_FIELDS if not (name == "model_id" and "model" in changes)}
         return type(self)(**{**fields, **changes})
 
     @property

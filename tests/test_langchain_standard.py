@@ -90,6 +90,7 @@ def test_keywords_beside_an_llm_change_a_copy_of_it() -> None:
     assert (chat.llm.config.method, chat.llm.config.n, chat.llm.system) == ("bon", 3, "be brief")
     assert (chat.llm.config.max_new_tokens, chat.llm.config.temperature) == (7, 0.9)
     assert (llm.config.max_new_tokens, llm.config.temperature) == (24, 0.5)  # the given LLM is unchanged
+    assert ChatNablaReasoner(llm=llm, model="renamed").llm.model_id == "renamed" and llm.with_settings(model="b").model_id == "b"
 
 
 def test_tracing_reports_the_call_as_it_runs() -> None:
