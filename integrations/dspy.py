@@ -21,13 +21,16 @@ give different samples (as they do with a sampling provider); the seed used is i
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import hashlib
 import json
 import logging
 import random
+import re
 import threading
+import typing
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 import dspy
@@ -53,7 +56,7 @@ from nabla_lc.config import NablaConfig
 from nabla_lc.engine.types import Constraint, Result, TextDelta
 from nabla_lc.engine.types import Request as EngineRequest
 from nabla_lc.frontend import FrontEndSettings, call_config
-from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, parse_tool_calls, response_format_schema, tool_call_constraint
+from nabla_lc.tool_calls import ToolCall, ToolChoice, conversation, filled, parse_tool_calls, response_format_schema, tool_call_constraint
 
 __all__ = ["AsyncNablaDSPyEngine", "GrammarJSONAdapter", "NablaDSPyEngine", "dspy_lm", "server_lm"]
 
@@ -260,14 +263,58 @@ class GrammarJSONAdapter(dspy.JSONAdapter):
     ``JSONAdapter`` falls back to JSON mode (any JSON object) when an output field is a ``dict`` (``ReAct``'s
     ``next_tool_args``), because OpenAI's strict structured outputs need every property declared. This engine's
     grammar takes any JSON schema, so here such a field is an open object and the other fields keep their types
-    (``next_tool_name`` one of the tools' names): the reply always parses.
+    (``next_tool_name`` one of the tools' names): the reply always parses. For ``ReAct``'s step, whose tools DSPy
+    passes in the signature's instructions (``(1) name, whose description is ... It takes arguments {...}.``), the
+    schema is one choice per tool: its name, and its own arguments' schema (:func:`react_step_schema`).
     """
 
     def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[dspy.Signature]) -> None:
         super()._prepare_response_format(lm, lm_kwargs, signature)
         if lm_kwargs.get("response_format") == {"type": "json_object"}:
+            step = react_step_schema(signature)
+            if step is not None:
+                lm_kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "ReActStep", "schema": step}}
+                return
             fields = {name: (field.annotation, ...) for name, field in signature.output_fields.items()}
             lm_kwargs["response_format"] = pydantic.create_model("DSPyProgramOutputs", **fields)  # type: ignore[call-overload]
+
+
+REACT_STEP = ("next_thought", "next_tool_name", "next_tool_args")
+_REACT_TOOL = re.compile(r"^\(\d+\) ([A-Za-z_][\w-]*)(?:, whose description is <desc>.*</desc>)?\. It takes arguments (\{.*\})\.$")
+
+
+def react_step_schema(signature: type[dspy.Signature]) -> dict[str, Any] | None:
+    """The JSON schema of a ``dspy.ReAct`` step: ``anyOf`` one object per tool, with ``next_tool_name`` that tool's
+    name and ``next_tool_args`` its arguments (all required; strings never empty: :func:`~nabla_lc.tool_calls.filled`). None for another signature, or when a tool named in
+    ``next_tool_name`` is not described in the instructions (then the step keeps the open-object schema)."""
+    if tuple(signature.output_fields) != REACT_STEP:
+        return None
+    names = typing.get_args(signature.output_fields["next_tool_name"].annotation)
+    described: dict[str, dict[str, Any]] = {}
+    for line in (signature.instructions or "").splitlines():
+        match = _REACT_TOOL.match(line.strip())
+        if match:
+            try:
+                args = ast.literal_eval(match.group(2))
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(args, dict):
+                described[match.group(1)] = args
+    if not names or any(name not in described for name in names):
+        return None
+    steps = [
+        {
+            "type": "object",
+            "properties": {
+                "next_thought": {"type": "string"},
+                "next_tool_name": {"const": name},
+                "next_tool_args": filled({"type": "object", "properties": described[name], "required": list(described[name])}),
+            },
+            "required": list(REACT_STEP),
+        }
+        for name in names
+    ]
+    return steps[0] if len(steps) == 1 else {"anyOf": steps}
 
 
 SERVER_PROVIDER = "nabla-lc"

@@ -225,7 +225,7 @@ def test_json_adapter_parses_on_the_tiny_model(wide_engine) -> None:
 
 def test_grammar_json_adapter_gives_react_a_schema() -> None:
     """JSONAdapter sends ReAct's step JSON mode only (its tool arguments are an open mapping), so a small model's
-    reply need not have the fields; GrammarJSONAdapter sends the fields' schema, the tool name one of the tools'."""
+    reply need not have the fields; GrammarJSONAdapter sends a schema per tool: its name and its arguments'."""
 
     def reply(prompt: str, user: str, seed: int | None, sample: int) -> str:
         if "next_tool_name" in prompt:
@@ -246,10 +246,12 @@ def test_grammar_json_adapter_gives_react_a_schema() -> None:
         step = json.loads(engine.calls[0].requests[0].constraint.spec)
         if step_format is None:
             assert "properties" not in step  # JSON mode: any object
-        else:
-            assert list(step["properties"]) == ["next_thought", "next_tool_name", "next_tool_args"]
-            assert step["properties"]["next_tool_name"]["enum"] == ["add", "finish"]
-            assert step["properties"]["next_tool_args"]["type"] == "object"
+        else:  # one choice per tool: its name and its own arguments, as DSPy describes them in the instructions
+            add_step, finish_step = step["anyOf"]
+            assert list(add_step["properties"]) == ["next_thought", "next_tool_name", "next_tool_args"]
+            assert [add_step["properties"]["next_tool_name"], finish_step["properties"]["next_tool_name"]] == [{"const": "add"}, {"const": "finish"}]
+            assert add_step["properties"]["next_tool_args"]["properties"] == {"a": {"type": "integer"}, "b": {"type": "integer"}}
+            assert add_step["properties"]["next_tool_args"]["required"] == ["a", "b"] and finish_step["properties"]["next_tool_args"]["properties"] == {}
 
 
 def test_json_mode_logs_a_hint_naming_grammar_json_adapter(caplog: pytest.LogCaptureFixture) -> None:
@@ -279,3 +281,17 @@ def test_a_server_lm_sends_the_signatures_schema_and_openai_prefixed_lms_do_not(
         assert isinstance(prediction.answer, bool)
         sent = lm.history[-1]["kwargs"]["response_format"]
         assert issubclass(sent, pydantic.BaseModel) and list(sent.model_fields) == ["answer"]
+
+
+def test_react_step_schema_only_for_react_steps_whose_tools_are_described() -> None:
+    from nabla_lc.integrations.dspy import react_step_schema
+
+    def calc(expression: str) -> str:
+        """Evaluate an arithmetic expression."""
+        return expression
+
+    step = dspy.ReAct("question -> answer: int", tools=[calc]).react.signature
+    [calc_step, _] = react_step_schema(step)["anyOf"]
+    assert calc_step["properties"]["next_tool_args"]["properties"]["expression"] == {"type": "string", "minLength": 1}
+    assert react_step_schema(dspy.Signature("question -> answer")) is None
+    assert react_step_schema(step.with_instructions("no tools described here")) is None  # keeps the open object
