@@ -46,10 +46,10 @@ class MethodSpec:
     """Config fields the method always runs with, whatever the call asks (greedy: ``temperature`` 0 and ``n`` 1), as
     (name, value) pairs; :meth:`~nabla_lc.config.NablaConfig.ran` applies them, so reports say what ran."""
     steps: Callable[..., Any] | None = None
-    """``steps(ctx, requests) -> Job[list[Result]]``: the method as a job (:data:`nabla_lc.engine.rollout.Job`), so that
+    """``steps(ctx, requests) -> Job[list[Result]]``: the method as a job (:data:`nabla_lc.engine.calls.Job`), so that
     the engine's scheduler batches its rollouts with other requests'. None: ``run`` runs alone, between batches."""
     dto_passes: bool = False
-    """Whether its job yields DTO passes (:class:`~nabla_lc.engine.dto.PassCall`): while another such job is in
+    """Whether its job yields DTO passes (:class:`~nabla_lc.engine.calls.PassCall`): while another such job is in
     flight, the scheduler holds a pass back for it to join (:data:`~nabla_lc.scheduler.PASS_WAIT_STEPS`)."""
 
 

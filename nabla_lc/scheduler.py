@@ -1,6 +1,6 @@
 """Continuous batching: one thread owns the models and samples the rollouts of every job in flight together.
 
-Every submitted job (a method's batch of requests, a sample set) is a :data:`~nabla_lc.engine.rollout.Job`: it
+Every submitted job (a method's batch of requests, a sample set) is a :data:`~nabla_lc.engine.calls.Job`: it
 runs its own work (gates, DTO steps) until it needs rollouts, DTO passes or scorings of complete responses, then
 waits. The scheduler keeps one running :class:`~nabla_lc.engine.rollout.RolloutBatch` per sampling setting and loops:
 admit new jobs, drop cancelled ones, run the DTO passes every waiting job asks for in one batched pass and their
@@ -24,10 +24,9 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from .engine.dto import PassCall, run_passes
+from .engine.calls import Call, CallCounts, Executor, Job, Kind, RolloutCall, checked
 from .engine.policy import Policy
-from .engine.rollout import Job, Rollout, RolloutBatch, RolloutCall
-from .engine.scoring import ScoreCall, run_scores
+from .engine.rollout import Rollout, RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,9 @@ on) until half of the jobs in flight that yield DTO passes (∇ jobs; see :meth:
 or until it has waited this many decoding steps, so that passes run in larger batches; so does a scoring, for
 scorings. A pass with no other such job in flight runs at once."""
 
+TOGETHER: tuple[Kind, ...] = ("pass", "score")
+"""The calls whose requests, from every job that waits on one, run together (DTO passes, then scorings)."""
+
 IDLE_EXIT_S = 2.0
 """Seconds the scheduler thread waits for work before it exits (the next submit starts another), so that an
 engine nobody uses holds no thread and can be garbage-collected."""
@@ -57,7 +59,7 @@ class _Task:
     future: Future[Any]
     job: Job[Any] | None
     function: Callable[[], Any] | None = None
-    call: RolloutCall | PassCall | ScoreCall | None = None
+    call: Call | None = None
     """The rollouts (or DTO passes, or scorings) it waits on."""
     placed: bool = False
     """Whether the call's rows joined a batch."""
@@ -74,6 +76,10 @@ class _Task:
 
     def gone(self) -> bool:
         return self.future.cancelled() or self.error is not None
+
+    def waits_on(self, kind: Kind) -> bool:
+        """Whether its call is of ``kind`` (rollouts, DTO passes or scorings)."""
+        return self.call is not None and self.call.kind == kind
 
 
 class _Group:
@@ -99,8 +105,9 @@ class _Group:
 
 
 @dataclass
-class SchedulerStats:
-    """What the scheduler did, for tests and metrics."""
+class SchedulerStats(CallCounts):
+    """What the scheduler did, for tests and metrics (and, as :class:`~nabla_lc.engine.calls.CallCounts`, the batched
+    DTO passes and scorings its executor ran)."""
 
     steps: int = 0
     """Batched decoding steps (one policy pass over every active row of a batch)."""
@@ -118,16 +125,6 @@ class SchedulerStats:
     """Most rows in one step."""
     sizes: list[int] = field(default_factory=list)
     """Jobs with rows in each step, the last 1000."""
-    passes: int = 0
-    """Batched DTO passes (one :func:`~nabla_lc.engine.dto.run_passes` over the rows of every waiting job: one forward
-    and backward pass of each model, several past :data:`~nabla_lc.engine.dto.PASS_ROWS` rows)."""
-    pass_rows: int = 0
-    """DTO passes (one per decoding) summed over the batched passes."""
-    scorings: int = 0
-    """Batched scorings of complete responses (one :func:`~nabla_lc.engine.scoring.run_scores` over the scorings of
-    every waiting job: one reward pass where the reward batches them)."""
-    scoring_rows: int = 0
-    """Scorings (one per decoding, each of its responses) summed over the batched scorings."""
 
 
 class Scheduler:
@@ -141,6 +138,7 @@ class Scheduler:
         """Prefill a prefix longer than this many tokens a chunk a step, between the other rows' tokens (None: at once;
         :class:`~nabla_lc.engine.rollout.RolloutBatch`); a batch started later picks up a change."""
         self.stats = SchedulerStats()
+        self.executor = Executor(policy, self.stats)
         self._cond = threading.Condition()
         self._incoming: list[_Task] = []
         self._thread: threading.Thread | None = None
@@ -149,7 +147,7 @@ class Scheduler:
     def submit(self, job: Job[T], passes: bool = False) -> Future[T]:
         """Queue ``job``; its future holds what it returns. Cancelling the future stops it at the next token.
 
-        ``passes``: the job yields DTO passes (:class:`~nabla_lc.engine.dto.PassCall`), so another job's pass waits for
+        ``passes``: the job yields DTO passes (:class:`~nabla_lc.engine.calls.PassCall`), so another job's pass waits for
         it to join (:data:`PASS_WAIT_STEPS`); a job not declared so counts once it yields one."""
         return self._queue(_Task(Future(), job, passes=passes))
 
@@ -194,7 +192,7 @@ class Scheduler:
                 for task in [t for t in live if t.gone()]:
                     self._drop(task, live)
                 self._run_passes(live, groups)
-                self._place([t for t in live if isinstance(t.call, RolloutCall) and not t.placed], groups, live)
+                self._place([t for t in live if t.waits_on("rollout") and not t.placed], groups, live)
                 for key, group in list(groups.items()):
                     if group.batch.busy:
                         self._step(group, live)
@@ -216,12 +214,12 @@ class Scheduler:
         raises runs again job by job, so that only a job whose own calls fail fails."""
         while True:
             ran = False
-            for kind in (PassCall, ScoreCall):
-                waiting = [t for t in live if isinstance(t.call, kind)]
+            for kind in TOGETHER:
+                waiting = [t for t in live if t.waits_on(kind)]
                 if not waiting:
                     continue
                 oldest = min(t.since for t in waiting)
-                decoding = any(g.batch.busy for g in groups.values()) or any(isinstance(t.call, RolloutCall) for t in live)
+                decoding = any(g.batch.busy for g in groups.values()) or any(t.waits_on("rollout") for t in live)
                 capable = sum(t.passes for t in live)  # why: a job that never yields passes cannot join the batch
                 if decoding and 2 * len(waiting) < capable and self.stats.steps - oldest < PASS_WAIT_STEPS:
                     continue
@@ -233,9 +231,8 @@ class Scheduler:
     def _run_batch(self, tasks: list[_Task], live: list[_Task]) -> None:
         """Run the calls of ``tasks`` (all DTO passes or all scorings) in one batch and send each task its part; if
         that raises, each task's calls run again by themselves."""
-        requests = [r for t in tasks for r in t.call.requests]  # type: ignore[union-attr]
         try:
-            found = self._run_calls(tasks[0].call, requests)  # type: ignore[arg-type]
+            found = self.executor.run_together([t.call for t in tasks])  # type: ignore[misc]  # why: all passes or all scorings
         except Exception as err:  # why: one request's failure must not fail the others: each job's calls run again alone
             if len(tasks) == 1:
                 self._finish(tasks[0], live, error=err)
@@ -248,22 +245,8 @@ class Scheduler:
             for task in tasks:
                 self._finish(task, live, error=err)
             return
-        start = 0
-        for task in tasks:
-            n = len(task.call.requests)  # type: ignore[union-attr]
-            self._advance(task, found[start : start + n], live)
-            start += n
-
-    def _run_calls(self, kind: PassCall | ScoreCall, requests: list[Any]) -> list[Any]:
-        """:func:`~nabla_lc.engine.dto.run_passes` or :func:`~nabla_lc.engine.scoring.run_scores` (as ``kind`` is),
-        counted in :attr:`stats`."""
-        if isinstance(kind, PassCall):
-            self.stats.passes += 1
-            self.stats.pass_rows += len(requests)
-            return run_passes(requests)
-        self.stats.scorings += 1
-        self.stats.scoring_rows += len(requests)
-        return run_scores(requests)
+        for task, results in zip(tasks, found):
+            self._advance(task, results, live)
 
     def _place(self, tasks: list[_Task], groups: dict[tuple[float, float, int, bool], _Group], live: list[_Task]) -> None:
         """Join the tasks' calls to the running batch of their sampling setting, the rows of all the tasks of one
@@ -355,14 +338,14 @@ class Scheduler:
             self._drop(task, live)
             return
         try:
-            task.call = task.job.send(rollouts)  # type: ignore[arg-type]  # why: a generator starts on None
+            task.call = checked(task.job.send(rollouts))  # type: ignore[arg-type]  # why: a generator starts on None
         except StopIteration as done:
             self._finish(task, live, value=done.value)
         except BaseException as err:
             self._finish(task, live, error=err)
         else:
             task.placed, task.since = False, self.stats.steps
-            task.passes = task.passes or isinstance(task.call, (PassCall, ScoreCall))
+            task.passes = task.passes or task.call.kind != "rollout"
             if task not in live:
                 live.append(task)
 

@@ -14,10 +14,11 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from nabla_lc import Engine, NablaConfig, Stats, kv, scheduler
 from nabla_lc.engine import dto
+from nabla_lc.engine.calls import PassCall, RolloutCall
 from nabla_lc.engine.context import DecodingContext
-from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassCall, PassRequest, run_passes
+from nabla_lc.engine.dto import DTORun, NonFiniteGradient, PassRequest, run_passes
 from nabla_lc.engine.policy import Policy
-from nabla_lc.engine.rollout import RolloutCall, RolloutRow, Sampling, rollout
+from nabla_lc.engine.rollout import RolloutRow, Sampling, rollout
 from nabla_lc.engine.scoring import ScoreRequest, run_scores
 from nabla_lc.rewards.implicit import ImplicitLoRAReward
 from nabla_lc.rewards.lora import LoRAReward

@@ -14,10 +14,10 @@ from ..config import NablaConfig
 from ..rewards.base import RewardAdapter, RewardPrefix, rank
 from .accounting import Stats
 from .constraints import Grammar, masked
-from .dto import DTORun, NonFiniteGradient, Pass, PassCall, PassRequest, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
+from .dto import DTORun, NonFiniteGradient, Pass, PassRequest, PolicyPrefix, PrefixEncoder, ProbePass, kl_rows
 from .policy import Policy
-from .rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, differ_chance, keyed_generator, run_alone, sample
-from .scoring import ScoreCall, ScoreRequest
+from .rollout import Rollout, RolloutRow, Sampling, differ_chance, keyed_generator, sample
+from .scoring import ScoreRequest
 from .stream import TextStream
 from .trace import PositionRecord
 
@@ -72,8 +72,8 @@ def top_tokens(policy: Policy, logits: torch.Tensor, tau: float, k: int = 5) -> 
 class Decoder:
     """Decodes one request with ∇-Reasoner (a reward without gradients leaves DTO the likelihood term only).
 
-    :meth:`steps` hands out the rollouts, DTO passes and scorings it needs, so :func:`decode_steps` can batch those
-    of many requests.
+    :meth:`steps` hands out the rollouts, DTO passes and scorings it needs, so :func:`~nabla_lc.engine.calls.gather`
+    can batch those of many requests.
     """
 
     def __init__(
@@ -101,7 +101,8 @@ class Decoder:
         """The key of the proposals' and rollouts' draws with a window of 2 or more (:meth:`draws`), drawn once."""
 
     def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:
-        """Decode until the rollout ends, searching while the rollout budget lasts; driven by :func:`decode_steps`."""
+        """Decode until the rollout ends, searching while the rollout budget lasts; driven by
+        :func:`~nabla_lc.engine.calls.gather`."""
         self.prompt_ids, self.reward_prompt, self.max_new_tokens = list(prompt_ids), reward_prompt, max_new_tokens
         self.stats.rollouts += 1
         (current,) = yield [self.row([], self.generator)]
@@ -299,51 +300,3 @@ class Walked:
     """Its counters: the gate, probe and DTO run, their passes."""
     proposal: int | None
     """The proposed token (None: the rollout's token is kept without a comparison)."""
-
-
-def decode_steps(sampling: Sampling, decodings: Sequence[Steps]) -> Job[list[Decoded]]:
-    """Run decodings side by side, as a job: the DTO passes they wait on at the same time form one call, and so do
-    the scorings and the rollouts.
-
-    Each decoding runs its own positions until it needs a pass, a scoring or a rollout. The waiting passes and
-    scorings are run first (each kind together), until every decoding waits on a rollout or is done; then the
-    waiting rollouts are sampled together, each row with its own generator and statistics.
-    """
-    done: dict[int, Decoded] = {}
-    waiting: dict[int, list[RolloutRow] | PassRequest | ScoreRequest] = {}
-
-    def advance(i: int, result: list[Rollout] | Pass | list[float] | NonFiniteGradient | None) -> None:
-        try:
-            if isinstance(result, NonFiniteGradient):
-                waiting[i] = decodings[i].throw(result)
-            else:
-                waiting[i] = decodings[i].send(result)  # type: ignore[arg-type]  # why: a generator starts on None
-        except StopIteration as finished:
-            done[i] = finished.value
-
-    for i in range(len(decodings)):
-        advance(i, None)
-    while waiting:
-        passes = [(i, w) for i, w in sorted(waiting.items()) if isinstance(w, PassRequest)]
-        scorings = [(i, w) for i, w in sorted(waiting.items()) if isinstance(w, ScoreRequest)]
-        if passes or scorings:
-            ready = passes or scorings
-            for i, _ in ready:
-                del waiting[i]
-            found = yield PassCall([w for _, w in passes]) if passes else ScoreCall([w for _, w in scorings])  # type: ignore[misc]
-            for (i, _), result in zip(ready, found):
-                advance(i, result)
-            continue
-        calls: list[tuple[int, list[RolloutRow]]] = sorted(waiting.items())  # type: ignore[arg-type]  # why: rows in request order, however the passes reordered the waiting
-        waiting.clear()
-        rollouts = yield RolloutCall([row for _, rows in calls for row in rows], sampling, keep_logits=True)
-        start = 0
-        for i, rows in calls:
-            advance(i, rollouts[start : start + len(rows)])
-            start += len(rows)
-    return [done[i] for i in range(len(decodings))]
-
-
-def decode_together(policy: Policy, sampling: Sampling, decodings: Sequence[Steps]) -> list[Decoded]:
-    """:func:`decode_steps` driven by itself (each call run at once)."""
-    return run_alone(policy, decode_steps(sampling, decodings))

@@ -381,7 +381,9 @@ class DTORun:
         ``earlier``: a probe pass from a previous position; used instead of a new pass when it was taken
         on the same response (:attr:`probe_reused`). The pass that served, new or earlier, is :attr:`probe_pass`.
         """
-        return drive_alone(self.probe_steps(earlier))
+        from .calls import decode_alone  # why: calls imports this module (its executor runs the passes)
+
+        return decode_alone(self.policy, self.probe_steps(earlier))
 
     def probe_steps(self, earlier: ProbePass | None = None) -> "PassSteps[float]":
         """:meth:`probe`, yielding the pass it needs (:func:`run_passes` runs those of many runs in one batch)."""
@@ -406,7 +408,9 @@ class DTORun:
         With ``step="trust_region"`` the steps' net move is rescaled, row by row, to the KL ``target_kl``; with
         ``step="mirror"`` there are no AdamW steps (:meth:`mirror_steps`).
         """
-        return drive_alone(self.optimize_steps())
+        from .calls import decode_alone  # why: calls imports this module (its executor runs the passes)
+
+        return decode_alone(self.policy, self.optimize_steps())
 
     def optimize_steps(self) -> "PassSteps[torch.Tensor]":
         """:meth:`optimize`, yielding each pass it needs (:func:`run_passes` runs those of many runs in one batch)."""
@@ -455,27 +459,9 @@ class PassRequest:
     hard: torch.Tensor
 
 
-@dataclass
-class PassCall:
-    """The DTO passes a job waits on, one per decoding; sent back in order (a :class:`NonFiniteGradient` in place
-    of a pass that was not finite). A scheduler runs those of many jobs in one :func:`run_passes`."""
-
-    requests: list[PassRequest]
-
-
 PassSteps = Generator[PassRequest, Pass, T]
 """A probe or optimization in progress: yields each pass it needs, is sent the pass (or has its
 :class:`NonFiniteGradient` thrown in), returns its outcome."""
-
-
-def drive_alone(steps: PassSteps[T]) -> T:
-    """Drive ``steps`` by itself, each pass run at once."""
-    try:
-        request = next(steps)
-        while True:
-            request = steps.send(request.run.loss_and_grad(request.hard))
-    except StopIteration as done:
-        return done.value
 
 
 def run_passes(requests: Sequence[PassRequest]) -> list[Pass | NonFiniteGradient]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import torch
 
@@ -12,9 +12,7 @@ from .. import kv
 from ..tensors import cat_left_padded
 from .accounting import Stats
 from .constraints import Grammar, masked
-from .dto import PassCall, run_passes
 from .policy import Policy
-from .scoring import ScoreCall, run_scores
 from .stream import cut_at_stop
 
 
@@ -477,38 +475,3 @@ def _completes(policy: Policy, ids: list[int], stop: Sequence[str]) -> bool:
         return False
     window = 2 * max(len(s) for s in stop) + 8
     return cut_at_stop(policy.decode(ids[-window:]), stop)[1]
-
-
-@dataclass
-class RolloutCall:
-    """The rollouts a decoding waits on: its rows, all sampled alike (one :func:`rollout` call's arguments)."""
-
-    rows: list[RolloutRow]
-    sampling: Sampling
-    keep_logits: bool = False
-    on_token: Callable[[int, int], None] | None = None
-    """``on_token(row, token)``, ``row`` indexing :attr:`rows`."""
-
-
-T = TypeVar("T")
-
-Job = Generator["RolloutCall | PassCall | ScoreCall", "list[Any]", T]
-"""A decoding in progress (a method's batch, a sample set): yields each :class:`RolloutCall` (or
-:class:`~nabla_lc.engine.dto.PassCall`, :class:`~nabla_lc.engine.scoring.ScoreCall`) it needs, is sent their
-rollouts (passes, scores) in row order, returns its outcome.
-A scheduler may run the calls of many jobs in one batch."""
-
-
-def run_alone(policy: Policy, job: Job[T]) -> T:
-    """Drive ``job`` by itself: each call it yields is run at once, in its own batch."""
-    try:
-        call = next(job)
-        while True:
-            if isinstance(call, PassCall):
-                call = job.send(run_passes(call.requests))
-            elif isinstance(call, ScoreCall):
-                call = job.send(run_scores(call.requests))
-            else:
-                call = job.send(rollout(policy, call.rows, call.sampling, call.keep_logits, call.on_token))
-    except StopIteration as done:
-        return done.value

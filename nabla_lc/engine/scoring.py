@@ -40,14 +40,6 @@ class ScoreRequest:
     None; the reward may encode only what follows it (:meth:`~nabla_lc.rewards.base.RewardAdapter.score_groups`)."""
 
 
-@dataclass
-class ScoreCall:
-    """The scorings a job waits on, one per decoding; sent back in order, each a list of floats. A scheduler runs
-    those of many jobs in one :func:`run_scores`."""
-
-    requests: list[ScoreRequest]
-
-
 def run_scores(requests: Sequence[ScoreRequest]) -> list[list[float]]:
     """The rewards of every request, those with the same reward in one call of its
     :meth:`~nabla_lc.rewards.base.RewardAdapter.score_groups` (one batched pass where the adapter can), each counted

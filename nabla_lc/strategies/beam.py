@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..engine.calls import Job
 from ..engine.context import DecodingContext
-from ..engine.rollout import Job
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
 from ..rewards.base import rank

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..engine.calls import Job
 from ..engine.context import DecodingContext
-from ..engine.rollout import Job
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
 from .sampling import alone, draw_and_select_steps

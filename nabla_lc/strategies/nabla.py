@@ -7,9 +7,10 @@ import time
 from typing import Sequence
 
 from ..engine.accounting import Stats
+from ..engine.calls import Job, gather
 from ..engine.context import DecodingContext
-from ..engine.decoder import Decoder, decode_steps
-from ..engine.rollout import Job, Sampling
+from ..engine.decoder import Decoder
+from ..engine.rollout import Sampling
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
 from ..rewards.base import NoGradientError
@@ -37,7 +38,7 @@ def nabla_steps(ctx: DecodingContext, requests: Sequence[Request]) -> Job[list[R
         )
         for r, s, stream in zip(requests, stats, streams)
     ]
-    decoded = yield from decode_steps(Sampling(config.temperature, config.top_p, config.top_k), decodings)
+    decoded = yield from gather(decodings, Sampling(config.temperature, config.top_p, config.top_k))
     wall_s = (time.perf_counter() - start) / len(requests)  # why: the batch's time, shared equally
     results = []
     for s, stream, d in zip(stats, streams, decoded):

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ..engine.calls import Job
 from ..engine.context import DecodingContext
-from ..engine.rollout import Job
 from ..engine.types import Request, Result
 from ..methods import MethodSpec
 from .sampling import alone

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..engine.accounting import Stats
+from ..engine.calls import Job, RolloutCall, run_alone
 from ..engine.context import DecodingContext
 from ..engine.logprobs import position_logprobs
-from ..engine.rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling, run_alone
+from ..engine.rollout import Rollout, RolloutRow, Sampling
 from ..engine.stream import TextStream, cut_at_stop
 from ..engine.types import Request, Result
 from ..methods import get_method

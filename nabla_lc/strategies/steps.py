@@ -2,7 +2,7 @@
 
 A step is one rollout row that stops at the step separator (``NablaConfig.step_separator``) or after
 ``NablaConfig.step_tokens`` tokens. Every step of every live candidate of every request is one rollout call (the
-search is a :data:`~nabla_lc.engine.rollout.Job`, so the scheduler batches it with other requests' rows); each request's new steps are scored in one batched reward pass
+search is a :data:`~nabla_lc.engine.calls.Job`, so the scheduler batches it with other requests' rows); each request's new steps are scored in one batched reward pass
 (:meth:`~nabla_lc.rewards.base.RewardAdapter.score_partial` while unfinished, ``score`` once finished).
 Accounting: ``Stats.rollouts`` counts step rollouts, each scored once, so ``reward_forward == rollouts``.
 """
@@ -19,8 +19,9 @@ from typing import Callable, Generator, Sequence
 import torch
 
 from ..engine.accounting import Stats
+from ..engine.calls import Job, RolloutCall
 from ..engine.context import DecodingContext
-from ..engine.rollout import Job, Rollout, RolloutCall, RolloutRow, Sampling
+from ..engine.rollout import Rollout, RolloutRow, Sampling
 from ..engine.stream import cut_at_stop
 from ..engine.types import Request, Result
 from ..rewards.base import rank
