@@ -46,12 +46,12 @@ class _OneHotEmbed(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, hard: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, y: torch.Tensor, hard: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(embedding)
         return embedding[hard]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         (embedding,) = ctx.saved_tensors
         return grad.to(embedding.dtype) @ embedding.T, None, None
 
@@ -503,8 +503,8 @@ def _passes_together(requests: Sequence[PassRequest]) -> list[Pass | NonFiniteGr
         if scored:
             assert reward is not None
             found = reward.score_soft_batch([prefixes[i][1] for i in scored], [ys[i] for i in scored])  # type: ignore[misc]
-            for i, soft in zip(scored, found):
-                softs[i] = checked_soft(reward, soft)
+            for i, scored_soft in zip(scored, found):
+                softs[i] = checked_soft(reward, scored_soft)
         losses = [run.loss(logp, soft) for run, logp, soft in zip(runs, logps, softs)]
         torch.stack(losses).sum().backward()  # why: rows do not mix, so each y gets its own run's dL/dy
     out: list[Pass | NonFiniteGradient] = []

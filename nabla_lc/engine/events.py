@@ -44,7 +44,7 @@ def in_thread(generate: Generate) -> Submit:
     return submit
 
 
-def _start(submit: Submit, request: Request, config: NablaConfig, put: Callable[[object], None]) -> Future[list[Result]]:
+def _start(submit: Submit, request: Request, config: NablaConfig, put: Callable[[object], object]) -> Future[list[Result]]:
     """Submit one request; each text delta, then its future once done, goes to ``put`` (in that order)."""
 
     def on_token(_index: int, delta: str) -> None:
