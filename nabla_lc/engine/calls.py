@@ -121,7 +121,7 @@ class Executor:
         """The results of one call, run at once in its own batch."""
         if isinstance(call, RolloutCall):
             return list(rollout(self.policy, call.rows, call.sampling, call.keep_logits, call.on_token))
-        return self.run_together([call])[0]  # type: ignore[list-item]  # why: a list of one call is of one kind
+        return self.run_together([call])[0]  # type: ignore[arg-type]  # why: a list of one call is of one kind
 
     def drive(self, job: Job[T]) -> T:
         """Drive ``job`` by itself: each call it yields is run at once, in its own batch."""
