@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .arith import Problem
+from .runner import BenchProblem
 from .grading import MATH_INSTRUCTION
 
 Mode = Literal["chat", "text"]
@@ -43,7 +44,7 @@ def process_results(doc, results):
 '''
 
 
-def write_task(directory: Path, problems: Sequence[Problem], prompts: Sequence[str] | None = None, max_gen_toks: int = 256) -> Path:
+def write_task(directory: Path, problems: Sequence[Problem | BenchProblem], prompts: Sequence[str] | None = None, max_gen_toks: int = 256) -> Path:
     """Write the two tasks over ``problems`` into ``directory`` (lm-eval's ``include_path``) and return it.
 
     ``prompts`` are the text prompts of ``nabla_arith_text`` (default: the questions themselves). Decoding stops only
@@ -84,7 +85,7 @@ metric_list:
     return directory
 
 
-def rendered_prompts(tokenizer: Any, problems: Sequence[Problem], system: str | None = MATH_INSTRUCTION) -> list[str]:
+def rendered_prompts(tokenizer: Any, problems: Sequence[Problem | BenchProblem], system: str | None = MATH_INSTRUCTION) -> list[str]:
     """The bench's chat prompt of each problem as text (``tokenizer``'s chat template with the assistant's turn
     opened): sent to ``/v1/completions``, it is the token sequence the bench decodes from."""
     head = [{"role": "system", "content": system}] if system else []
