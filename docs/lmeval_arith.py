@@ -23,13 +23,14 @@ from typing import Any
 
 import httpx
 import torch
-from serve_load import run_header
 
 from nabla_lc import NablaConfig
 from nabla_lc.bench import lmeval
 from nabla_lc.bench.runner import load_task, run_bench
 from nabla_lc.loading import load_engine
 from nabla_lc.server import ServerSettings, create_app, serving
+
+from serve_load import run_header
 
 log = logging.getLogger("lmeval_arith")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .arith import Problem
-from .runner import BenchProblem
 from .grading import MATH_INSTRUCTION
+from .runner import BenchProblem
 
 Mode = Literal["chat", "text"]
 

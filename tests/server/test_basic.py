@@ -46,7 +46,7 @@ def served_names(monkeypatch: pytest.MonkeyPatch, name_or_path: str, *flags: str
     engine.policy = FakePolicy(model=FakeModel(name_or_path))
     apps = []
     monkeypatch.setenv("NABLA_LC_API_KEY", API_KEY)
-    monkeypatch.setattr(serve_cli, "load_engine", lambda args, config: engine)
+    monkeypatch.setattr(serve_cli, "serving_engine", lambda args: engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
     assert main(["serve", *flags]) == 0
     with serving(apps[0]) as base:
