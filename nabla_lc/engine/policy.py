@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from ..tensors import freeze
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +20,12 @@ log = logging.getLogger(__name__)
 class Policy:
     """A causal LM and its tokenizer, as the engine uses them."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, max_length: int | None = None) -> None:
         self.model = freeze(model)
         self.tokenizer = tokenizer
-        self.embedding: torch.Tensor = model.get_input_embeddings().weight  # [V, H]
+        weight = model.get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor), "the input embedding has no weight matrix"
+        self.embedding = weight  # [V, H]
         self.vocab_size = int(self.embedding.shape[0])
         self.device = self.embedding.device
         self.dtype = self.embedding.dtype
