@@ -134,7 +134,7 @@ def load_embedded(
     if target.is_dir():
         try:
             return _load_dir(target, device, dtype, trust_remote_code=False)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        except (SafetensorError, ValueError, KeyError) as err:  # a damaged file's errors only: OOM, device, permission propagate
             reason = str(err).strip().split("\n")[0]
             log.warning("the cached model %s does not load (%s); converting %s again", target, reason, gguf.name)
             _remove(target)

