@@ -95,9 +95,9 @@ class Decoder:
         self.reward_value: float | None = None
         self.prefixes = PrefixEncoder(policy, reward, config, stats)
         self.probe_pass: ProbePass | None = None
-        self.noise = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator is not None else None)) if config.coupled_rollouts else None
+        self.noise = _draw_key(generator) if config.coupled_rollouts else None
         """The rollouts' shared randomness (``NablaConfig.coupled_rollouts``), drawn once from the request's generator."""
-        self.key = int(torch.randint(2**62, (1,), generator=generator)) if config.proposal_window > 1 else None
+        self.key = _draw_key(generator) if config.proposal_window > 1 else None
         """The key of the proposals' and rollouts' draws with a window of 2 or more (:meth:`draws`), drawn once."""
 
     def steps(self, prompt_ids: Sequence[int], reward_prompt: str, max_new_tokens: int) -> Steps:
@@ -127,7 +127,7 @@ class Decoder:
         """The generator of the proposal at response position ``index``, or of the rollout from it: the request's own
         (drawn in decoding order), or with a window of 2 or more one keyed by the request and the position, so that
         no draw depends on how much was decoded ahead."""
-        return self.generator if self.key is None else keyed_generator(f"{self.key}:{kind}:{index}")
+        return self.generator if self.key is None else keyed_generator(f"{self.key}:{kind}:{index}", self.policy.device)
 
     def commit(self, current: Rollout, k: int) -> Rollout:
         """Commit the rollout's first k tokens; its suffix is reused from the next position."""
@@ -286,6 +286,11 @@ class Decoder:
             self.reward_value = r_current
             current = self.commit(current, 1)
         return current
+
+
+def _draw_key(generator: torch.Generator | None) -> int:
+    """One integer drawn from the request's generator (on its device: a CUDA generator draws on CUDA only)."""
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator is not None else None))
 
 
 @dataclass
