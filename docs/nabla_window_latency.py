@@ -22,6 +22,7 @@ import torch
 
 from nabla_lc.bench.runner import load_task
 from nabla_lc.loading import load_engine
+
 from serve_load import run_header
 
 log = logging.getLogger("nabla_window_latency")
