@@ -106,6 +106,14 @@ def test_a_non_finite_pass_is_thrown_into_its_decoding(policy):
     assert done.value.value == ["kept going"] and str(caught[0]) == "injected"
 
 
+def test_a_decoding_that_yields_no_request_fails_with_a_type_error_naming_what_it_yielded():
+    def decoding():
+        yield RolloutRow([5, 6], [], 3, (), None, Stats())  # one row, not a list of rows
+
+    with pytest.raises(TypeError, match="a decoding yielded RolloutRow, not a list of RolloutRow"):
+        next(gather([decoding()], Sampling(1.0)))
+
+
 def test_a_job_that_yields_no_call_fails_with_a_type_error_alone_and_in_the_scheduler(policy):
     def job():
         yield RolloutRow([5, 6], [], 3, (), None, Stats())  # a request, not a call

@@ -171,8 +171,10 @@ def gather(decodings: Sequence[Decoding[T]], sampling: Sampling | None = None) -
             for (i, _), result in zip(ready, found):
                 advance(i, result)
             continue
+        other = next((w for w in waiting.values() if not isinstance(w, list)), None)
+        if other is not None:
+            raise TypeError(f"a decoding yielded {type(other).__name__}, not a list of RolloutRow, a PassRequest or a ScoreRequest")
         calls = [(i, rows) for i, rows in sorted(waiting.items()) if isinstance(rows, list)]  # why: rows in request order, however the passes reordered the waiting
-        assert len(calls) == len(waiting)
         waiting.clear()
         if sampling is None:
             raise ValueError("a decoding asked for rollouts, but gather() was given no sampling setting")
