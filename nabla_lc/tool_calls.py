@@ -197,7 +197,7 @@ def _json_grammar(schema: Mapping[str, Any]) -> "xgrammar.Grammar":
 
     try:
         return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
-    except (RuntimeError, ValueError, TypeError) as err:  # why: xgrammar reports a bad schema as RuntimeError
+    except (RuntimeError, ValueError) as err:  # why: xgrammar reports a bad schema as RuntimeError
         raise ValueError(f"JSON schema does not compile: {grammar_error(err)}") from None
 
 

@@ -183,3 +183,16 @@ def test_the_closing_rule_measures_the_completion_and_narrows_only_when_it_needs
         narrowed = grammar.allowed()
         texts = {policy.token_text(int(t)) for t in narrowed.nonzero()}
         assert (left == 19 and torch.equal(narrowed, free)) or (left == 18 and texts and all(t.startswith('"') for t in texts)), texts
+
+
+@pytest.mark.parametrize("error", [RuntimeError("bad schema"), ValueError("bad schema"), TypeError("a bug")])
+def test_a_tool_schema_refusal_is_a_value_error_and_a_programming_error_propagates(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    from nabla_lc.tool_calls import _json_grammar
+
+    def refusing(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(xgr.Grammar, "from_json_schema", refusing)
+    expected = TypeError if isinstance(error, TypeError) else ValueError
+    with pytest.raises(expected, match="a bug" if expected is TypeError else "JSON schema does not compile: bad schema"):
+        _json_grammar(SCHEMA)
