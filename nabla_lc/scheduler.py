@@ -302,10 +302,11 @@ class Scheduler:
         """One token for every row of the batch; finished rows go to their tasks, and a row whose own work failed (its
         grammar) fails only its task."""
         active = group.batch.active
-        self.stats.steps += 1
-        self.stats.row_steps += len(active)
-        self.stats.max_rows = max(self.stats.max_rows, len(active))
-        self.stats.sizes = [*self.stats.sizes[-999:], len({id(group.owners[b][0]) for b in active})]
+        if active:  # why: a step that only prefills decodes no row: it is no decoding step (PASS_WAIT_STEPS, sizes)
+            self.stats.steps += 1
+            self.stats.row_steps += len(active)
+            self.stats.max_rows = max(self.stats.max_rows, len(active))
+            self.stats.sizes = [*self.stats.sizes[-999:], len({id(group.owners[b][0]) for b in active})]
         try:
             done = group.batch.step()
         except BaseException as err:  # the batch's own work failed (the policy's pass): every task in it fails with it

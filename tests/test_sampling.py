@@ -81,7 +81,7 @@ def per_row_host_copies(function) -> list[str]:
 
 @pytest.mark.parametrize(
     "function",
-    [sample, filter_logits, rollout_module._outside_nucleus, rollout_module._outside_nucleus_of_candidates, rollout_module._masked_rows, RolloutBatch.step],
+    [sample, filter_logits, rollout_module._outside_nucleus, rollout_module._outside_nucleus_of_candidates, rollout_module._masked_rows, RolloutBatch._decode, RolloutBatch._prefill],
 )
 def test_sampling_copies_nothing_to_the_host_per_row(function):
     assert per_row_host_copies(function) == []
