@@ -14,6 +14,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def check_logprobs(method: str) -> None:
+    """ConfigError where ``method`` returns no log-probabilities (its response is not one sampled rollout)."""
+    if not get_method(method).logprobs:
+        serve = [name for name in method_names() if get_method(name).logprobs]
+        raise ConfigError(f"method {method!r} returns no logprobs (its response is not one sampled rollout); use one of {serve}")
+
+
 MIN_TEMPERATURE = 1e-3
 """The least positive ``temperature``, ``tau`` and ``st_tau``: logits are divided by them in fp32, and below about
 1e-37 that overflows to inf (a NaN distribution); 1e-3 leaves a wide margin and is greedy in all but near-ties."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .answers import find_answer
-from .config import ConfigError, NablaConfig
+from .config import ConfigError, NablaConfig, check_logprobs
 from .engine.constraints import compile_constraint
 from .engine.context import DecodingContext, wanted_tokens
 from .engine.events import astream_events, stream_events
@@ -187,9 +187,8 @@ class Engine:
                 honour = [name for name in method_names() if get_method(name).constrained]
                 raise ConfigError(f"method {config.method!r} does not decode under Request.constraint; use one of {honour}")
             compile_constraint(self.policy, request.constraint)
-        if request.logprobs is not None and not get_method(config.method).logprobs:
-            serve = [name for name in method_names() if get_method(name).logprobs]
-            raise ConfigError(f"method {config.method!r} does not return Request.logprobs (its response is not one sampled rollout); use one of {serve}")
+        if request.logprobs is not None:
+            check_logprobs(config.method)
         if wanted_tokens(request, config) > room:
             log.warning("max_new_tokens is cut to %d to fit the model's context of %d", room, self.policy.max_length)
 

@@ -27,13 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..config import ConfigError, NablaConfig
+from ..config import ConfigError, NablaConfig, check_logprobs
 from ..engine.accounting import Stats
 from ..engine.constraints import compile_constraint
 from ..engine.types import Finished, Result, StreamEvent, TextDelta, TokenLogprob
 from ..engine.types import Request as EngineRequest
 from ..frontend import FrontEndEngine, default_model_id
-from ..methods import get_method, method_names
 from ..models import model_name as short_name
 from ..tool_calls import ToolChoice, conversation, parse_tool_calls
 from .metrics import Metrics
@@ -552,9 +551,11 @@ def _choice_requests(request: EngineRequest, parsed: ChatCompletionRequest | Com
     if n > cap:
         raise bad_field("n", f"is {n}; this server's cap is {cap}")
     logprobs = parsed.top_logprobs_asked()
-    if logprobs is not None and not get_method(config.method).logprobs:
-        serve = [name for name in method_names() if get_method(name).logprobs]
-        raise bad_field("logprobs", f"method {config.method!r} returns no logprobs (its response is not one sampled rollout); use one of {serve}")
+    if logprobs is not None:
+        try:
+            check_logprobs(config.method)
+        except ConfigError as err:
+            raise bad_field("logprobs", str(err)) from None
     seed = parsed.seed if parsed.seed is not None else fresh_seed()
     return [dataclasses.replace(request, seed=seed + i, logprobs=logprobs) for i in range(n)]
 
