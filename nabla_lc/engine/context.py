@@ -60,8 +60,9 @@ class DecodingContext:
 
     # --- per request ----------------------------------------------------------------------
     def budget(self, request: Request) -> int:
-        """Response tokens allowed: the request's or config's max, within the model's context."""
-        return min(wanted_tokens(request, self.config), self.policy.max_length - len(request.prompt_ids))
+        """Response tokens allowed: the request's or config's max, within the room the model's context leaves
+        (:meth:`~nabla_lc.engine.policy.Policy.room`)."""
+        return min(wanted_tokens(request, self.config), self.policy.room(request.prompt_ids))
 
     def stop(self, request: Request) -> tuple[str, ...]:
         return request.stop if request.stop is not None else self.config.stop
