@@ -263,9 +263,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             ignored = _ignored(parsed, config)
             admission = admit()
         except Exception as err:
-            error = _contained(err)
-            metrics.request(endpoint, _status(error))
-            raise error from None
+            raise _failed(err, endpoint) from None
         if len(choices) > 1 and not parsed.stream:  # each prompt's choices are decoded as one batch of engine requests, all at once
             decoded = _decoded(groups, params if len(groups) > 1 else [None], config)
             results = await _answered(_watched(_limited(decoded, admission), http), admission, endpoint, per_prompt)
@@ -276,9 +274,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             first = await _first(events, http)
         except BaseException as err:
             state["in_flight"] -= 1
-            failure = _contained(err) if isinstance(err, Exception) else err
-            metrics.request(endpoint, _status(failure))
-            raise failure from None
+            raise _failed(err, endpoint) from None
         if parsed.stream:
             usage_chunk = parsed.stream_options is not None and parsed.stream_options.include_usage
             seeds = [choice.seed for choice in choices]
@@ -298,14 +294,19 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         try:
             results = await work
         except BaseException as err:
-            failure = _contained(err) if isinstance(err, Exception) else err
-            metrics.request(endpoint, _status(failure))
-            raise failure from None
+            raise _failed(err, endpoint) from None
         finally:
             state["in_flight"] -= 1
         _record(results, admission, per_prompt)
         metrics.request(endpoint, 200)
         return results
+
+    def _failed(err: BaseException, endpoint: str) -> BaseException:
+        """What a request that raised ``err`` raises, its status counted: an exception as :func:`_contained` answers
+        it, anything else (a cancellation) as it is."""
+        failure = _contained(err) if isinstance(err, Exception) else err
+        metrics.request(endpoint, _status(failure))
+        return failure
 
     # --- decoding -------------------------------------------------------------------------
     async def _decoded(groups: list[list[EngineRequest]], params: list[str | None], config: NablaConfig) -> list[Result]:
@@ -317,9 +318,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
             try:
                 return await engine.agenerate(group, config)
             except ValueError as err:
-                if param is None or isinstance(err, ConfigError):  # a config error is the whole request's
-                    raise
-                raise bad_field(param, str(err)) from None
+                raise _input_error(err, param) from None
 
         tasks = [asyncio.ensure_future(one(group, param)) for group, param in zip(groups, params)]
         try:
@@ -337,7 +336,7 @@ def create_app(engine: FrontEndEngine, settings: ServerSettings) -> FastAPI:
         except asyncio.TimeoutError:
             raise APIError(504, f"the request ran past the server's limit of {settings.request_timeout_s:g} s", type="timeout", code="timeout") from None
         except ValueError as err:  # the engine's input checks (a prompt that fills the context, ...)
-            raise APIError(400, str(err), code="invalid_value") from None
+            raise _input_error(err) from None
 
     async def _guarded(events: AsyncIterator[StreamEvent], admission: _Admission) -> AsyncIterator[StreamEvent]:
         """``events`` within the time limit; engine input errors become 400s; closing this closes (cancels) the decoding."""
@@ -517,6 +516,13 @@ def _contained(err: Exception) -> Exception:
         return _ClientGone()
     log.error("internal error", exc_info=err)
     return APIError(500, "internal server error", type="server_error")
+
+
+def _input_error(err: ValueError, param: str | None = None) -> APIError:
+    """The 400 of an engine input error, naming ``param`` where given (a config error is the whole request's)."""
+    if param is None or isinstance(err, ConfigError):
+        return APIError(400, str(err), code="invalid_value")
+    return bad_field(param, str(err))
 
 
 def _status(err: BaseException) -> int:
