@@ -465,3 +465,21 @@ def test_a_window_of_one_keeps_the_accounting_of_the_paper_search(tokenizer):
     for a in results:
         _check_accounting(a, engine.config)
     assert sum(r.stats.proposals for r in results) > 0
+
+
+@pytest.mark.parametrize("how", ["no budget", "cancelled mid-prefill"])
+def test_a_grammar_row_that_samples_nothing_has_empty_logits_and_masks(tokenizer, how):
+    from nabla_lc.engine.accounting import Stats
+    from nabla_lc.engine.constraints import Grammar
+    from nabla_lc.engine.policy import Policy
+    from nabla_lc.engine.rollout import RolloutBatch, RolloutRow, Sampling
+    from nabla_lc.engine.types import Constraint
+
+    policy = Policy(make_policy(tokenizer), tokenizer)
+    grammar = Grammar.start(policy, Constraint.regex("(yes|no)"), 4)
+    batch = RolloutBatch(policy, Sampling(1.0), keep_logits=True, keep_going=lambda b: False, prefill_chunk=4)
+    row = RolloutRow(list(range(5, 15)), [], 0 if how == "no budget" else 4, (), torch.Generator().manual_seed(0), Stats(), grammar)
+    [(_, out)] = batch.add([row]) or batch.step()
+    assert out.tokens == [] and out.finish_reason == ("length" if how == "no budget" else "cancelled")
+    assert out.logits is not None and out.logits.shape == (0, policy.vocab_size)
+    assert out.allowed is not None and out.allowed.shape == (0, policy.vocab_size) and out.allowed.dtype == torch.bool

@@ -254,8 +254,7 @@ class RolloutBatch:
             elif row.budget > 0:
                 new.append((self.count + j, row))
             else:
-                masks = torch.empty(0, policy.vocab_size, dtype=torch.bool) if self.keep_logits and row.grammar is not None else None
-                done.append((self.count + j, Rollout([], torch.empty(0, policy.vocab_size) if self.keep_logits else None, "length", masks)))
+                done.append((self.count + j, self._empty_rollout(row, "length")))
         if new:
             ids, mask = _left_pad([row.prefix for _, row in new], policy.pad_id, policy.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -316,7 +315,7 @@ class RolloutBatch:
         first = min(self.prefilling, key=lambda p: len(p.row.prefix) - p.encoded)
         if self.keep_going is not None and not self.keep_going(first.b):
             self.prefilling.remove(first)
-            return [(first.b, Rollout([], torch.empty(0, self.policy.vocab_size) if self.keep_logits else None, "cancelled"))]
+            return [(first.b, self._empty_rollout(first.row, "cancelled"))]
         assert self.prefill_chunk is not None
         try:
             logits = first.advance(self.policy, self.prefill_chunk)
@@ -406,6 +405,12 @@ class RolloutBatch:
         """Drop row ``b``'s bookkeeping; its tokens, kept logits and kept masks."""
         del self.rows[b]
         return self.tokens.pop(b), self.kept.pop(b), self.kept_allowed.pop(b)
+
+    def _empty_rollout(self, row: RolloutRow, reason: str) -> Rollout:
+        """A rollout of no tokens (its logits and, for a grammar's row, its masks empty too)."""
+        vocab = self.policy.vocab_size
+        masks = torch.empty(0, vocab, dtype=torch.bool) if self.keep_logits and row.grammar is not None else None
+        return Rollout([], torch.empty(0, vocab) if self.keep_logits else None, reason, masks)
 
     def _close(self, b: int, reason: str, constrained: bool, row: int) -> Rollout:
         """Row ``b``'s rollout (``row``: its index in the batch's cache); the batch forgets the row."""
