@@ -7,8 +7,9 @@ dataset download. Two tasks read the same questions:
 
 - ``nabla_arith_chat`` sends the question as the user message under the bench's system message (lm-eval's
   ``local-chat-completions``; the server applies the chat template), as the bench prompts;
-- ``nabla_arith_text`` sends a text prompt to ``/v1/completions`` (``local-completions``), by default the bench's
-  chat prompt rendered to text by :func:`rendered_prompts`, so the server decodes the same tokens as the bench.
+- ``nabla_arith_text`` sends a text prompt to ``/v1/completions`` (``local-completions``): by default the question
+  itself; ``docs/lmeval_arith.py`` passes the bench's chat prompt rendered to text by :func:`rendered_prompts`, so
+  the server decodes the same tokens as the bench.
 
 Needs lm-eval (``pip install lm-eval==0.4.13``, in the ``test`` extra).
 """

@@ -6,7 +6,7 @@ A decoding (a :class:`~nabla_lc.engine.decoder.Decoder`'s steps, a DTO run's pro
 scoring). :func:`gather` runs decodings side by side as a :data:`Job`, which yields :data:`Call` values: the requests
 of one kind that its decodings wait on at the same time. The :class:`Executor` runs calls, one alone or the calls of
 many jobs in one batch, and counts them; a scheduler decides which calls run together and when. Only this module
-tells the kinds apart.
+dispatches on the call and request classes.
 """
 
 from __future__ import annotations

@@ -301,9 +301,9 @@ class RolloutBatch:
         kv.trim_left(self.cache, first)
 
     def step(self) -> list[tuple[int, Rollout | Exception]]:
-        """Sample one token for every active row, then encode one chunk of the oldest row being prefilled; the rows
-        that finished, with their rollouts, and the rows whose own work failed (their grammar allows no token, ...),
-        with the error: those leave the batch, the others go on."""
+        """Sample one token for every active row, then encode one chunk of the row being prefilled with the fewest
+        tokens left; the rows that finished, with their rollouts, and the rows whose own work failed (their grammar
+        allows no token, ...), with the error: those leave the batch, the others go on."""
         done = self._decode() if self.active else []
         if self.prefilling:
             done.extend(self._prefill())

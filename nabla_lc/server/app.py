@@ -611,7 +611,8 @@ def _usage(results: list[Result], per_prompt: int) -> dict[str, int]:
 
 def _nabla(results: list[Result], seeds: list[int | None], config: NablaConfig, ignored: dict[str, str]) -> dict[str, object]:
     """The ∇ extension of a response: the method, ``n`` and temperature it ran with (greedy: 1 and 0, whatever was
-    asked), the seed (of choice 0; choice i used seed + i), the reward and extracted answer (of choice 0), the
+    asked), the seed (of choice 0; prompt k's choice j used seed_k + j, seed_k the request's seed or one drawn for
+    prompt k), the reward and extracted answer (of choice 0), the
     statistics (summed over the choices), the fields that had no effect, and with several choices each one's
     seed, reward and answer."""
     stats = Stats()

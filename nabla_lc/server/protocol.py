@@ -413,7 +413,7 @@ class CompletionRequest(_Common):
     def check_unsupported(self) -> None:
         super().check_unsupported()
         if self.stream and isinstance(self.prompt, list) and len(self.prompt) > 1:
-            raise bad_field("prompt", f"is a list of {len(self.prompt)} prompts; a stream carries one choice (send stream: false, or one request per prompt)")
+            raise bad_field("prompt", f"is a list of {len(self.prompt)} prompts; a stream carries one prompt (send stream: false, or one request per prompt)")
         for name, bad in (("echo", self.echo), ("suffix", self.suffix is not None), ("best_of", self.best_of not in (None, 1))):
             if bad:
                 raise bad_field(name, f"is not supported by this server (got {getattr(self, name)!r})")

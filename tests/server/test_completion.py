@@ -68,7 +68,7 @@ def test_langchain_openai_batch_sends_a_list_of_prompts(fake_url: str, fake_engi
         ([1, 2, 3], {}, "prompt", "tokenized_requests=False"),
         ([[1, 2], [3]], {}, "prompt", "token-id prompts"),
         (["a"] * 33, {}, "prompt", "cap is 32"),
-        (["a", "b"], {"stream": True}, "prompt", "a stream carries one choice"),
+        (["a", "b"], {"stream": True}, "prompt", "a stream carries one prompt"),
     ],
 )
 def test_bad_prompts_are_400_naming_them(url: str, prompt: list, extra: dict, param: str, says: str) -> None:
