@@ -255,9 +255,9 @@ def test_nabla_encodes_no_policy_prefix_beside_its_rollouts(tokenizer, monkeypat
     encodings, joined = [], []
     join = RolloutBatch._join
 
-    def counted_join(self, new) -> None:
+    def counted_join(self, new, *encoded) -> None:
         joined.append(len(new))
-        join(self, new)
+        join(self, new, *encoded)
 
     monkeypatch.setattr(RolloutBatch, "_join", counted_join)
 
