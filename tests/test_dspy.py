@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import dspy
 import pydantic
@@ -266,7 +266,21 @@ def test_json_mode_logs_a_hint_naming_grammar_json_adapter(caplog: pytest.LogCap
     assert len(hints) == 1  # once per engine
 
 
-def test_a_server_lm_sends_the_signatures_schema_and_openai_prefixed_lms_do_not(wide_engine) -> None:
+@pytest.fixture
+def dspy_providers() -> Iterator[None]:
+    """DSPy's provider registry (process-global) restored after the test to what it was before."""
+    from dspy.lm15 import register_provider, registered_providers, unregister_provider
+
+    before = registered_providers()
+    yield
+    for provider in registered_providers():
+        unregister_provider(provider.id)
+    for b in before:
+        register_provider(b.definition, supports=b.supports, models=dict(b.models), metadata_namespaces=b.metadata_namespaces)
+    assert registered_providers() == before
+
+
+def test_a_server_lm_sends_the_signatures_schema_and_openai_prefixed_lms_do_not(wide_engine, dspy_providers) -> None:
     """``dspy.LM("openai/<id>", api_base=...)`` does not know the server takes schemas; ``server_lm`` declares it,
     so JSONAdapter sends the signature's schema and the server's grammar holds the tiny model's reply to it."""
     from .server_harness import API_KEY, running_server
