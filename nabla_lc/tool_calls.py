@@ -93,10 +93,11 @@ def tool_call_or_json_constraint(tools: Sequence[Mapping[str, Any]], schema: Map
 def _tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, quote: str | None = None) -> "xgrammar.Grammar":
     """The grammar of one ``<tool_call>`` block calling a tool that ``choice`` (``any`` or a name) allows;
     :class:`ToolSchemaError` names a tool whose parameters do not compile."""
+    pattern = quotation_pattern(quote) if quote is not None else None  # why: once for every tool, not per property
     calls = {
         i: {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": filled(f.get("parameters") or {"type": "object"}, quote)},
+            "properties": {"name": {"const": f["name"]}, "arguments": _filled(f.get("parameters") or {"type": "object"}, pattern)},
             "required": ["name", "arguments"],
         }
         for i, f in enumerate(map(_function, tools))
@@ -130,22 +131,26 @@ def filled(schema: Mapping[str, Any], quote: str | None = None) -> dict[str, Any
     Why: under a forced call the embedded SmolLM2 called a calculator whose argument is a bare string with an
     empty ``expression``, or wrote ``)(285, 225)`` for "What is 285 + 225?"; quoted, it writes ``285 + 225``
     (docs/frontends.md, "Tools")."""
+    return _filled(schema, quotation_pattern(quote) if quote is not None else None)
+
+
+def _filled(schema: Mapping[str, Any], pattern: str | None) -> dict[str, Any]:
+    """:func:`filled` with the quotation's ``pattern`` (None: ``minLength`` only)."""
     out = dict(schema)
     properties = schema.get("properties")
     if isinstance(properties, Mapping):
         required = set(schema.get("required") or ())
         out["properties"] = {
-            name: _filled_property(value, name in required, quote) if isinstance(value, Mapping) else value for name, value in properties.items()
+            name: _filled_property(value, name in required, pattern) if isinstance(value, Mapping) else value for name, value in properties.items()
         }
     return out
 
 
-def _filled_property(schema: Mapping[str, Any], required: bool, quote: str | None) -> dict[str, Any]:
+def _filled_property(schema: Mapping[str, Any], required: bool, pattern: str | None) -> dict[str, Any]:
     if schema.get("type") == "object":
-        return filled(schema, quote)
+        return _filled(schema, pattern)
     if not required or schema.get("type") != "string" or any(k in schema for k in ("minLength", "pattern", "format", "enum", "const")):
         return dict(schema)
-    pattern = quotation_pattern(quote) if quote is not None else None
     return {**schema, "pattern": pattern} if pattern is not None else {**schema, "minLength": 1}
 
 
@@ -163,15 +168,25 @@ _REGEX_META = frozenset("\\.^$|?*+()[]{}/-")
 def quotation_pattern(text: str) -> str | None:
     """A regular expression for the non-empty substrings of ``text`` that begin a word (at a letter, a digit or one
     of :data:`QUOTE_OPENERS`, not inside a word) and do not run into the text's trailing spaces; a ``"``, ``\\`` or control character (which JSON escapes) ends
-    a quotable piece. None when there is none, or the pattern would pass :data:`QUOTE_PATTERN_LIMIT`."""
+    a quotable piece. None when there is none, or the pattern would pass :data:`QUOTE_PATTERN_LIMIT` (found as soon
+    as its running length does, before the alternatives are written: the pattern grows with the square of the text)."""
     alternatives = []
+    length = len("^()$") - len("|")  # the pattern's length so far, with the "|" before each alternative
     for piece in re.split(r'["\\\x00-\x1f]', text):
         for i, char in enumerate(piece):
-            rest = piece[i:].rstrip()
-            if rest and (char.isalnum() or char in QUOTE_OPENERS) and not (i > 0 and piece[i - 1].isalnum()):
-                alternatives.append(_prefixes(rest))
-    pattern = "^(" + "|".join(alternatives) + ")$"
-    return pattern if alternatives and len(pattern) <= QUOTE_PATTERN_LIMIT else None
+            if not (char.isalnum() or char in QUOTE_OPENERS) or (i > 0 and piece[i - 1].isalnum()):
+                continue
+            rest = piece[i:].rstrip()  # not empty: it begins with ``char``
+            length += len("|") + _prefixes_length(rest)
+            if length > QUOTE_PATTERN_LIMIT:
+                return None
+            alternatives.append(_prefixes(rest))
+    return "^(" + "|".join(alternatives) + ")$" if alternatives else None
+
+
+def _prefixes_length(text: str) -> int:
+    """``len(_prefixes(text))``, without writing it: each character escaped, each after the first in ``(...)?``."""
+    return sum(2 if c in _REGEX_META else 1 for c in text) + len("()?") * (len(text) - 1)
 
 
 def _prefixes(text: str) -> str:

@@ -353,6 +353,31 @@ NOTE = {"type": "function", "function": {"name": "note", "parameters": {"type": 
 """A tool whose one argument is a required string (bounded, so the tiny model's forced call ends within its budget)."""
 
 
+def test_a_long_message_has_no_quotation_and_the_pattern_is_not_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nabla_lc import tool_calls
+
+    written: list[str] = []
+    real = tool_calls._prefixes
+    monkeypatch.setattr(tool_calls, "_prefixes", lambda text: written.append(text) or real(text))
+    assert quotation_pattern("What is 12 + 34? " * 3000) is None and written == []  # 51,000 characters: its first alternative passes the limit
+    pieces = '"'.join(["ab"] * 25_000)  # 25,000 short quotable pieces, each "a(b)?"
+    assert quotation_pattern(pieces) is None and len(written) < tool_calls.QUOTE_PATTERN_LIMIT // 6 + 1  # stopped at the limit
+    assert len(quotation_pattern("x" * 4999) or "") == 4 * 4999 + 1 == tool_calls.QUOTE_PATTERN_LIMIT - 3 and quotation_pattern("x" * 5000) is None
+    for text in ["What is 12 + 34?", "a.b (c) $d-e", "[x] {y} 'z'"]:
+        assert [len(tool_calls._prefixes(t)) for t in (text, text[3:])] == [tool_calls._prefixes_length(t) for t in (text, text[3:])]
+
+
+def test_a_forced_call_quotes_the_message_once_for_every_tool_and_property(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nabla_lc import tool_calls
+
+    calls: list[str] = []
+    real = tool_calls.quotation_pattern
+    monkeypatch.setattr(tool_calls, "quotation_pattern", lambda text: calls.append(text) or real(text))
+    parameters = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}, "required": ["a", "b"]}
+    tools = [{"type": "function", "function": {"name": name, "parameters": parameters}} for name in ("f", "g")]
+    assert tool_calls.tool_call_constraint(tools, "any", "What is 12 + 34?") is not None and calls == ["What is 12 + 34?"]
+
+
 def test_a_forced_call_of_the_tiny_model_fills_and_quotes_its_string_arguments(wide_engine: Engine) -> None:
     chat = ChatNablaReasoner(engine=wide_engine, method="greedy", max_tokens=80)
     for seed in range(3):
