@@ -144,6 +144,7 @@ class Decoder:
         what was walked after it is discarded (its passes still counted). With a window of 1 this is Alg. 3's
         probe → DTO → propose → accept at each position."""
         walked: list[Walked] = []
+        proposed: list[Walked] = []
         rollouts = 0
         for k in range(len(current.tokens)):
             if self.stats.rollouts + rollouts >= self.config.n:  # the budget is spent if every proposal so far fails
@@ -151,10 +152,10 @@ class Decoder:
             found = yield from self.walk(current, k)
             walked.append(found)
             if found.proposal is not None:
+                proposed.append(found)
                 rollouts += found.proposal not in self.policy.eos_ids
-                if sum(w.proposal is not None for w in walked) == self.config.proposal_window:
+                if len(proposed) == self.config.proposal_window:
                     break
-        proposed = [w for w in walked if w.proposal is not None]
         if not proposed:
             return self.apply(current, walked, {}, [])
         candidates = yield from self.continuations(current, proposed)
